@@ -1,0 +1,96 @@
+"""Celo's per-step *global* features: training progress and the loss buffer.
+
+These feed the learned scheduler (an LSTM, see :mod:`celo_hf.network`). They do not depend on
+gradients or parameters, so they are computed once per optimizer step, not once per tensor.
+Everything is float32, as in the reference; the section numbers refer to
+``docs/celo-algorithm.md`` (§5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Centres ``tau`` of the nine ``tanh(10 * (fraction_trained - tau))`` progress features.
+PROGRESS_CENTRES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
+#: Number of exponential moving averages of the loss kept by the loss buffer.
+LOSS_BUFFER_SIZE = 10
+#: Initial value of the loss buffer's running minimum (the reference's 999999999999.0, in float32).
+RUNNING_MIN_INIT = 999999999999.0
+#: Width of the scheduler input: 9 progress features followed by 9 loss features.
+SCHEDULER_INPUT_SIZE = len(PROGRESS_CENTRES) + LOSS_BUFFER_SIZE - 1
+
+
+def factored_dims(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
+    """The axes ``(d0, d1)`` Celo's factored second moments reduce over, or ``None`` if rank < 2.
+
+    ``d0`` is the largest axis and ``d1`` the second largest. Ties go to the *later* axis (a stable
+    ascending sort of the sizes, take the last two), exactly as the reference: ``(n, n) -> (1, 0)``,
+    ``(16, 1) -> (0, 1)``. Size-1 axes are factored too.
+    """
+    if len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda axis: shape[axis])
+    return order[-1], order[-2]
+
+
+def progress_features(iteration: int, total_steps: int, device: torch.device | None = None) -> torch.Tensor:
+    """Nine ``tanh(10 * (iteration / total_steps - tau))`` features, shape ``(9,)``, float32.
+
+    ``iteration`` counts completed steps (0 on the first update). Past ``total_steps`` the fraction
+    exceeds 1 and is not clamped, as in the reference.
+    """
+    fraction = torch.tensor(iteration / total_steps, dtype=torch.float32, device=device)
+    centres = torch.tensor(PROGRESS_CENTRES, dtype=torch.float32, device=device)
+    return torch.tanh(10.0 * (fraction - centres))
+
+
+def loss_buffer_decays(total_steps: int, device: torch.device | None = None) -> torch.Tensor:
+    """Decays ``exp(-1 / halflife)`` of the loss buffer, shape ``(10,)``, float32.
+
+    Half-lives are log-spaced from 10 to ``total_steps`` steps (they decrease if ``total_steps < 10``).
+    """
+    halflife = torch.logspace(1.0, math.log10(total_steps), LOSS_BUFFER_SIZE, dtype=torch.float64)
+    return torch.exp(-1.0 / halflife).to(device=device, dtype=torch.float32)
+
+
+@dataclass
+class LossBuffer:
+    """Exponential moving averages of the training loss at ten time scales (state as data).
+
+    ``means`` and ``running_min`` have shape ``(10,)``, float32; ``count`` is the number of losses
+    taken in so far (a host integer, so no device synchronisation is needed to branch on it).
+    """
+
+    means: torch.Tensor
+    running_min: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def init(cls, device: torch.device | None = None) -> LossBuffer:
+        means = torch.zeros(LOSS_BUFFER_SIZE, dtype=torch.float32, device=device)
+        running_min = torch.full_like(means, RUNNING_MIN_INIT)
+        return cls(means, running_min, 0)
+
+    def update(self, loss: torch.Tensor, decays: torch.Tensor) -> LossBuffer:
+        """Take in one loss (0-d float32 tensor) and return the new buffer; ``self`` is unchanged."""
+        correction = 1.0 - decays.pow(self.count + 1)
+        # The first loss has no history to compare with; later ones are clamped against the largest
+        # bias-corrected mean so a single spike cannot dominate the buffer.
+        approx_max = loss if self.count == 0 else (self.means / correction).max()
+        loss = torch.minimum(2.0 * approx_max.abs(), loss)
+        means = decays * self.means + (1.0 - decays) * loss
+        running_min = torch.minimum(self.running_min, means / correction)
+        return LossBuffer(means, running_min, self.count + 1)
+
+    def features(self, decays: torch.Tensor) -> torch.Tensor:
+        """Nine features in ``[-1, 1]``: how far each average sits above its running minimum,
+        relative to the next slower average. Zero for the first two updates. Shape ``(9,)``."""
+        if self.count <= 2:
+            return torch.zeros(LOSS_BUFFER_SIZE - 1, dtype=torch.float32, device=self.means.device)
+        corrected = self.means / (1.0 - decays.pow(self.count))
+        slower, faster, running_min = corrected[1:], corrected[:-1], self.running_min[:-1]
+        ratio = (faster - running_min) / torch.clamp(slower - running_min, min=1e-8)
+        return torch.clamp(ratio - 1.0, -1.0, 1.0)

@@ -1,0 +1,293 @@
+"""``Celo``: the learned optimizer as a ``torch.optim.Optimizer``.
+
+A thin shell: it owns the state, picks the loss, runs the learned scheduler once per step and calls
+the per-tensor update of :mod:`celo_hf.update` for every parameter that has a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .features import LossBuffer, loss_buffer_decays, progress_features
+from .hub import load_celo_net
+from .network import CeloNet
+from .update import DEFAULT_CHUNK_ELEMENTS, FusedWeights, fused_update_, init_tensor_state, reference_update
+
+Implementation = Literal["fused", "reference"]
+LossLike = float | int | torch.Tensor
+
+_NO_LOSS = (
+    "Celo.step() needs the current training loss (its learned scheduler reads it every step). "
+    "Pass it as step(loss=loss), return it from the closure in step(closure), or call "
+    "optimizer.set_loss(loss) before step(). With transformers.Trainer, use celo_hf's Trainer integration."
+)
+
+
+class Celo(torch.optim.Optimizer):
+    """Celo (Moudgil et al., TMLR 2025): a learned update rule with a learned learning-rate schedule.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer.
+        total_steps: the planned number of optimizer steps. Celo's scheduler reads
+            ``step / total_steps``; it may be set later (``opt.total_steps = n``) but must be a
+            positive int by the first step.
+        weights: the learned weights: ``None`` (embedded default), a ``CeloNet``, a local file or
+            folder, or a Hub model id; see :func:`celo_hf.hub.load_celo_net`.
+        lr: per-group multiplier of Celo's step (default 1.0: Celo's own schedule, untouched), so
+            that external schedules compose.
+        revision, token, cache_dir: Hub download options for ``weights``.
+        implementation: ``"fused"`` (default, chunked and in place) or ``"reference"`` (the literal
+            transcription of the specification; slow, for checking).
+        chunk_elements: parameter elements the fused update processes at once.
+
+    The training loss must reach every step: ``step(loss=...)``, a closure, or ``set_loss()``.
+    Parameters whose ``.grad`` is ``None`` are left alone (the reference fed zeros instead). A step
+    whose loss or gradients are not finite is skipped entirely and counted in ``skipped_steps``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        total_steps: int | None = None,
+        weights: CeloNet | str | Path | None = None,
+        lr: float = 1.0,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        implementation: Implementation = "fused",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if implementation not in ("fused", "reference"):
+            raise ValueError(f"implementation must be 'fused' or 'reference', got {implementation!r}")
+        if not (isinstance(chunk_elements, int) and chunk_elements > 0):
+            raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+        super().__init__(params, {"lr": lr})
+        for p in chain.from_iterable(g["params"] for g in self.param_groups):
+            if not p.is_floating_point():
+                raise TypeError(f"Celo optimizes floating-point parameters, got one of dtype {p.dtype}")
+        self.net = load_celo_net(weights, revision=revision, token=token, cache_dir=cache_dir)
+        self.net.float().eval().requires_grad_(False)
+        self.implementation = implementation
+        self.chunk_elements = chunk_elements
+        self.total_steps = total_steps
+        self.iteration = 0
+        self.skipped_steps = 0
+        self._pending_loss: LossLike | None = None
+        self._loss_buffer: LossBuffer | None = None
+        self._lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fused_weights: dict[torch.device, FusedWeights] = {}
+        self._warned_past_end = False
+
+    # ---- configuration -------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int | None:
+        """The planned number of steps (``None`` until known)."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"total_steps must be a positive int (the planned number of optimizer steps), got {value!r}")
+        self._total_steps = value
+
+    def set_loss(self, loss: LossLike) -> None:
+        """Hand over the training loss for the next ``step()`` (used once, then forgotten)."""
+        self._pending_loss = _check_loss(loss)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, loss: LossLike | None = None) -> Any:  # type: ignore[override]
+        """One Celo step. The loss is taken from ``loss``, else the closure's return value, else
+        :meth:`set_loss`. Returns the closure's loss (``None`` without a closure)."""
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        fed = loss if loss is not None else closure_loss if closure_loss is not None else self._pending_loss
+        self._pending_loss = None
+        if fed is None:
+            raise RuntimeError(_NO_LOSS)
+        fed = _check_loss(fed)
+        if self.total_steps is None:
+            raise RuntimeError(
+                "Celo.total_steps is not set: give Celo(..., total_steps=N) or set optimizer.total_steps = N "
+                "(the planned number of optimizer steps) before the first step"
+            )
+
+        work = [
+            (p, p.grad, group["lr"])
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and p.numel() > 0
+        ]
+        if not work:
+            return closure_loss
+        for p, g, _ in work:
+            if g.is_sparse:
+                raise RuntimeError("Celo does not support sparse gradients")
+        device = work[0][0].device
+        loss_t = torch.as_tensor(fed, dtype=torch.float32).to(device).reshape(())
+        if not _all_finite([g for _, g, _ in work], loss_t):
+            self.skipped_steps += 1
+            warnings.warn(
+                f"Celo skipped step {self.iteration}: the loss or a gradient is NaN or infinite "
+                f"(parameters and optimizer state left unchanged; {self.skipped_steps} step(s) skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return closure_loss
+
+        lr_mult = self._schedule(loss_t, device)
+        for p, g, lr in work:
+            state = self.state[p]
+            if not state:
+                state.update(init_tensor_state(p.shape, len(self.net.momentum_decays), p.device))
+            scale = lr_mult.to(p.device) * lr
+            if self.implementation == "fused":
+                fused_update_(p, g, state, scale, self._weights_on(p.device), self.chunk_elements)
+            else:
+                new_p, new_state = reference_update(p, g, state, scale, self.net)
+                p.copy_(new_p)
+                for key, value in new_state.items():
+                    state[key].copy_(value)
+        self.iteration += 1
+        return closure_loss
+
+    def _schedule(self, loss: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Update the loss buffer and the LSTM; return ``lr_mult`` ``(1,)`` on ``device``."""
+        total = self.total_steps
+        assert total is not None
+        if self.iteration >= total and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(
+                f"Celo is running past total_steps={total} (step {self.iteration}); it continues as the "
+                "reference does, with its progress feature above 1",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if self._loss_buffer is None:
+            self._loss_buffer = LossBuffer.init(device)
+            self._lstm_state = tuple(t.to(device) for t in self.net.to(device).initial_state())  # type: ignore[assignment]
+        decays = loss_buffer_decays(total, device)
+        self._loss_buffer = self._loss_buffer.update(loss, decays)
+        if not self.net.learned_schedule:
+            return torch.ones(1, device=device)
+        inputs = torch.cat([progress_features(self.iteration, total, device), self._loss_buffer.features(decays)])
+        lr_mult, self._lstm_state = self.net.to(device).schedule(inputs[None], self._lstm_state)
+        return lr_mult
+
+    def _weights_on(self, device: torch.device) -> FusedWeights:
+        if device not in self._fused_weights:
+            self._fused_weights[device] = FusedWeights.from_net(self.net, device)
+        return self._fused_weights[device]
+
+    # ---- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict plus a ``"celo"`` entry with the global state.
+
+        Only tensors, ints and lists: it loads with ``torch.load(weights_only=True)``.
+        """
+        state = super().state_dict()
+        celo: dict[str, Any] = {
+            "iteration": self.iteration,
+            "total_steps": self.total_steps,
+            "skipped_steps": self.skipped_steps,
+        }
+        if self._loss_buffer is not None and self._lstm_state is not None:
+            celo.update(
+                loss_means=self._loss_buffer.means.clone(),
+                loss_running_min=self._loss_buffer.running_min.clone(),
+                loss_count=self._loss_buffer.count,
+                lstm_hidden=self._lstm_state[0].clone(),
+                lstm_cell=self._lstm_state[1].clone(),
+            )
+        state["celo"] = celo
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`. Per-parameter state stays float32 whatever the parameter
+        dtype (torch's loader would cast it to bf16 / fp16 parameters)."""
+        celo = state_dict.get("celo")
+        if not isinstance(celo, dict):
+            raise ValueError("not a Celo optimizer state dict: it has no 'celo' entry")
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        num_decays = len(self.net.momentum_decays)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            expected = init_tensor_state(p.shape, num_decays, "meta")
+            got = {k: tuple(v.shape) for k, v in saved.items()}
+            if got != {k: tuple(v.shape) for k, v in expected.items()}:
+                raise ValueError(
+                    f"saved Celo state for a parameter of shape {tuple(p.shape)} has entries {got}, "
+                    f"expected {{{', '.join(f'{k!r}: {tuple(v.shape)}' for k, v in expected.items())}}}"
+                )
+            self.state[p] = {k: v.to(device=p.device, dtype=torch.float32) for k, v in saved.items()}
+        self.total_steps = celo["total_steps"]
+        self.iteration = int(celo["iteration"])
+        self.skipped_steps = int(celo["skipped_steps"])
+        self._warned_past_end = False
+        if "lstm_hidden" in celo:
+            device = next(chain.from_iterable(g["params"] for g in self.param_groups)).device
+            f32 = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
+            self._loss_buffer = LossBuffer(f32(celo["loss_means"]), f32(celo["loss_running_min"]), int(celo["loss_count"]))
+            self._lstm_state = (f32(celo["lstm_hidden"]), f32(celo["lstm_cell"]))
+            self.net.to(device)
+        else:
+            self._loss_buffer = None
+            self._lstm_state = None
+
+
+def _check_loss(loss: Any) -> LossLike:
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"Celo needs the scalar training loss, got a tensor of shape {tuple(loss.shape)}")
+        return loss.detach()
+    try:
+        return float(loss)
+    except (TypeError, ValueError):
+        raise TypeError(f"Celo needs the training loss as a number or a 1-element tensor, got {type(loss).__name__}") from None
+
+
+def _all_finite(grads: list[torch.Tensor], loss: torch.Tensor) -> bool:
+    """Whether the loss and every gradient are finite: the step's one host synchronisation."""
+    flags = [torch.isfinite(loss)]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for group in by_device.values():
+        largest = torch.stack(torch._foreach_norm(group, float("inf")))
+        flags.append(torch.isfinite(largest).all().to(loss.device))
+    return bool(torch.stack(flags).all())
+
+
+def create(
+    model: torch.nn.Module, total_steps: int | None = None, weights: CeloNet | str | Path | None = None, **kwargs: Any
+) -> tuple[Celo, LambdaLR]:
+    """``(optimizer, scheduler)`` for ``transformers.Trainer(..., optimizers=create(model, total_steps))``.
+
+    The optimizer is :class:`Celo` over the model's trainable parameters (``kwargs`` go to it); the
+    scheduler is a constant ``LambdaLR`` so that nothing rescales Celo's own learned schedule.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
+    optimizer = Celo(params, total_steps=total_steps, weights=weights, **kwargs)
+    return optimizer, LambdaLR(optimizer, lambda _: 1.0)
