@@ -5,20 +5,27 @@ Two implementations of the same maths (``docs/celo-algorithm.md`` §4, §7, §8)
 * :func:`reference_update` transcribes the specification literally: it builds the full
   ``(*shape, 30)`` feature array, normalises it and runs the MLP. It is pure (returns new tensors)
   and exists to be read and to check the fast one against.
-* :func:`fused_update_` is what :class:`celo_hf.Celo` runs. It updates the state and the parameter
-  in place, streams over chunks of at most ``chunk_elements`` parameters so no
-  ``(numel, 30)`` array is ever built, folds each feature's tensor-wide normaliser into the MLP's
-  first-layer weights, and computes the factored row / column features on their own small grids.
-  It never synchronises with the host.
+* :func:`update_batch_` is what :class:`celo_hf.Celo` and meta-training run. It updates a *batch* of
+  ``B`` same-shaped tensors in place, each with its own meta-weights: the optimizer batches small
+  tensors of equal shape (weights shared); meta-training batches a population of perturbed
+  meta-models. It never builds a ``(numel, 30)`` array: it streams over chunks, folds each feature's
+  tensor-wide normaliser into the first-layer weights, and computes the factored row / column
+  features on their own small grids. The per-element work is two "kernels" on flat ``(B, n)``
+  chunks (:func:`accumulate_and_square_sums_`, :func:`mlp_step_`), written as explicit sums so
+  ``torch.compile`` fuses each into one loop; eager and compiled runs execute the same source.
+  Nothing in it synchronises with the host.
 
-State of one tensor of shape ``S`` (scalars count as ``S = (1,)``), all float32, ``k`` decays:
-``m`` ``S + (k,)`` momenta; ``rms`` ``S`` second moment; for rank >= 2 ``v_row`` (``S`` without axis
-``d0``) ``+ (k,)`` and ``v_col`` (``S`` without ``d1``) ``+ (k,)``; for rank < 2 ``v_diag`` ``S + (k,)``.
+State of one tensor of shape ``S`` (scalars count as ``S = (1,)``), all float32, ``k`` decays, the
+decay axis *first* so that each decay's plane is contiguous: ``m`` ``(k, *S)`` momenta, ``rms``
+``S`` second moment; for rank >= 2 ``v_row`` ``(k, *S without d0)`` and ``v_col``
+``(k, *S without d1)``; for rank < 2 ``v_diag`` ``(k, *S)``. A batch stacks these on a new axis 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -33,10 +40,13 @@ FACTOR_FLOOR = 1e-9
 ROW_COL_EPS = 1e-8
 NORMALISER_EPS = 1e-5
 PARAM_SCALE_EPS = 1e-9
-#: Default number of parameter elements processed at once by the fused update.
-DEFAULT_CHUNK_ELEMENTS = 1 << 16
+#: Default number of parameter elements processed at once (bounds temporary memory).
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+#: Tensors up to this many elements are stacked with others of the same shape and updated together.
+SMALL_TENSOR_ELEMENTS = 1 << 14
 
 TensorState = dict[str, torch.Tensor]
+Backend = Literal["eager", "compile"]
 
 
 def state_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -44,40 +54,45 @@ def state_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape) or (1,)
 
 
-def init_tensor_state(shape: torch.Size | tuple[int, ...], num_decays: int, device: torch.device | None = None) -> TensorState:
-    """Zero accumulators for a parameter of ``shape`` (see the module docstring for the layout)."""
-    shape = state_shape(shape)
-    zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
-    state = {"m": zeros(*shape, num_decays), "rms": zeros(*shape)}
-    dims = factored_dims(shape)
-    if dims is None:
-        state["v_diag"] = zeros(*shape, num_decays)
-    else:
-        d0, d1 = dims
-        state["v_row"] = zeros(*_drop(shape, d0), num_decays)
-        state["v_col"] = zeros(*_drop(shape, d1), num_decays)
-    return state
-
-
 def _drop(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     return shape[:axis] + shape[axis + 1 :]
 
 
-def factor_scales(v_row: torch.Tensor, v_col: torch.Tensor, d0: int, d1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adafactor-style row and column scales, expanded so they broadcast against ``S + (k,)``.
+def init_tensor_state(
+    shape: torch.Size | tuple[int, ...], num_decays: int, device: torch.device | str | None = None
+) -> TensorState:
+    """Zero accumulators for a parameter of ``shape`` (see the module docstring for the layout)."""
+    shape = state_shape(shape)
+    zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
+    state = {"m": zeros(num_decays, *shape), "rms": zeros(*shape)}
+    dims = factored_dims(shape)
+    if dims is None:
+        state["v_diag"] = zeros(num_decays, *shape)
+    else:
+        d0, d1 = dims
+        state["v_row"] = zeros(num_decays, *_drop(shape, d0))
+        state["v_col"] = zeros(num_decays, *_drop(shape, d1))
+    return state
 
-    ``row = rsqrt(max(v_row / (mean of v_row over the d1 axis + 1e-9), 1e-9))`` (re-inserted at
-    axis ``d0``) and ``col = rsqrt(max(v_col, 1e-9))`` (re-inserted at axis ``d1``).
+
+def factor_scales(
+    v_row: torch.Tensor, v_col: torch.Tensor, d0: int, d1: int, lead: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adafactor-style row and column scales, re-expanded so they broadcast against the tensor.
+
+    ``v_row`` / ``v_col`` carry ``lead`` leading axes (decay, or batch and decay) before the
+    parameter axes. Returns ``rsqrt(max(v_row / (mean of v_row over the d1 axis + 1e-9), 1e-9))``
+    with a size-1 axis re-inserted at ``d0``, and ``rsqrt(max(v_col, 1e-9))`` re-inserted at ``d1``.
     """
     d1_in_row = d1 - 1 if d1 > d0 else d1
-    row_mean = v_row.mean(dim=d1_in_row, keepdim=True)
+    row_mean = v_row.mean(dim=lead + d1_in_row, keepdim=True)
     row = torch.rsqrt(torch.clamp(v_row / (row_mean + FACTOR_FLOOR), min=FACTOR_FLOOR))
     col = torch.rsqrt(torch.clamp(v_col, min=FACTOR_FLOOR))
-    return row.unsqueeze(d0), col.unsqueeze(d1)
+    return row.unsqueeze(lead + d0), col.unsqueeze(lead + d1)
 
 
-def _decays(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+def _decays(values: Sequence[float], device: torch.device | str | None) -> torch.Tensor:
+    return torch.tensor(tuple(values), dtype=torch.float32, device=device)
 
 
 # ---- the literal reference ------------------------------------------------------------------------
@@ -86,7 +101,7 @@ def _decays(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
 def reference_update(
     param: torch.Tensor, grad: torch.Tensor, state: TensorState, lr_mult: torch.Tensor, net: CeloNet
 ) -> tuple[torch.Tensor, TensorState]:
-    """One Celo update of one tensor, transcribed from the specification.
+    """One Celo update of one tensor, transcribed from the specification (decay axis last inside).
 
     Args:
         param, grad: the parameter and its (unclipped) gradient, any float dtype, shape ``S``.
@@ -99,34 +114,36 @@ def reference_update(
     """
     shape = state_shape(param.shape)
     dev = param.device
+    last = {key: value.movedim(0, -1) for key, value in state.items() if key != "rms"}
     p = param.detach().float().reshape(shape)
     g = grad.float().reshape(shape).clamp(-GRAD_CLIP, GRAD_CLIP)
     mom_b = _decays(net.momentum_decays, dev)
     fac_b = _decays(net.factored_decays, dev)
     rms_b = net.rms_decay
 
-    m = mom_b * state["m"] + (1 - mom_b) * g[..., None]
+    m = mom_b * last["m"] + (1 - mom_b) * g[..., None]
     rms = rms_b * state["rms"] + (1 - rms_b) * g * g
     gsq = (g * g + FACTORED_EPS)[..., None]
-    new_state = {"m": m, "rms": rms}
+    new = {"m": m}
     dims = factored_dims(shape)
     if dims is None:
-        v_diag = fac_b * state["v_diag"] + (1 - fac_b) * gsq
-        new_state["v_diag"] = v_diag
+        v_diag = fac_b * last["v_diag"] + (1 - fac_b) * gsq
+        new["v_diag"] = v_diag
         fac_g = g[..., None] * torch.rsqrt(torch.clamp(v_diag + FACTOR_FLOOR, min=FACTOR_FLOOR))
         row = col = v_diag
         fac_m = m * v_diag.rsqrt()
     else:
         d0, d1 = dims
-        v_row = fac_b * state["v_row"] + (1 - fac_b) * gsq.mean(dim=d0)
-        v_col = fac_b * state["v_col"] + (1 - fac_b) * gsq.mean(dim=d1)
-        new_state.update(v_row=v_row, v_col=v_col)
-        row_scale, col_scale = factor_scales(v_row, v_col, d0, d1)
-        fac_g = g[..., None] * row_scale * col_scale
+        v_row = fac_b * last["v_row"] + (1 - fac_b) * gsq.mean(dim=d0)
+        v_col = fac_b * last["v_col"] + (1 - fac_b) * gsq.mean(dim=d1)
+        new.update(v_row=v_row, v_col=v_col)
+        row_scale, col_scale = factor_scales(v_row.movedim(-1, 0), v_col.movedim(-1, 0), d0, d1, lead=1)
+        scale = (row_scale * col_scale).movedim(0, -1)
+        fac_g = g[..., None] * scale
         full = (*shape, m.shape[-1])
         row = v_row.unsqueeze(d0).expand(full)
         col = v_col.unsqueeze(d1).expand(full)
-        fac_m = m * row_scale * col_scale
+        fac_m = m * scale
 
     rsqrt_rms = torch.rsqrt(rms + RMS_EPS)
     groups = [
@@ -141,18 +158,22 @@ def reference_update(
     direction, magnitude = out[..., 0], out[..., 1]
     param_scale = torch.sqrt((p * p).mean() + PARAM_SCALE_EPS)
     step = direction * param_scale * torch.exp(net.exp_mult * magnitude) * net.step_mult * lr_mult.reshape(())
+    new_state = {key: value.movedim(-1, 0) for key, value in new.items()}
+    new_state["rms"] = rms
     return (p - step).reshape(param.shape), new_state
 
 
-# ---- the fused, chunked update --------------------------------------------------------------------
+# ---- weights laid out for the batched update ------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class FusedWeights:
-    """The meta-model's weights laid out for :func:`fused_update_`, on one device, float32.
+class UpdateWeights:
+    """Meta-model weights for a batch of ``B`` tensors (one set per batch row), float32.
 
-    ``first`` is the first layer's weight ``(30, hidden)`` as ``(in, out)``; ``hidden_layers`` the
-    following ``(weight (out, in), bias)`` pairs; ``last`` keeps only the direction and magnitude rows.
+    ``first`` is the first layer's weight ``(B, F, hidden)`` as ``(in, out)``; ``hidden_layers`` the
+    following ``(weight (B, out, in), bias (B, out))`` pairs; ``last`` keeps only the direction and
+    magnitude rows ``((B, 2, hidden), (B, 2))``. Rows may be broadcast views (the optimizer shares
+    one meta-model) or distinct (a meta-training population).
     """
 
     first: torch.Tensor
@@ -167,16 +188,19 @@ class FusedWeights:
     group_slices: tuple[slice, ...]
 
     @classmethod
-    def from_net(cls, net: CeloNet, device: torch.device) -> FusedWeights:
-        with torch.no_grad():
-            layers = [(w.detach().float().to(device), b.detach().float().to(device)) for w, b in net.mlp_layers()]
+    def from_mlp_layers(
+        cls, net: CeloNet, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+    ) -> UpdateWeights:
+        """From per-row MLP layers ``[(weight (B, out, in), bias (B, out)), ...]`` and ``net``'s
+        hyper-parameters (decays, multipliers, feature layout)."""
+        layers = [(w.float().to(device), b.float().to(device)) for w, b in layers]
         (w0, b0), *hidden, (w_last, b_last) = layers
         starts = torch.tensor((0, *net.group_widths)).cumsum(0).tolist()
         return cls(
-            first=w0.T.contiguous(),
+            first=w0.transpose(1, 2),
             first_bias=b0,
             hidden_layers=tuple(hidden),
-            last=(w_last[:2], b_last[:2]),
+            last=(w_last[:, :2], b_last[:, :2]),
             momentum_decays=_decays(net.momentum_decays, device),
             factored_decays=_decays(net.factored_decays, device),
             rms_decay=net.rms_decay,
@@ -185,15 +209,140 @@ class FusedWeights:
             group_slices=tuple(slice(a, b) for a, b in zip(starts[:-1], starts[1:])),
         )
 
-    def rows(self, *groups: int) -> torch.Tensor:
-        """First-layer weight rows of the given feature groups, concatenated: ``(width, hidden)``."""
-        return torch.cat([self.first[self.group_slices[i]] for i in groups])
+    @classmethod
+    def from_net(cls, net: CeloNet, device: torch.device | str) -> UpdateWeights:
+        """One row holding ``net``'s MLP (expand it with :meth:`expand`)."""
+        with torch.no_grad():
+            layers = [(w.detach()[None], b.detach()[None]) for w, b in net.mlp_layers()]
+        return cls.from_mlp_layers(net, layers, device)
+
+    def expand(self, batch: int) -> UpdateWeights:
+        """The same single row broadcast to ``batch`` rows (views, no copies)."""
+        grow = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
+        return UpdateWeights(
+            grow(self.first), grow(self.first_bias),
+            tuple((grow(w), grow(b)) for w, b in self.hidden_layers), (grow(self.last[0]), grow(self.last[1])),
+            self.momentum_decays, self.factored_decays, self.rms_decay, self.step_mult, self.exp_mult,
+            self.group_slices,
+        )
+
+    def group(self, index: int) -> torch.Tensor:
+        """First-layer rows of feature group ``index``: ``(B, width, hidden)``."""
+        return self.first[:, self.group_slices[index]]
 
 
-# Feature groups computed per element (the others are the row / col groups 9-12).
+# Feature groups computed per element by the kernels; the row / col groups 9-12 are handled on their
+# grids (factored tensors) or folded into the kernels' hidden input (unfactored ones).
 _ELEMENT_GROUPS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 13)
-_PARAM_COLUMN = 2  # column of the parameter value among the element features
 _ROW, _COL, _RSQRT_ROW, _RSQRT_COL = 9, 10, 11, 12
+_PARAM_CHANNEL = 2  # index of the parameter value among the kernels' channels
+
+
+# ---- the two per-element kernels on flat (B, n) chunks --------------------------------------------
+
+
+def _element_channels(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor
+) -> list[torch.Tensor]:
+    """The per-element feature channels (groups ``_ELEMENT_GROUPS``), un-normalised, each ``(B, n)``.
+
+    ``p`` is the old parameter, ``g`` the clipped gradient, ``m (B, k, n)`` and ``rms`` the new
+    accumulators; ``q_g``/``q_m`` ``(B, k, n)`` the factored preconditioners of the gradient and
+    of the momentum (equal for factored tensors).
+    """
+    r = torch.rsqrt(rms + RMS_EPS)
+    ms = m.unbind(1)
+    return [
+        g, g.clamp(-FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP), p, *ms, rms, *(mj * r for mj in ms), r,
+        *(g * qj for qj in q_g.unbind(1)), g * r, *(mj * qj for mj, qj in zip(ms, q_m.unbind(1))),
+    ]
+
+
+def accumulate_and_square_sums_(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
+    momentum_decays: torch.Tensor, rms_decay: float,
+) -> torch.Tensor:
+    """Pass 1 kernel: update ``m`` and ``rms`` in place, return each channel's sum of squares ``(B, C)``.
+
+    ``p``, ``g``: ``(B, n)`` in the parameter's dtype; ``m`` ``(B, k, n)``; ``rms`` ``(B, n)``.
+    """
+    g = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
+    beta = momentum_decays[:, None]
+    m.mul_(beta).add_((1 - beta) * g[:, None])
+    rms.mul_(rms_decay).add_((1 - rms_decay) * g * g)
+    channels = _element_channels(p.float(), g, m, rms, q_g, q_m)
+    return torch.stack([(c * c).sum(-1) for c in channels], dim=1)
+
+
+def _affine(inputs: Sequence[torch.Tensor], weight: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """``start + sum_i weight[:, i] * inputs[i]`` for ``(B, n)`` inputs, ``(B, len)`` weights and
+    ``start`` broadcastable to ``(B, n)``."""
+    out = start
+    for i, x in enumerate(inputs):
+        out = out + weight[:, i, None] * x
+    return out
+
+
+def mlp_step_(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
+    hidden_in: torch.Tensor, first: torch.Tensor,
+    hidden_layers: Sequence[tuple[torch.Tensor, torch.Tensor]], last: tuple[torch.Tensor, torch.Tensor],
+    exp_mult: float, step_scale: torch.Tensor,
+) -> None:
+    """Pass 2 kernel: features, MLP and ``p <- p - step``, in place on ``p`` ``(B, n)``.
+
+    ``first`` ``(B, C, H)`` is the first layer restricted to the kernel's channels with the
+    normalisers folded in; ``hidden_in`` ``(B, H, n)`` the rest of the first layer's pre-activation
+    (bias plus row / col features); ``step_scale`` ``(B, 1)`` = param RMS x step_mult x lr.
+    """
+    channels = _element_channels(p.float(), g.float().clamp(-GRAD_CLIP, GRAD_CLIP), m, rms, q_g, q_m)
+    hidden = [torch.relu(_affine(channels, first[:, :, j], hidden_in[:, j])) for j in range(first.shape[2])]
+    for weight, bias in hidden_layers:
+        hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None])) for i in range(weight.shape[1])]
+    weight, bias = last
+    direction, magnitude = (_affine(hidden, weight[:, i], bias[:, i, None]) for i in range(2))
+    p.copy_(p.float() - direction * torch.exp(exp_mult * magnitude) * step_scale)
+
+
+Kernels = tuple[Callable[..., torch.Tensor], Callable[..., None]]
+_compiled_kernels: Kernels | None = None
+
+
+def _without_view_bases(kernel: Callable[..., torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
+    """Call ``kernel`` with every tensor argument ``detach()``-ed: same storage (in-place writes
+    still land), but no view ``_base``, so ``torch.compile`` does not re-specialise on the layout of
+    whatever tensor a chunk was sliced from."""
+
+    def plain(x: object) -> object:
+        if isinstance(x, torch.Tensor):
+            return x.detach()
+        if isinstance(x, (tuple, list)):
+            return type(x)(plain(item) for item in x)
+        return x
+
+    return lambda *args: kernel(*(plain(a) for a in args))
+
+
+def kernels(backend: Backend) -> Kernels:
+    """The two per-element kernels, run eagerly or through ``torch.compile`` (same source)."""
+    global _compiled_kernels
+    if backend == "eager":
+        return accumulate_and_square_sums_, mlp_step_
+    if backend == "compile":
+        if _compiled_kernels is None:
+            _compiled_kernels = (
+                _without_view_bases(torch.compile(accumulate_and_square_sums_, dynamic=True)),
+                _without_view_bases(torch.compile(mlp_step_, dynamic=True)),
+            )
+        return _compiled_kernels
+    raise ValueError(f"backend must be 'eager' or 'compile', got {backend!r}")
+
+
+# ---- the batched update ---------------------------------------------------------------------------
+
+
+def _normaliser(sum_sq: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.rsqrt(NORMALISER_EPS + sum_sq / count)
 
 
 def _chunks(rows: int, elements_per_row: int, chunk_elements: int) -> list[slice]:
@@ -201,151 +350,150 @@ def _chunks(rows: int, elements_per_row: int, chunk_elements: int) -> list[slice
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _take_rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Slice axis 0 of a tensor that is either full-size or broadcast (size 1) along it."""
-    return t if t.shape[0] == 1 else t[rows]
+def _flat(t: torch.Tensor, rows: slice, lead: int) -> torch.Tensor:
+    """Rows ``rows`` of axis ``lead`` of ``t``, flattened from there on: a view, so writes land in ``t``."""
+    return t[(slice(None),) * lead + (rows,)].view(*t.shape[:lead], -1)
 
 
-def _element_features(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor,
-    fac_scale: torch.Tensor, v_diag: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per-element features of one chunk, un-normalised, as a ``(n, C)`` matrix.
+def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows of axis 2 of a tensor that is full-size or broadcast (size 1) along it."""
+    return t if t.shape[2] == 1 else t[:, :, rows]
 
-    Columns follow ``_ELEMENT_GROUPS``; for unfactored tensors ``v_diag`` and ``rsqrt(v_diag+1e-8)``
-    follow (they stand for groups 9+10 and 11+12, which are equal there). ``fac_scale`` is the
-    factored preconditioner, broadcastable to ``m``.
+
+def _grid_hidden(v: torch.Tensor, value_w: torch.Tensor, rsqrt_w: torch.Tensor) -> torch.Tensor:
+    """First-layer contribution of a factored accumulator ``v (B, k, *grid)`` on its own grid.
+
+    A broadcast feature's tensor-wide mean square equals its mean square over the grid, so its
+    normaliser is computed here. ``value_w``/``rsqrt_w`` ``(B, k, H)``. Returns ``(B, H, *grid)``.
     """
-    rsqrt_rms = torch.rsqrt(rms + RMS_EPS)[..., None]
-    g1 = g[..., None]
-    columns = [
-        g1, g1.clamp(-FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP), p[..., None], m, rms[..., None],
-        m * rsqrt_rms, rsqrt_rms, g1 * fac_scale, g1 * rsqrt_rms,
-    ]
-    if v_diag is None:
-        columns.append(m * fac_scale)
-    else:
-        columns += [m * v_diag.rsqrt(), v_diag, torch.rsqrt(v_diag + ROW_COL_EPS)]
-    x = torch.cat([c.expand(*m.shape[:-1], c.shape[-1]) for c in columns], dim=-1)
-    return x.reshape(-1, x.shape[-1])
+    flat = v.flatten(2)
+    rsqrt_flat = torch.rsqrt(flat + ROW_COL_EPS)
+    count = flat.shape[2]
+    value_w = value_w * _normaliser((flat * flat).sum(2), count)[..., None]
+    rsqrt_w = rsqrt_w * _normaliser((rsqrt_flat * rsqrt_flat).sum(2), count)[..., None]
+    hidden = torch.einsum("bkg,bkh->bhg", flat, value_w) + torch.einsum("bkg,bkh->bhg", rsqrt_flat, rsqrt_w)
+    return hidden.view(*hidden.shape[:2], *v.shape[2:])
 
 
-def _normaliser(sum_sq: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.rsqrt(NORMALISER_EPS + sum_sq / count)
+class _FactoredMoments:
+    """Row / column second moments of rank >= 2 tensors (``v_row``, ``v_col``)."""
 
-
-def _grid_contribution(v: torch.Tensor, w: FusedWeights, value_group: int, rsqrt_group: int) -> torch.Tensor:
-    """First-layer contribution of a factored row or column accumulator, on its own grid.
-
-    The broadcast feature's tensor-wide mean square equals its mean square over the grid, so the
-    normaliser is computed here too. Returns ``(*grid, hidden)``.
-    """
-    rsqrt_v = torch.rsqrt(v + ROW_COL_EPS)
-    grid_axes = tuple(range(v.dim() - 1))
-    value_w = w.first[w.group_slices[value_group]] * _normaliser((v * v).sum(grid_axes), v[..., 0].numel())[:, None]
-    rsqrt_w = w.first[w.group_slices[rsqrt_group]] * _normaliser((rsqrt_v * rsqrt_v).sum(grid_axes), v[..., 0].numel())[:, None]
-    return v @ value_w + rsqrt_v @ rsqrt_w
-
-
-def fused_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: TensorState,
-    lr_scale: torch.Tensor,
-    w: FusedWeights,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> None:
-    """One Celo update of one tensor, in place on ``param`` and ``state``.
-
-    Same maths as :func:`reference_update`. Three streaming passes over chunks of rows of the
-    parameter (axis 0): (0) factored second moments (rank >= 2 only), (1) accumulators and each
-    feature's sum of squares, (2) features, MLP and write-back. A tensor that fits in one chunk
-    builds its features once.
-
-    Args:
-        param: the parameter, any float dtype, updated in place.
-        grad: its gradient (unclipped), same shape.
-        state: the tensor's float32 accumulators, updated in place.
-        lr_scale: 0-d or ``(1,)`` float32 multiplier of the step (scheduler ``lr_mult`` times the
-            group's ``lr``), on ``param``'s device.
-        w: the meta-model's weights, see :class:`FusedWeights`.
-        chunk_elements: parameter elements per chunk; bounds the temporary memory.
-    """
-    shape = state_shape(param.shape)
-    p_all, g_all = param.view(shape), grad.reshape(shape)
-    numel = param.numel()
-    chunks = _chunks(shape[0], numel // shape[0], chunk_elements)
-    clipped = lambda rows: g_all[rows].float().clamp(-GRAD_CLIP, GRAD_CLIP)  # noqa: E731
-    m_all, rms_all, beta, fac_beta = state["m"], state["rms"], w.momentum_decays, w.factored_decays
-    dims = factored_dims(shape)
-
-    if dims is None:
-        v_diag_all = state["v_diag"]
-        grid = None
-    else:
+    def __init__(self, g: torch.Tensor, state: TensorState, w: UpdateWeights, dims: tuple[int, int], chunks: list[slice]):
         d0, d1 = dims
-        row_sum = torch.zeros(_drop(shape, d0), dtype=torch.float32, device=param.device)
-        col_sum = torch.zeros(_drop(shape, d1), dtype=torch.float32, device=param.device)
+        batch, shape = g.shape[0], tuple(g.shape[1:])
+        beta = w.factored_decays.view(1, -1, *([1] * (len(shape) - 1)))
+        row_sum = torch.zeros(batch, *_drop(shape, d0), dtype=torch.float32, device=g.device)
+        col_sum = torch.zeros(batch, *_drop(shape, d1), dtype=torch.float32, device=g.device)
         for rows in chunks:
-            gsq = clipped(rows).square_().add_(FACTORED_EPS)
+            gsq = g[:, rows].float().clamp(-GRAD_CLIP, GRAD_CLIP).square_().add_(FACTORED_EPS)
             for total, axis in ((row_sum, d0), (col_sum, d1)):
                 if axis == 0:
-                    total += gsq.sum(0)
+                    total += gsq.sum(1)
                 else:
-                    total[rows] = gsq.sum(axis)
-        state["v_row"].mul_(fac_beta).add_((row_sum / shape[d0])[..., None] * (1 - fac_beta))
-        state["v_col"].mul_(fac_beta).add_((col_sum / shape[d1])[..., None] * (1 - fac_beta))
-        row_scale, col_scale = factor_scales(state["v_row"], state["v_col"], d0, d1)
-        grid = (
-            _grid_contribution(state["v_row"], w, _ROW, _RSQRT_ROW).unsqueeze(d0)
-            + _grid_contribution(state["v_col"], w, _COL, _RSQRT_COL).unsqueeze(d1)
+                    total[:, rows] = gsq.sum(axis + 1)
+        v_row, v_col = state["v_row"], state["v_col"]
+        v_row.mul_(beta).add_((row_sum / shape[d0]).unsqueeze(1) * (1 - beta))
+        v_col.mul_(beta).add_((col_sum / shape[d1]).unsqueeze(1) * (1 - beta))
+        self.row_scale, self.col_scale = factor_scales(v_row, v_col, d0, d1, lead=2)
+        bias = w.first_bias.view(*w.first_bias.shape, *([1] * (len(shape) - 1)))
+        self.row_hidden = (_grid_hidden(v_row, w.group(_ROW), w.group(_RSQRT_ROW)) + bias).unsqueeze(2 + d0)
+        self.col_hidden = _grid_hidden(v_col, w.group(_COL), w.group(_RSQRT_COL)).unsqueeze(2 + d1)
+        self.batch = batch
+
+    def accumulate(self, g: torch.Tensor, rows: slice) -> None:
+        """Nothing per chunk: the factored moments were updated up front."""
+
+    def preconditioners(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        q = _rows(self.row_scale, rows) * _rows(self.col_scale, rows)
+        q = q.view(self.batch, q.shape[1], -1)
+        return q, q
+
+    def hidden_input(self, rows: slice) -> torch.Tensor:
+        hidden = _rows(self.row_hidden, rows) + _rows(self.col_hidden, rows)
+        return hidden.view(self.batch, hidden.shape[1], -1)
+
+
+class _DiagonalMoments:
+    """Per-element second moments of rank < 2 tensors (``v_diag``); its row and col features are
+    both ``v_diag``, so their first-layer weights are summed."""
+
+    def __init__(self, g: torch.Tensor, state: TensorState, w: UpdateWeights, numel: int):
+        self.v_diag = state["v_diag"]
+        self.beta = w.factored_decays.view(1, -1, 1)
+        self.sum_sq = torch.zeros(2, g.shape[0], self.beta.shape[1], dtype=torch.float32, device=g.device)
+        self.value_w = w.group(_ROW) + w.group(_COL)
+        self.rsqrt_w = w.group(_RSQRT_ROW) + w.group(_RSQRT_COL)
+        self.bias = w.first_bias[:, :, None]
+        self.numel = numel
+
+    def accumulate(self, g: torch.Tensor, rows: slice) -> None:
+        """Update this chunk of ``v_diag`` and add its features' sums of squares."""
+        gc = g[:, rows].float().clamp(-GRAD_CLIP, GRAD_CLIP)
+        v = _flat(self.v_diag, rows, 2)
+        v.mul_(self.beta).add_((gc * gc + FACTORED_EPS).view(gc.shape[0], 1, -1) * (1 - self.beta))
+        rsqrt_v = torch.rsqrt(v + ROW_COL_EPS)
+        self.sum_sq += torch.stack([(v * v).sum(2), (rsqrt_v * rsqrt_v).sum(2)])
+
+    def preconditioners(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        v = _flat(self.v_diag, rows, 2)
+        return torch.rsqrt(torch.clamp(v + FACTOR_FLOOR, min=FACTOR_FLOOR)), v.rsqrt()
+
+    def hidden_input(self, rows: slice) -> torch.Tensor:
+        v = _flat(self.v_diag, rows, 2)
+        value_norm, rsqrt_norm = _normaliser(self.sum_sq, self.numel)[..., None]
+        return (
+            torch.einsum("bkn,bkh->bhn", v, self.value_w * value_norm)
+            + torch.einsum("bkn,bkh->bhn", torch.rsqrt(v + ROW_COL_EPS), self.rsqrt_w * rsqrt_norm)
+            + self.bias
         )
 
-    def features(rows: slice) -> torch.Tensor:
-        g = clipped(rows)
-        if dims is None:
-            v_diag = v_diag_all[rows]
-            scale = torch.rsqrt(torch.clamp(v_diag + FACTOR_FLOOR, min=FACTOR_FLOOR))
-        else:
-            v_diag, scale = None, _take_rows(row_scale, rows) * _take_rows(col_scale, rows)
-        return _element_features(p_all[rows].float(), g, m_all[rows], rms_all[rows], scale, v_diag)
 
-    sum_sq = None
-    x = None
+def update_batch_(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state: TensorState,
+    lr_scale: torch.Tensor,
+    w: UpdateWeights,
+    backend: Backend = "eager",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> None:
+    """One Celo update of ``B`` same-shaped tensors, in place on ``p`` and ``state``.
+
+    Same maths as :func:`reference_update`, row by row. Three streaming passes over chunks of axis 1
+    (the tensors' first axis): (0) factored second moments (rank >= 2 only), (1) accumulators and
+    each feature's sum of squares, (2) features, MLP and write-back.
+
+    Args:
+        p: ``(B, *S)`` parameters, any float dtype, updated in place; must be viewable as
+            ``(B, -1)`` chunk by chunk (contiguous). ``S`` is never empty: a scalar is ``(B, 1)``.
+        g: ``(B, *S)`` gradients (unclipped).
+        state: the batch's float32 accumulators, each with a leading ``B`` axis (module docstring).
+        lr_scale: ``(B,)`` multipliers of the step (scheduler ``lr_mult`` times the group ``lr``).
+        w: meta-model weights with ``B`` rows.
+        backend: run the per-element kernels eagerly or compiled.
+        chunk_elements: elements (over the whole batch) processed at once.
+    """
+    accumulate_kernel, step_kernel = kernels(backend)
+    g = g.contiguous()
+    shape = tuple(p.shape[1:])
+    numel = p[0].numel()
+    chunks = _chunks(shape[0], p.numel() // shape[0], chunk_elements)
+    dims = factored_dims(shape)
+    moments = _DiagonalMoments(g, state, w, numel) if dims is None else _FactoredMoments(g, state, w, dims, chunks)
+
+    def pieces(rows: slice) -> tuple[torch.Tensor, ...]:
+        return (_flat(p, rows, 1), _flat(g, rows, 1), _flat(state["m"], rows, 2), _flat(state["rms"], rows, 1))
+
+    sum_sq = 0.0
     for rows in chunks:
-        g = clipped(rows)
-        m_all[rows].mul_(beta).add_(g[..., None] * (1 - beta))
-        rms_all[rows].mul_(w.rms_decay).addcmul_(g, g, value=1 - w.rms_decay)
-        if dims is None:
-            v_diag_all[rows].mul_(fac_beta).add_((g * g + FACTORED_EPS)[..., None] * (1 - fac_beta))
-        x = features(rows)
-        chunk_sum_sq = (x * x).sum(0)
-        sum_sq = chunk_sum_sq if sum_sq is None else sum_sq + chunk_sum_sq
+        moments.accumulate(g, rows)
+        sum_sq = sum_sq + accumulate_kernel(*pieces(rows), *moments.preconditioners(rows), w.momentum_decays, w.rms_decay)
 
-    norm = _normaliser(sum_sq, numel)
-    param_scale = torch.sqrt(sum_sq[_PARAM_COLUMN] / numel + PARAM_SCALE_EPS)
-    step_scale = (param_scale * w.step_mult * lr_scale).reshape(())
-    if dims is None:
-        paired = w.first[w.group_slices[_ROW]] + w.first[w.group_slices[_COL]]
-        paired_rsqrt = w.first[w.group_slices[_RSQRT_ROW]] + w.first[w.group_slices[_RSQRT_COL]]
-        first = torch.cat([w.rows(*_ELEMENT_GROUPS), paired, paired_rsqrt])
-    else:
-        first = w.rows(*_ELEMENT_GROUPS)
-    first = first * norm[:, None]
-
+    first = torch.cat([w.group(i) for i in _ELEMENT_GROUPS], dim=1) * _normaliser(sum_sq, numel)[..., None]
+    param_scale = torch.sqrt(sum_sq[:, _PARAM_CHANNEL] / numel + PARAM_SCALE_EPS)
+    step_scale = (param_scale * w.step_mult * lr_scale)[:, None]
     for rows in chunks:
-        if len(chunks) > 1:
-            x = features(rows)
-        p = p_all[rows]
-        h = (x @ first).view(*p.shape, -1) + w.first_bias
-        if grid is not None:
-            h = h + _take_rows(grid, rows)
-        h = torch.relu(h)
-        for weight, bias in w.hidden_layers:
-            h = torch.relu(torch.nn.functional.linear(h, weight, bias))
-        out = torch.nn.functional.linear(h, *w.last)
-        step = out[..., 0] * torch.exp(w.exp_mult * out[..., 1]) * step_scale
-        if p.dtype == torch.float32:
-            p.sub_(step)
-        else:
-            p.copy_(p.float() - step)
+        step_kernel(
+            *pieces(rows), *moments.preconditioners(rows), moments.hidden_input(rows),
+            first, w.hidden_layers, w.last, w.exp_mult, step_scale,
+        )
