@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .features import LossBuffer, loss_buffer_decays, progress_features
+from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
 from .hub import load_celo_net
 from .network import CeloNet
 from .update import (
@@ -98,6 +98,7 @@ class Celo(torch.optim.Optimizer):
         self._pending_loss: LossLike | None = None
         self._loss_buffer: LossBuffer | None = None
         self._lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decays: tuple[int, torch.Tensor] | None = None
         self._update_weights: dict[torch.device, UpdateWeights] = {}
         self._warned_past_end = False
 
@@ -212,15 +213,18 @@ class Celo(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        if self._loss_buffer is None:
-            self._loss_buffer = LossBuffer.init(device)
+        if self._loss_buffer is None or self._lstm_state is None:
+            self._loss_buffer = LossBuffer.init((), device)
             self._lstm_state = tuple(t.to(device) for t in self.net.to(device).initial_state())  # type: ignore[assignment]
-        decays = loss_buffer_decays(total, device)
+        if self._decays is None or self._decays[0] != total:
+            self._decays = (total, loss_buffer_decays(torch.tensor(total)).to(device))
+        decays = self._decays[1]
         self._loss_buffer = self._loss_buffer.update(loss, decays)
         if not self.net.learned_schedule:
             return torch.ones(1, device=device)
-        inputs = torch.cat([progress_features(self.iteration, total, device), self._loss_buffer.features(decays)])
-        lr_mult, self._lstm_state = self.net.to(device).schedule(inputs[None], self._lstm_state)
+        fraction = torch.tensor(self.iteration / total, dtype=torch.float32, device=device)
+        inputs = scheduler_inputs(self._loss_buffer, fraction, decays)
+        lr_mult, self._lstm_state = self.net.schedule(inputs[None], self._lstm_state)
         return lr_mult
 
     def _weights_on(self, device: torch.device) -> UpdateWeights:
@@ -245,7 +249,7 @@ class Celo(torch.optim.Optimizer):
             celo.update(
                 loss_means=self._loss_buffer.means.clone(),
                 loss_running_min=self._loss_buffer.running_min.clone(),
-                loss_count=self._loss_buffer.count,
+                loss_count=self._loss_buffer.count.clone(),
                 lstm_hidden=self._lstm_state[0].clone(),
                 lstm_cell=self._lstm_state[1].clone(),
             )
@@ -281,7 +285,8 @@ class Celo(torch.optim.Optimizer):
         if "lstm_hidden" in celo:
             device = next(chain.from_iterable(g["params"] for g in self.param_groups)).device
             f32 = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
-            self._loss_buffer = LossBuffer(f32(celo["loss_means"]), f32(celo["loss_running_min"]), int(celo["loss_count"]))
+            count = torch.as_tensor(celo["loss_count"], dtype=torch.int64, device=device)
+            self._loss_buffer = LossBuffer(f32(celo["loss_means"]), f32(celo["loss_running_min"]), count)
             self._lstm_state = (f32(celo["lstm_hidden"]), f32(celo["lstm_cell"]))
             self.net.to(device)
         else:
