@@ -1,0 +1,1 @@
+"""Meta-training Celo with persistent evolution strategies on small tasks (see meta_training/README)."""
