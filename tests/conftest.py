@@ -1,0 +1,74 @@
+"""Shared pytest fixtures for celo_hf."""
+
+# =====================================================================================================================
+# Hugging Face Hub loopback server (tests/hub_server.py)
+#
+# huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE, ... when it is *imported*, so this block runs at
+# conftest import time, before any test module (or celo_hf) imports huggingface_hub/transformers: it starts ONE
+# session-wide LoopbackHub on 127.0.0.1 and points the whole test session (and every subprocess it starts, which
+# inherits os.environ) at it, with a fresh temporary HF_HOME so that no test reads or writes ~/.cache.
+# Fixtures: `hub` (session), `hf_cache` (fresh cache dir per test), `run_python` (subprocess helper).
+# =====================================================================================================================
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hub_server import LoopbackHub, run_python as _run_python  # noqa: E402
+
+if "huggingface_hub" in sys.modules:  # too late: its constants already point at the real Hub / ~/.cache
+    raise RuntimeError("huggingface_hub was imported before tests/conftest.py could set HF_ENDPOINT/HF_HOME")
+
+_HUB = LoopbackHub()
+_HF_HOME = tempfile.mkdtemp(prefix="celo_hf_test_hf_home_")
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE",
+             "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+             "HUGGINGFACE_CO_STAGING", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_var, None)
+os.environ.update(
+    HF_ENDPOINT=_HUB.url,
+    HF_HOME=_HF_HOME,
+    HF_TOKEN=_HUB.token,
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+    HF_HUB_DISABLE_UPDATE_CHECK="1",
+    NO_PROXY=",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1,localhost"])),
+)
+os.environ["no_proxy"] = os.environ["NO_PROXY"]
+
+
+@atexit.register
+def _stop_hub() -> None:
+    _HUB.close()
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hub() -> LoopbackHub:
+    """The session-wide loopback Hub (``hub.url`` == ``os.environ["HF_ENDPOINT"]``). Repos persist across tests:
+    use repo ids unique to your test (e.g. ``f"test/{request.node.name}"``) or ``hub.add_files`` new commits."""
+    return _HUB
+
+
+@pytest.fixture
+def hf_cache(tmp_path) -> str:
+    """A fresh, empty Hub cache directory for this test; pass it as ``cache_dir=`` to huggingface_hub functions
+    (the session default cache is ``$HF_HOME/hub``, shared by all tests)."""
+    path = tmp_path / "hf_cache"
+    path.mkdir()
+    return str(path)
+
+
+@pytest.fixture
+def run_python():
+    """``run_python(code, env=None, timeout=120) -> CompletedProcess``: run ``code`` in a fresh interpreter that
+    inherits the loopback-Hub environment; ``env`` overrides variables (``None`` removes one), e.g.
+    ``run_python(code, {"HF_HUB_OFFLINE": "1"})``. Raises AssertionError (with stdout/stderr) on non-zero exit."""
+    return _run_python
+
+
+# ================================================== end of Hub section ===============================================
