@@ -1,0 +1,359 @@
+"""Meta-train Celo with truncated PES on small image-classification tasks (two phases).
+
+    python -m meta_training.train --phase 1 --iterations 2000 --out runs/phase1
+    python -m meta_training.train --phase 2 --iterations 500 --init runs/phase1/final --out runs/phase2
+
+One outer iteration: draw a perturbation per slot, run every slot's "+" and "-" inner problem for
+``truncation`` steps under ``theta +/- eps`` (all ``2N`` inner problems advance together through
+:mod:`celo_hf.population`), turn the loss differences into a PES gradient
+(:mod:`meta_training.pes`) and take one AdamW step on the trainable meta-parameters: the update MLP
+in phase 1, the learned scheduler and its initial state in phase 2.
+
+Every random draw of slot ``i`` comes from its own generator, so a run gives the same result on
+one process or split over several (``torchrun --nproc_per_node K -m meta_training.train ...``), and
+a run killed and restarted with the same command continues from its last checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from celo_hf import CeloNet, population
+from celo_hf.hub import load_celo_net
+
+from . import inner
+from .pes import antithetic_population, pes_gradient, sample_perturbations
+
+BATCH_SIZE = 64
+
+
+class TaskFamily(Protocol):
+    """A source of classification tasks on 8x8 images (``x`` ``(batch, 64)`` float, ``y`` labels)."""
+
+    name: str
+
+    def sample_task(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-task data (e.g. a permutation); ``{}`` if the family has one task."""
+
+    def sample_batch(
+        self, task: dict[str, torch.Tensor], generator: torch.Generator, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch of the task."""
+
+
+@dataclass
+class MetaTrainConfig:
+    """Settings of one meta-training phase (defaults: the CPU recipe of ``docs/meta-training.md`` §7.4)."""
+
+    phase: int = 1
+    iterations: int = 2000
+    slots_per_family: int = 4
+    truncation: int = 50
+    min_unroll: int = 50
+    max_unroll: int = 1000
+    std: float = 0.01
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    reparam_min: float = 1e-3
+    reparam_max: float = 1e3
+    seed: int = 0
+    checkpoint_every: int = 50
+    families: list[str] = field(default_factory=lambda: ["digits", "permuted_digits", "patches", "teacher"])
+
+    def __post_init__(self) -> None:
+        if self.phase not in (1, 2):
+            raise ValueError(f"phase must be 1 (update MLP) or 2 (learned scheduler), got {self.phase}")
+        if not 0 < self.min_unroll <= self.max_unroll:
+            raise ValueError(f"need 0 < min_unroll <= max_unroll, got {self.min_unroll}, {self.max_unroll}")
+
+
+def trainable_keys(net: CeloNet, phase: int) -> list[str]:
+    """Meta-parameters trained in ``phase``: the MLP (1), or the scheduler and its initial state (2)."""
+    return [key for key in net.state_dict() if key.startswith("mlp.") == (phase == 1)]
+
+
+def flatten(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A state dict as one float32 vector (keys in the dict's order)."""
+    return torch.cat([value.detach().float().reshape(-1) for value in state.values()])
+
+
+def unflatten(vectors: torch.Tensor, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``(P, D)`` rows back to a stacked state dict ``name -> (P, *shape)``."""
+    sizes = [value.numel() for value in template.values()]
+    return {
+        key: chunk.reshape(vectors.shape[0], *value.shape).contiguous()
+        for (key, value), chunk in zip(template.items(), vectors.split(sizes, dim=1))
+    }
+
+
+class SlotRandom:
+    """The random draws of one slot: task, scale, init, batches, unroll lengths and noise."""
+
+    def __init__(self, seed: int, slot: int):
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + slot)
+
+    def log_uniform(self, low: float, high: float) -> float:
+        u = torch.rand((), generator=self.generator).item()
+        return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+
+    def unroll_length(self, config: MetaTrainConfig) -> int:
+        return int(round(self.log_uniform(config.min_unroll, config.max_unroll)))
+
+
+class MetaTrainer:
+    """Truncated-PES meta-training of a ``CeloNet`` (one phase), on this process's share of slots."""
+
+    def __init__(self, config: MetaTrainConfig, families: list[TaskFamily], init: CeloNet | None = None):
+        self.config = config
+        self.families = families
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        base = init if init is not None else _fresh_net(config.seed)
+        self.net = CeloNet(**{**base._hub_mixin_config, "learned_schedule": config.phase == 2})
+        self.net.load_state_dict(base.state_dict())
+        self.template = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        keys = trainable_keys(self.net, config.phase)
+        self.trainable = torch.cat([
+            torch.full((value.numel(),), key in keys, dtype=torch.bool) for key, value in self.template.items()
+        ])
+        self.theta = flatten(self.template)
+        self.param = torch.nn.Parameter(self.theta[self.trainable].clone())
+        self.outer = torch.optim.AdamW(
+            [self.param], lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
+        )
+        self.num_slots = config.slots_per_family * len(families)
+        self.slots = list(range(self.rank, self.num_slots, self.world))
+        self.random = [SlotRandom(config.seed, slot) for slot in self.slots]
+        self.iteration = 0
+        self._init_inner()
+
+    # ---- inner problems ------------------------------------------------------------------------
+
+    def _family(self, local: int) -> TaskFamily:
+        return self.families[self.slots[local] % len(self.families)]
+
+    def _sample_problem(self, local: int) -> tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]:
+        """A new task, reparameterisation scale and initial (scaled) parameters for one slot."""
+        rng = self.random[local]
+        task = self._family(local).sample_task(rng.generator)
+        scale = rng.log_uniform(self.config.reparam_min, self.config.reparam_max)
+        params = inner.init_params(1, [rng.generator])
+        return task, scale, {name: value[0] / scale for name, value in params.items()}
+
+    def _init_inner(self) -> None:
+        n = len(self.slots)
+        self.tasks, scales, inits = zip(*(self._sample_problem(i) for i in range(n))) if n else ((), (), ())
+        self.tasks = list(self.tasks)
+        self.scale = torch.tensor(scales, dtype=torch.float32).repeat(2)
+        self.params = {
+            name: torch.stack([init[name] for init in inits]).repeat(2, *([1] * len(shape))).contiguous()
+            for name, shape in inner.PARAM_SHAPES.items()
+        }
+        self.length = torch.tensor([rng.unroll_length(self.config) for rng in self.random], dtype=torch.int64)
+        self.counter = torch.tensor(
+            [int(torch.randint(self.config.max_unroll, (), generator=rng.generator)) for rng in self.random],
+            dtype=torch.int64,
+        )
+        self.done = self.counter >= self.length
+        meta_weights = unflatten(self.theta.expand(2 * n, -1), self.template)
+        self.state = population.init(self.params, self.length.repeat(2), meta_weights, self.net)
+        self.accumulator = torch.zeros(n, self.theta.numel())
+
+    def _inner_step(self, meta_weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of every inner problem; returns normalised losses ``(2n,)``, mask and done ``(n,)``."""
+        n = len(self.slots)
+        batches = [self._family(i).sample_batch(self.tasks[i], self.random[i].generator, BATCH_SIZE) for i in range(n)]
+        x = torch.stack([b[0] for b in batches]).repeat(2, 1, 1)
+        y = torch.stack([b[1] for b in batches]).repeat(2, 1)
+        loss, grads = inner.losses_and_grads(self.params, self.scale, x, y)
+        self.state = population.update(self.state, self.params, grads, loss, meta_weights, self.net)
+        resetting = self.done.clone()
+        if bool(resetting.any()):
+            for i in resetting.nonzero().flatten().tolist():
+                self.tasks[i], scale, init = self._sample_problem(i)
+                self.scale[[i, n + i]] = scale
+                for name, value in init.items():
+                    self.params[name][[i, n + i]] = value
+            members = resetting.repeat(2)
+            self.state = population.reset_members(self.state, members, self.length.repeat(2), meta_weights)
+        self.counter = torch.where(resetting, torch.zeros_like(self.counter), self.counter + 1)
+        mask = ~resetting
+        self.done = self.counter >= self.length
+        for i in self.done.nonzero().flatten().tolist():
+            self.length[i] = self.random[i].unroll_length(self.config)
+        return inner.normalise_loss(loss) * mask.repeat(2), mask, self.done.clone()
+
+    # ---- outer iterations ----------------------------------------------------------------------
+
+    def outer_step(self) -> dict[str, float]:
+        """One PES truncation and AdamW step; returns metrics."""
+        n, dim = len(self.slots), self.theta.numel()
+        eps = torch.stack([sample_perturbations(1, dim, self.config.std, rng.generator)[0] for rng in self.random]) if n else torch.zeros(0, dim)
+        meta_weights = unflatten(antithetic_population(self.theta, eps), self.template)
+        losses, masks, dones = [], [], []
+        for _ in range(self.config.truncation):
+            loss, mask, done = self._inner_step(meta_weights)
+            losses.append(loss)
+            masks.append(mask)
+            dones.append(done)
+        losses = torch.stack(losses)
+        estimate = pes_gradient(
+            losses[:, :n], losses[:, n:], torch.stack(masks), torch.stack(dones), eps, self.accumulator, self.config.std
+        )
+        self.accumulator = estimate.accumulator
+        total = torch.cat([estimate.grad * n, estimate.mean_loss.reshape(1) * n])
+        if self.world > 1:
+            dist.all_reduce(total)
+        grad = torch.nan_to_num(total[:-1] / self.num_slots, nan=0.0)
+        mean_loss = float(total[-1] / self.num_slots)
+        self.param.grad = grad[self.trainable].clone()
+        self.outer.step()
+        with torch.no_grad():
+            self.theta[self.trainable] = self.param.detach()
+        self.iteration += 1
+        return {"iteration": self.iteration, "meta_loss": 20.0 if math.isnan(mean_loss) else mean_loss,
+                "grad_norm": float(grad[self.trainable].norm())}
+
+    def current_net(self) -> CeloNet:
+        """The meta-model at the current ``theta`` (a new module)."""
+        net = CeloNet(**self.net._hub_mixin_config)
+        net.load_state_dict({k: v[0] for k, v in unflatten(self.theta[None], self.template).items()})
+        return net
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (this rank's slots); loads with ``weights_only=True``."""
+        return {
+            "config": asdict(self.config),
+            "iteration": self.iteration,
+            "theta": self.theta.clone(),
+            "outer": self.outer.state_dict(),
+            "accumulator": self.accumulator,
+            "generators": [rng.generator.get_state() for rng in self.random],
+            "tasks": self.tasks,
+            "scale": self.scale,
+            "params": self.params,
+            "length": self.length,
+            "counter": self.counter,
+            "done": self.done,
+            "state": {
+                "iteration": self.state.iteration, "total_steps": self.state.total_steps,
+                "loss_means": self.state.loss_buffer.means, "loss_running_min": self.state.loss_buffer.running_min,
+                "loss_count": self.state.loss_buffer.count, "hidden": self.state.hidden, "cell": self.state.cell,
+                "tensors": self.state.tensors,
+            },
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`. The run's length and checkpoint interval may differ;
+        every other setting must match."""
+        ours = {k: v for k, v in asdict(self.config).items() if k not in _RESUMABLE_CHANGES}
+        theirs = {k: v for k, v in saved["config"].items() if k not in _RESUMABLE_CHANGES}
+        if ours != theirs:
+            changed = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+            raise ValueError(f"the checkpoint was made with different settings (saved, now): {changed}")
+        self.iteration = saved["iteration"]
+        self.theta = saved["theta"]
+        with torch.no_grad():
+            self.param.copy_(self.theta[self.trainable])
+        self.outer.load_state_dict(saved["outer"])
+        self.accumulator = saved["accumulator"]
+        for rng, state in zip(self.random, saved["generators"]):
+            rng.generator.set_state(state)
+        self.tasks, self.scale, self.params = saved["tasks"], saved["scale"], saved["params"]
+        self.length, self.counter, self.done = saved["length"], saved["counter"], saved["done"]
+        s = saved["state"]
+        self.state = population.PopulationState(
+            s["iteration"], s["total_steps"],
+            population.LossBuffer(s["loss_means"], s["loss_running_min"], s["loss_count"]),
+            s["hidden"], s["cell"], s["tensors"],
+        )
+
+
+_RESUMABLE_CHANGES = ("iterations", "checkpoint_every")
+
+
+def _fresh_net(seed: int) -> CeloNet:
+    torch.manual_seed(seed)
+    return CeloNet()
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: CeloNet | None = None) -> CeloNet:
+    """Run (or resume) one phase, writing ``metrics.jsonl``, ``checkpoint-rank{r}.pt`` and, at the
+    end, ``final/`` (``config.json`` + ``model.safetensors``). Returns the trained meta-model."""
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = MetaTrainer(config, families, init)
+    checkpoint = out / f"checkpoint-rank{trainer.rank}.pt"
+    metrics_path = out / "metrics.jsonl"
+    if checkpoint.exists():
+        trainer.load_state_dict(torch.load(checkpoint, weights_only=True))
+        if trainer.rank == 0:
+            _truncate_metrics(metrics_path, trainer.iteration)
+    bar = tqdm(total=config.iterations, initial=trainer.iteration, disable=trainer.rank != 0, desc=f"phase {config.phase}")
+    start = time.perf_counter()
+    while trainer.iteration < config.iterations:
+        metrics = trainer.outer_step()
+        metrics["seconds"] = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
+        if trainer.rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"phase": config.phase, **metrics}) + "\n")
+        if trainer.iteration % config.checkpoint_every == 0 or trainer.iteration == config.iterations:
+            _atomic_save(trainer.state_dict(), checkpoint)
+    bar.close()
+    net = trainer.current_net()
+    if trainer.rank == 0:
+        net.save_pretrained(out / "final")
+    return net
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric lines written after the checkpoint being resumed from."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= iteration]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = MetaTrainConfig()
+    for name, value in asdict(defaults).items():
+        if isinstance(value, list):
+            parser.add_argument(f"--{name}", nargs="+", default=value)
+        else:
+            parser.add_argument(f"--{name}", type=type(value), default=value)
+    parser.add_argument("--init", default=None, help="starting weights (phase 2: the phase-1 result)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = vars(parser.parse_args(argv))
+    out, init = args.pop("out"), args.pop("init")
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("gloo")
+    from .tasks import families_by_name
+
+    config = MetaTrainConfig(**args)
+    run(config, families_by_name(config.families), out, load_celo_net(init) if init else None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

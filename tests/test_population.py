@@ -1,0 +1,64 @@
+"""The population form of Celo (meta-training's inner optimizer) runs the optimizer's own maths."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from celo_hf import Celo, population
+from celo_hf.hub import load_celo_net
+from meta_training.pes import antithetic_population
+from meta_training.train import flatten, unflatten
+
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+SHAPES = {"w1": (8, 16), "b1": (16,), "w2": (16, 16), "scale": (), "kernel": (3, 3, 4, 8)}
+
+
+@pytest.mark.parametrize("learned_schedule", [True, False])
+def test_zero_noise_population_step_equals_celo(learned_schedule):
+    """A population of theta +/- 0 perturbations steps exactly as ``celo_hf.Celo`` does."""
+    net = load_celo_net(PAPER)
+    net.learned_schedule = learned_schedule
+    generator = torch.Generator().manual_seed(0)
+    init = {n: torch.randn(s, generator=generator) for n, s in SHAPES.items()}
+    steps = [({n: torch.randn(s, generator=generator) for n, s in SHAPES.items()}, 2.0 - 0.1 * t) for t in range(6)]
+
+    params = [torch.nn.Parameter(init[n].clone()) for n in SHAPES]
+    optimizer = Celo(params, total_steps=20, weights=copy.deepcopy(net))
+    for grads, loss in steps:
+        for p, n in zip(params, SHAPES):
+            p.grad = grads[n]
+        optimizer.step(loss=loss)
+
+    members = 4
+    theta = flatten(net.state_dict())
+    meta_weights = unflatten(antithetic_population(theta, torch.zeros(members // 2, theta.numel())), net.state_dict())
+    stacked = {n: init[n].expand(members, *init[n].shape).contiguous() for n in SHAPES}
+    state = population.init(stacked, torch.full((members,), 20), meta_weights, net)
+    for grads, loss in steps:
+        member_grads = {n: g.expand(members, *g.shape) for n, g in grads.items()}
+        state = population.update(state, stacked, member_grads, torch.full((members,), loss), meta_weights, net)
+
+    for p, n in zip(params, SHAPES):
+        for member in range(members):
+            assert torch.equal(stacked[n][member], p.detach()), n
+    assert torch.equal(state.iteration, torch.full((members,), len(steps)))
+
+
+def test_reset_members_restarts_only_the_selected_members():
+    net = load_celo_net(PAPER)
+    theta = flatten(net.state_dict())
+    meta_weights = unflatten(theta.expand(3, -1), net.state_dict())
+    params = {"w": torch.randn(3, 4, 5)}
+    state = population.init(params, torch.full((3,), 10), meta_weights, net)
+    state = population.update(state, params, {"w": torch.randn(3, 4, 5)}, torch.ones(3), meta_weights, net)
+    reset = population.reset_members(state, torch.tensor([False, True, False]), torch.tensor([7, 8, 9]), meta_weights)
+    assert reset.iteration.tolist() == [1, 0, 1]
+    assert reset.total_steps.tolist() == [10, 8, 10]
+    assert reset.loss_buffer.count.tolist() == [1, 0, 1]
+    assert torch.equal(reset.hidden[1], meta_weights["init_hidden"][1])
+    assert not torch.equal(reset.hidden[0], meta_weights["init_hidden"][0])
+    for key, value in reset.tensors["w"].items():
+        assert torch.count_nonzero(value[1]) == 0, key
+        assert torch.equal(value[0], state.tensors["w"][key][0]), key
