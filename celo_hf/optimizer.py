@@ -11,9 +11,10 @@ import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.lr_scheduler import LambdaLR
 
 from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
@@ -22,6 +23,7 @@ from .network import CeloNet
 from .update import (
     DEFAULT_CHUNK_ELEMENTS,
     SMALL_TENSOR_ELEMENTS,
+    RowSharding,
     UpdateWeights,
     init_tensor_state,
     reference_update,
@@ -141,19 +143,14 @@ class Celo(torch.optim.Optimizer):
             )
 
         work = [
-            (p, p.grad, group["lr"])
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None and p.numel() > 0
+            _work_item(p, group["lr"]) for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
+        work = [item for item in work if item.param.numel() > 0]
         if not work:
             return closure_loss
-        for p, g, _ in work:
-            if g.is_sparse:
-                raise RuntimeError("Celo does not support sparse gradients")
-        device = work[0][0].device
+        device = work[0].local.device
         loss_t = torch.as_tensor(fed, dtype=torch.float32).to(device).reshape(())
-        if not _all_finite([g for _, g, _ in work], loss_t):
+        if not _all_finite([item.grad for item in work], loss_t, _process_group(work)):
             self.skipped_steps += 1
             warnings.warn(
                 f"Celo skipped step {self.iteration}: the loss or a gradient is NaN or infinite "
@@ -164,40 +161,49 @@ class Celo(torch.optim.Optimizer):
             return closure_loss
 
         lr_mult = self._schedule(loss_t, device)
-        for p, _, _ in work:
-            if not self.state[p]:
-                self.state[p].update(init_tensor_state(p.shape, len(self.net.momentum_decays), p.device))
+        num_decays = len(self.net.momentum_decays)
+        for item in work:
+            if not self.state[item.param]:
+                self.state[item.param].update(
+                    init_tensor_state(item.local.shape, num_decays, item.local.device, full_shape=item.param.shape)
+                )
         if self.backend == "reference":
-            for p, g, lr in work:
-                new_p, new_state = reference_update(p, g, self.state[p], lr_mult.to(p.device) * lr, self.net)
-                p.copy_(new_p)
+            for item in work:
+                if item.sharding is not None:
+                    raise RuntimeError("backend='reference' does not support sharded (FSDP2) parameters; use 'eager'")
+                state = self.state[item.param]
+                new_p, new_state = reference_update(item.local, item.grad, state, lr_mult.to(device) * item.lr, self.net)
+                item.local.copy_(new_p)
                 for key, value in new_state.items():
-                    self.state[p][key].copy_(value)
+                    state[key].copy_(value)
         else:
             for batch in _batches(work, self.chunk_elements):
                 self._update(batch, lr_mult)
         self.iteration += 1
         return closure_loss
 
-    def _update(self, batch: list[tuple[torch.Tensor, torch.Tensor, float]], lr_mult: torch.Tensor) -> None:
-        """Update tensors of one shape together: a large contiguous tensor through views of itself,
-        small ones stacked (copied in, updated, copied back)."""
-        params = [p for p, _, _ in batch]
-        shape = state_shape(params[0].shape)
-        states = [self.state[p] for p in params]
-        device = params[0].device
-        lr_scale = lr_mult.to(device) * torch.tensor([lr for _, _, lr in batch], dtype=torch.float32, device=device)
+    def _update(self, batch: list[_Work], lr_mult: torch.Tensor) -> None:
+        """Update tensors of one shape together: a large contiguous (or sharded) tensor through views
+        of itself, small ones stacked (copied in, updated, copied back)."""
+        locals_ = [item.local for item in batch]
+        shape = state_shape(locals_[0].shape)
+        states = [self.state[item.param] for item in batch]
+        device = locals_[0].device
+        lr_scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
         weights = self._weights_on(device).expand(len(batch))
-        if len(batch) == 1 and params[0].is_contiguous():
-            p, g, _ = batch[0]
+        if len(batch) == 1 and locals_[0].is_contiguous():
+            item = batch[0]
             state = {key: value.unsqueeze(0) for key, value in states[0].items()}
-            update_batch_(p.view(1, *shape), g.reshape(1, *shape), state, lr_scale, weights, self.backend, self.chunk_elements)
+            update_batch_(
+                item.local.view(1, *shape), item.grad.reshape(1, *shape), state, lr_scale, weights,
+                self.backend, self.chunk_elements, item.sharding,
+            )
             return
-        p = torch.stack([p.reshape(shape) for p in params])
-        g = torch.stack([g.reshape(shape) for _, g, _ in batch])
+        p = torch.stack([t.reshape(shape) for t in locals_])
+        g = torch.stack([item.grad.reshape(shape) for item in batch])
         state = {key: torch.stack([s[key] for s in states]) for key in states[0]}
         update_batch_(p, g, state, lr_scale, weights, self.backend, self.chunk_elements)
-        torch._foreach_copy_(params, [row.view_as(q) for row, q in zip(p.unbind(0), params)])
+        torch._foreach_copy_(locals_, [row.view_as(t) for row, t in zip(p.unbind(0), locals_)])
         for key, stacked in state.items():
             torch._foreach_copy_([s[key] for s in states], list(stacked.unbind(0)))
 
@@ -270,14 +276,15 @@ class Celo(torch.optim.Optimizer):
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
-            expected = init_tensor_state(p.shape, num_decays, "meta")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            expected = init_tensor_state(local.shape, num_decays, "meta", full_shape=p.shape)
             got = {k: tuple(v.shape) for k, v in saved.items()}
             if got != {k: tuple(v.shape) for k, v in expected.items()}:
                 raise ValueError(
                     f"saved Celo state for a parameter of shape {tuple(p.shape)} has entries {got}, "
                     f"expected {{{', '.join(f'{k!r}: {tuple(v.shape)}' for k, v in expected.items())}}}"
                 )
-            self.state[p] = {k: v.to(device=p.device, dtype=torch.float32) for k, v in saved.items()}
+            self.state[p] = {k: v.to(device=local.device, dtype=torch.float32) for k, v in saved.items()}
         self.total_steps = celo["total_steps"]
         self.iteration = int(celo["iteration"])
         self.skipped_steps = int(celo["skipped_steps"])
@@ -294,16 +301,50 @@ class Celo(torch.optim.Optimizer):
             self._lstm_state = None
 
 
-def _batches(
-    work: list[tuple[torch.Tensor, torch.Tensor, float]], chunk_elements: int
-) -> list[list[tuple[torch.Tensor, torch.Tensor, float]]]:
-    """Group ``(param, grad, lr)`` triples for :func:`update_batch_`: each large tensor alone, small
-    ones with others of the same shape, dtype and device (at most ``chunk_elements`` in all)."""
-    batches: list[list[tuple[torch.Tensor, torch.Tensor, float]]] = []
-    open_batches: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+class _Work(NamedTuple):
+    """One parameter to update: ``param`` (the state key; a DTensor under FSDP2), the tensors to
+    compute with (``local``, ``grad``: this process's rows when sharded), its group ``lr``."""
+
+    param: torch.Tensor
+    local: torch.Tensor
+    grad: torch.Tensor
+    lr: float
+    sharding: RowSharding | None
+
+
+def _work_item(param: torch.Tensor, lr: float) -> _Work:
+    """Unwrap a parameter for the update; FSDP2's row-sharded DTensors become their local rows."""
+    grad = param.grad
+    assert grad is not None
+    if grad.is_sparse:
+        raise RuntimeError("Celo does not support sparse gradients")
+    if not isinstance(param, DTensor):
+        return _Work(param, param, grad, lr, None)
+    local_grad = grad.to_local() if isinstance(grad, DTensor) else grad
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    if all(isinstance(pl, Replicate) for pl in placements):
+        return _Work(param, param.to_local(), local_grad, lr, None)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise RuntimeError(
+            f"Celo supports DTensor parameters sharded on their first axis over a 1-D mesh (FSDP2's default), "
+            f"got placements {placements} on a {mesh.ndim}-D mesh for a parameter of shape {tuple(param.shape)}"
+        )
+    return _Work(param, param.to_local(), local_grad, lr, RowSharding(param.shape[0], mesh.get_group()))
+
+
+def _process_group(work: list[_Work]) -> object | None:
+    """The group whose processes must agree on skipping a step: the sharding group, if any."""
+    return next((item.sharding.group for item in work if item.sharding is not None), None)
+
+
+def _batches(work: list[_Work], chunk_elements: int) -> list[list[_Work]]:
+    """Group work for :func:`update_batch_`: each large or sharded tensor alone, small ones with
+    others of the same shape, dtype and device (at most ``chunk_elements`` in all)."""
+    batches: list[list[_Work]] = []
+    open_batches: dict[tuple[Any, ...], list[_Work]] = {}
     for item in work:
-        p = item[0]
-        if p.numel() > SMALL_TENSOR_ELEMENTS and p.is_contiguous():
+        p = item.local
+        if item.sharding is not None or (p.numel() > SMALL_TENSOR_ELEMENTS and p.is_contiguous()):
             batches.append([item])
             continue
         key = (tuple(p.shape), p.dtype, p.device)
@@ -326,8 +367,9 @@ def _check_loss(loss: Any) -> LossLike:
         raise TypeError(f"Celo needs the training loss as a number or a 1-element tensor, got {type(loss).__name__}") from None
 
 
-def _all_finite(grads: list[torch.Tensor], loss: torch.Tensor) -> bool:
-    """Whether the loss and every gradient are finite: the step's one host synchronisation.
+def _all_finite(grads: list[torch.Tensor], loss: torch.Tensor, group: object | None) -> bool:
+    """Whether the loss and every gradient are finite (on every process of ``group``): the step's
+    one host synchronisation.
 
     A fast 2-norm per tensor decides; only when one is not finite (NaN, inf, or a finite gradient
     so large its squares overflow) does an exact element-wise check run.
@@ -337,12 +379,15 @@ def _all_finite(grads: list[torch.Tensor], loss: torch.Tensor) -> bool:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
-        for group in by_device.values():
+        for group_grads in by_device.values():
             if exact:
-                flags += [torch.isfinite(g).all().to(loss.device) for g in group]
+                flags += [torch.isfinite(g).all().to(loss.device) for g in group_grads]
             else:
-                flags.append(torch.isfinite(torch.stack(torch._foreach_norm(group))).all().to(loss.device))
-        return bool(torch.stack(flags).all())
+                flags.append(torch.isfinite(torch.stack(torch._foreach_norm(group_grads))).all().to(loss.device))
+        finite = torch.stack(flags).all().to(torch.int32)
+        if group is not None:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=group)
+        return bool(finite)
 
     return check(exact=False) or check(exact=True)
 

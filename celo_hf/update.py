@@ -59,13 +59,20 @@ def _drop(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
 
 
 def init_tensor_state(
-    shape: torch.Size | tuple[int, ...], num_decays: int, device: torch.device | str | None = None
+    shape: torch.Size | tuple[int, ...],
+    num_decays: int,
+    device: torch.device | str | None = None,
+    full_shape: torch.Size | tuple[int, ...] | None = None,
 ) -> TensorState:
-    """Zero accumulators for a parameter of ``shape`` (see the module docstring for the layout)."""
+    """Zero accumulators for a parameter of ``shape`` (see the module docstring for the layout).
+
+    ``full_shape``: the whole tensor's shape when ``shape`` is this process's rows of it (FSDP2);
+    the factored axes are chosen from it.
+    """
     shape = state_shape(shape)
     zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
     state = {"m": zeros(num_decays, *shape), "rms": zeros(*shape)}
-    dims = factored_dims(shape)
+    dims = factored_dims(state_shape(full_shape) if full_shape is not None else shape)
     if dims is None:
         state["v_diag"] = zeros(num_decays, *shape)
     else:
@@ -76,19 +83,25 @@ def init_tensor_state(
 
 
 def factor_scales(
-    v_row: torch.Tensor, v_col: torch.Tensor, d0: int, d1: int, lead: int
+    v_row: torch.Tensor, v_col: torch.Tensor, d0: int, d1: int, lead: int, row_mean: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adafactor-style row and column scales, re-expanded so they broadcast against the tensor.
 
     ``v_row`` / ``v_col`` carry ``lead`` leading axes (decay, or batch and decay) before the
     parameter axes. Returns ``rsqrt(max(v_row / (mean of v_row over the d1 axis + 1e-9), 1e-9))``
     with a size-1 axis re-inserted at ``d0``, and ``rsqrt(max(v_col, 1e-9))`` re-inserted at ``d1``.
+    ``row_mean`` (keepdim) may be given when that mean spans several processes.
     """
-    d1_in_row = d1 - 1 if d1 > d0 else d1
-    row_mean = v_row.mean(dim=lead + d1_in_row, keepdim=True)
+    if row_mean is None:
+        row_mean = v_row.mean(dim=lead + row_mean_axis(d0, d1), keepdim=True)
     row = torch.rsqrt(torch.clamp(v_row / (row_mean + FACTOR_FLOOR), min=FACTOR_FLOOR))
     col = torch.rsqrt(torch.clamp(v_col, min=FACTOR_FLOOR))
     return row.unsqueeze(lead + d0), col.unsqueeze(lead + d1)
+
+
+def row_mean_axis(d0: int, d1: int) -> int:
+    """Position of parameter axis ``d1`` among ``v_row``'s parameter axes (``d0`` removed)."""
+    return d1 - 1 if d1 > d0 else d1
 
 
 def _decays(values: Sequence[float], device: torch.device | str | None) -> torch.Tensor:
@@ -341,6 +354,28 @@ def kernels(backend: Backend) -> Kernels:
 # ---- the batched update ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RowSharding:
+    """A batch split across processes along its first parameter axis (FSDP2's ``Shard(0)``).
+
+    This process holds some of the ``rows``; every statistic summed over that axis is summed over
+    ``group`` too, so the update equals the unsharded one.
+    """
+
+    rows: int
+    group: object
+
+    def full_shape(self, local_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.rows, *local_shape[1:])
+
+
+def _sum_over_rows(t: torch.Tensor, sharding: RowSharding | None) -> torch.Tensor:
+    """Complete a partial sum over the sharded first axis (identity when not sharded)."""
+    if sharding is not None:
+        torch.distributed.all_reduce(t, group=sharding.group)
+    return t
+
+
 def _normaliser(sum_sq: torch.Tensor, count: int) -> torch.Tensor:
     return torch.rsqrt(NORMALISER_EPS + sum_sq / count)
 
@@ -360,17 +395,20 @@ def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
     return t if t.shape[2] == 1 else t[:, :, rows]
 
 
-def _grid_hidden(v: torch.Tensor, value_w: torch.Tensor, rsqrt_w: torch.Tensor) -> torch.Tensor:
+def _grid_hidden(
+    v: torch.Tensor, value_w: torch.Tensor, rsqrt_w: torch.Tensor, count: int, sharding: RowSharding | None
+) -> torch.Tensor:
     """First-layer contribution of a factored accumulator ``v (B, k, *grid)`` on its own grid.
 
-    A broadcast feature's tensor-wide mean square equals its mean square over the grid, so its
-    normaliser is computed here. ``value_w``/``rsqrt_w`` ``(B, k, H)``. Returns ``(B, H, *grid)``.
+    A broadcast feature's tensor-wide mean square equals its mean square over the grid (``count``
+    cells in all; ``sharding`` when this process holds only some rows of it), so its normaliser is
+    computed here. ``value_w``/``rsqrt_w`` ``(B, k, H)``. Returns ``(B, H, *grid)``.
     """
     flat = v.flatten(2)
     rsqrt_flat = torch.rsqrt(flat + ROW_COL_EPS)
-    count = flat.shape[2]
-    value_w = value_w * _normaliser((flat * flat).sum(2), count)[..., None]
-    rsqrt_w = rsqrt_w * _normaliser((rsqrt_flat * rsqrt_flat).sum(2), count)[..., None]
+    sums = _sum_over_rows(torch.stack([(flat * flat).sum(2), (rsqrt_flat * rsqrt_flat).sum(2)]), sharding)
+    value_w = value_w * _normaliser(sums[0], count)[..., None]
+    rsqrt_w = rsqrt_w * _normaliser(sums[1], count)[..., None]
     hidden = torch.einsum("bkg,bkh->bhg", flat, value_w) + torch.einsum("bkg,bkh->bhg", rsqrt_flat, rsqrt_w)
     return hidden.view(*hidden.shape[:2], *v.shape[2:])
 
@@ -378,7 +416,10 @@ def _grid_hidden(v: torch.Tensor, value_w: torch.Tensor, rsqrt_w: torch.Tensor) 
 class _FactoredMoments:
     """Row / column second moments of rank >= 2 tensors (``v_row``, ``v_col``)."""
 
-    def __init__(self, g: torch.Tensor, state: TensorState, w: UpdateWeights, dims: tuple[int, int], chunks: list[slice]):
+    def __init__(
+        self, g: torch.Tensor, state: TensorState, w: UpdateWeights, dims: tuple[int, int],
+        chunks: list[slice], full: tuple[int, ...], sharding: RowSharding | None,
+    ):
         d0, d1 = dims
         batch, shape = g.shape[0], tuple(g.shape[1:])
         beta = w.factored_decays.view(1, -1, *([1] * (len(shape) - 1)))
@@ -391,17 +432,28 @@ class _FactoredMoments:
                     total += gsq.sum(1)
                 else:
                     total[:, rows] = gsq.sum(axis + 1)
+        # Reductions over the first axis are partial when it is sharded; the others are local.
+        row_sum = _sum_over_rows(row_sum, sharding) if d0 == 0 else row_sum
+        col_sum = _sum_over_rows(col_sum, sharding) if d1 == 0 else col_sum
         v_row, v_col = state["v_row"], state["v_col"]
-        v_row.mul_(beta).add_((row_sum / shape[d0]).unsqueeze(1) * (1 - beta))
-        v_col.mul_(beta).add_((col_sum / shape[d1]).unsqueeze(1) * (1 - beta))
-        self.row_scale, self.col_scale = factor_scales(v_row, v_col, d0, d1, lead=2)
+        v_row.mul_(beta).add_((row_sum / full[d0]).unsqueeze(1) * (1 - beta))
+        v_col.mul_(beta).add_((col_sum / full[d1]).unsqueeze(1) * (1 - beta))
+        row_total = v_row.sum(dim=2 + row_mean_axis(d0, d1), keepdim=True)
+        row_mean = (_sum_over_rows(row_total, sharding) if d1 == 0 else row_total) / full[d1]
+        self.row_scale, self.col_scale = factor_scales(v_row, v_col, d0, d1, lead=2, row_mean=row_mean)
+        numel = _prod(full)
         bias = w.first_bias.view(*w.first_bias.shape, *([1] * (len(shape) - 1)))
-        self.row_hidden = (_grid_hidden(v_row, w.group(_ROW), w.group(_RSQRT_ROW)) + bias).unsqueeze(2 + d0)
-        self.col_hidden = _grid_hidden(v_col, w.group(_COL), w.group(_RSQRT_COL)).unsqueeze(2 + d1)
+        row_hidden = _grid_hidden(v_row, w.group(_ROW), w.group(_RSQRT_ROW), numel // full[d0], sharding if d0 != 0 else None)
+        col_hidden = _grid_hidden(v_col, w.group(_COL), w.group(_RSQRT_COL), numel // full[d1], sharding if d1 != 0 else None)
+        self.row_hidden = (row_hidden + bias).unsqueeze(2 + d0)
+        self.col_hidden = col_hidden.unsqueeze(2 + d1)
         self.batch = batch
 
     def accumulate(self, g: torch.Tensor, rows: slice) -> None:
         """Nothing per chunk: the factored moments were updated up front."""
+
+    def finish_statistics(self) -> None:
+        """Nothing to complete: the grid statistics were computed up front."""
 
     def preconditioners(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         q = _rows(self.row_scale, rows) * _rows(self.col_scale, rows)
@@ -417,7 +469,7 @@ class _DiagonalMoments:
     """Per-element second moments of rank < 2 tensors (``v_diag``); its row and col features are
     both ``v_diag``, so their first-layer weights are summed."""
 
-    def __init__(self, g: torch.Tensor, state: TensorState, w: UpdateWeights, numel: int):
+    def __init__(self, g: torch.Tensor, state: TensorState, w: UpdateWeights, numel: int, sharding: RowSharding | None):
         self.v_diag = state["v_diag"]
         self.beta = w.factored_decays.view(1, -1, 1)
         self.sum_sq = torch.zeros(2, g.shape[0], self.beta.shape[1], dtype=torch.float32, device=g.device)
@@ -425,6 +477,7 @@ class _DiagonalMoments:
         self.rsqrt_w = w.group(_RSQRT_ROW) + w.group(_RSQRT_COL)
         self.bias = w.first_bias[:, :, None]
         self.numel = numel
+        self.sharding = sharding
 
     def accumulate(self, g: torch.Tensor, rows: slice) -> None:
         """Update this chunk of ``v_diag`` and add its features' sums of squares."""
@@ -434,18 +487,28 @@ class _DiagonalMoments:
         rsqrt_v = torch.rsqrt(v + ROW_COL_EPS)
         self.sum_sq += torch.stack([(v * v).sum(2), (rsqrt_v * rsqrt_v).sum(2)])
 
+    def finish_statistics(self) -> None:
+        """Complete the sums of squares across processes and turn them into normalisers."""
+        self.norm = _normaliser(_sum_over_rows(self.sum_sq, self.sharding), self.numel)[..., None]
+
     def preconditioners(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         v = _flat(self.v_diag, rows, 2)
         return torch.rsqrt(torch.clamp(v + FACTOR_FLOOR, min=FACTOR_FLOOR)), v.rsqrt()
 
     def hidden_input(self, rows: slice) -> torch.Tensor:
         v = _flat(self.v_diag, rows, 2)
-        value_norm, rsqrt_norm = _normaliser(self.sum_sq, self.numel)[..., None]
         return (
-            torch.einsum("bkn,bkh->bhn", v, self.value_w * value_norm)
-            + torch.einsum("bkn,bkh->bhn", torch.rsqrt(v + ROW_COL_EPS), self.rsqrt_w * rsqrt_norm)
+            torch.einsum("bkn,bkh->bhn", v, self.value_w * self.norm[0])
+            + torch.einsum("bkn,bkh->bhn", torch.rsqrt(v + ROW_COL_EPS), self.rsqrt_w * self.norm[1])
             + self.bias
         )
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out
 
 
 def update_batch_(
@@ -456,6 +519,7 @@ def update_batch_(
     w: UpdateWeights,
     backend: Backend = "eager",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    sharding: RowSharding | None = None,
 ) -> None:
     """One Celo update of ``B`` same-shaped tensors, in place on ``p`` and ``state``.
 
@@ -472,24 +536,33 @@ def update_batch_(
         w: meta-model weights with ``B`` rows.
         backend: run the per-element kernels eagerly or compiled.
         chunk_elements: elements (over the whole batch) processed at once.
+        sharding: set when ``p`` holds only this process's rows of the tensors (FSDP2); every
+            statistic is then completed across processes.
     """
     accumulate_kernel, step_kernel = kernels(backend)
     g = g.contiguous()
     shape = tuple(p.shape[1:])
-    numel = p[0].numel()
-    chunks = _chunks(shape[0], p.numel() // shape[0], chunk_elements)
-    dims = factored_dims(shape)
-    moments = _DiagonalMoments(g, state, w, numel) if dims is None else _FactoredMoments(g, state, w, dims, chunks)
+    full = shape if sharding is None else sharding.full_shape(shape)
+    numel = _prod(full)
+    chunks = _chunks(shape[0], p.shape[0] * _prod(shape[1:]), chunk_elements)
+    dims = factored_dims(full)
+    moments = (
+        _DiagonalMoments(g, state, w, numel, sharding) if dims is None
+        else _FactoredMoments(g, state, w, dims, chunks, full, sharding)
+    )
 
     def pieces(rows: slice) -> tuple[torch.Tensor, ...]:
         return (_flat(p, rows, 1), _flat(g, rows, 1), _flat(state["m"], rows, 2), _flat(state["rms"], rows, 1))
 
-    sum_sq = 0.0
+    first = torch.cat([w.group(i) for i in _ELEMENT_GROUPS], dim=1)
+    sum_sq = torch.zeros(first.shape[:2], dtype=torch.float32, device=p.device)
     for rows in chunks:
         moments.accumulate(g, rows)
-        sum_sq = sum_sq + accumulate_kernel(*pieces(rows), *moments.preconditioners(rows), w.momentum_decays, w.rms_decay)
+        sum_sq += accumulate_kernel(*pieces(rows), *moments.preconditioners(rows), w.momentum_decays, w.rms_decay)
+    sum_sq = _sum_over_rows(sum_sq, sharding)
+    moments.finish_statistics()
 
-    first = torch.cat([w.group(i) for i in _ELEMENT_GROUPS], dim=1) * _normaliser(sum_sq, numel)[..., None]
+    first = first * _normaliser(sum_sq, numel)[..., None]
     param_scale = torch.sqrt(sum_sq[:, _PARAM_CHANNEL] / numel + PARAM_SCALE_EPS)
     step_scale = (param_scale * w.step_mult * lr_scale)[:, None]
     for rows in chunks:

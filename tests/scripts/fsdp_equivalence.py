@@ -1,0 +1,66 @@
+"""Run Celo on a FSDP2-sharded model and on the same model unsharded; the results must agree.
+
+Launched by tests/test_fsdp.py as ``torchrun --standalone --nproc_per_node 2 fsdp_equivalence.py WEIGHTS``.
+Prints one line ``max_abs_diff <value>`` on rank 0.
+"""
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from celo_hf import Celo
+from celo_hf.hub import load_celo_net
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 5),  # 5-row weight: rows split 3 + 2 over two ranks
+        torch.nn.LayerNorm(5),
+        torch.nn.Linear(5, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),  # square: tie-broken factored axes
+        torch.nn.Linear(16, 1),  # a 1-row weight: one rank holds no rows at all
+    )
+
+
+def run(model: torch.nn.Module, weights, steps: int = 6) -> None:
+    optimizer = Celo(model.parameters(), total_steps=steps, weights=weights)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 6, generator=generator)
+        y = torch.randn(32, 1, generator=generator)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    assert dist.get_world_size() == 2, f"expected 2 processes, got {dist.get_world_size()}"
+    net = load_celo_net(sys.argv[1])
+    reference = make_model()
+    sharded = copy.deepcopy(reference)
+    for layer in sharded:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(sharded)
+    local_rows = [p.to_local().shape[0] for p in sharded.parameters()]
+    assert local_rows[0] == (3 if dist.get_rank() == 0 else 2), local_rows  # the 5-row weight is split
+    assert 0 in local_rows or dist.get_rank() == 0, local_rows  # rank 1 holds no row of the 1-row weight
+    run(reference, copy.deepcopy(net))
+    run(sharded, copy.deepcopy(net))
+    diffs = [
+        (p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), reference.parameters())
+    ]
+    if dist.get_rank() == 0:
+        print("max_abs_diff", max(diffs))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
