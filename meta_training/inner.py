@@ -31,29 +31,32 @@ def init_params(population: int, generators: list[torch.Generator]) -> dict[str,
     return params
 
 
-def losses(params: dict[str, torch.Tensor], scale: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def losses(
+    params: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Mean cross-entropy of each member on its batch.
 
     Args:
         params: ``name -> (P, *shape)`` the optimizer's view ``phi``.
-        scale: ``(P,)`` reparameterisation scales ``s``; the model computes with ``s * phi``.
+        scales: ``name -> (P, *shape)`` reparameterisation scales ``s``; the model computes with
+            ``s * phi``.
         x: ``(P, batch, 64)`` inputs; y: ``(P, batch)`` labels.
 
     Returns: ``(P,)`` losses.
     """
-    s = scale.view(-1, 1, 1)
-    hidden = torch.relu(torch.baddbmm(s * params["b1"][:, None], x, s * params["w1"]))
-    logits = torch.baddbmm(s * params["b2"][:, None], hidden, s * params["w2"])
+    w = {name: scales[name] * p for name, p in params.items()}
+    hidden = torch.relu(torch.baddbmm(w["b1"][:, None], x, w["w1"]))
+    logits = torch.baddbmm(w["b2"][:, None], hidden, w["w2"])
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
 
 def losses_and_grads(
-    params: dict[str, torch.Tensor], scale: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    params: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Losses ``(P,)`` and their gradients with respect to ``params`` (each member's own)."""
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     with torch.enable_grad():
-        loss = losses(leaves, scale, x, y)
+        loss = losses(leaves, scales, x, y)
         grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
     return loss.detach(), dict(zip(leaves, grads))
 

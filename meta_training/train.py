@@ -34,6 +34,9 @@ from celo_hf.hub import load_celo_net
 
 from . import inner
 from .pes import antithetic_population, pes_gradient, sample_perturbations
+from .held_in import held_in_loss
+from .tasks import families_by_name, sample_scales
+from .warm_start import adam_like
 
 BATCH_SIZE = 64
 
@@ -65,10 +68,13 @@ class MetaTrainConfig:
     std: float = 0.01
     lr: float = 3e-4
     weight_decay: float = 1e-4
+    reparam_level: str = "global"
     reparam_min: float = 1e-3
     reparam_max: float = 1e3
     seed: int = 0
+    warm_start_gain: float = 0.0
     checkpoint_every: int = 50
+    held_in_every: int = 250
     families: list[str] = field(default_factory=lambda: ["digits", "permuted_digits", "patches", "teacher"])
 
     def __post_init__(self) -> None:
@@ -103,12 +109,11 @@ class SlotRandom:
     def __init__(self, seed: int, slot: int):
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + slot)
 
-    def log_uniform(self, low: float, high: float) -> float:
-        u = torch.rand((), generator=self.generator).item()
-        return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
-
     def unroll_length(self, config: MetaTrainConfig) -> int:
-        return int(round(self.log_uniform(config.min_unroll, config.max_unroll)))
+        """A trajectory length, log-uniform in ``[min_unroll, max_unroll]``."""
+        u = torch.rand((), generator=self.generator, dtype=torch.float64).item()
+        low, high = math.log(config.min_unroll), math.log(config.max_unroll)
+        return int(round(math.exp(low + u * (high - low))))
 
 
 class MetaTrainer:
@@ -119,7 +124,7 @@ class MetaTrainer:
         self.families = families
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        base = init if init is not None else _fresh_net(config.seed)
+        base = init if init is not None else _fresh_net(config.seed, config.warm_start_gain)
         self.net = CeloNet(**{**base._hub_mixin_config, "learned_schedule": config.phase == 2})
         self.net.load_state_dict(base.state_dict())
         self.template = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -143,23 +148,22 @@ class MetaTrainer:
     def _family(self, local: int) -> TaskFamily:
         return self.families[self.slots[local] % len(self.families)]
 
-    def _sample_problem(self, local: int) -> tuple[dict[str, torch.Tensor], float, dict[str, torch.Tensor]]:
-        """A new task, reparameterisation scale and initial (scaled) parameters for one slot."""
+    def _sample_problem(self, local: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A new task, reparameterisation scales and initial parameters ``phi = theta0 / s`` for one slot."""
         rng = self.random[local]
         task = self._family(local).sample_task(rng.generator)
-        scale = rng.log_uniform(self.config.reparam_min, self.config.reparam_max)
+        c = self.config
+        scales = sample_scales(inner.PARAM_SHAPES, c.reparam_level, rng.generator, c.reparam_min, c.reparam_max)
         params = inner.init_params(1, [rng.generator])
-        return task, scale, {name: value[0] / scale for name, value in params.items()}
+        return task, scales, {name: value[0] / scales[name] for name, value in params.items()}
 
     def _init_inner(self) -> None:
         n = len(self.slots)
-        self.tasks, scales, inits = zip(*(self._sample_problem(i) for i in range(n))) if n else ((), (), ())
-        self.tasks = list(self.tasks)
-        self.scale = torch.tensor(scales, dtype=torch.float32).repeat(2)
-        self.params = {
-            name: torch.stack([init[name] for init in inits]).repeat(2, *([1] * len(shape))).contiguous()
-            for name, shape in inner.PARAM_SHAPES.items()
-        }
+        tasks, scales, inits = zip(*(self._sample_problem(i) for i in range(n)))
+        self.tasks = list(tasks)
+        both_signs = lambda rows: torch.stack(rows).repeat(2, *([1] * rows[0].dim())).contiguous()  # noqa: E731
+        self.scales = {name: both_signs([s[name] for s in scales]) for name in inner.PARAM_SHAPES}
+        self.params = {name: both_signs([init[name] for init in inits]) for name in inner.PARAM_SHAPES}
         self.length = torch.tensor([rng.unroll_length(self.config) for rng in self.random], dtype=torch.int64)
         self.counter = torch.tensor(
             [int(torch.randint(self.config.max_unroll, (), generator=rng.generator)) for rng in self.random],
@@ -176,15 +180,15 @@ class MetaTrainer:
         batches = [self._family(i).sample_batch(self.tasks[i], self.random[i].generator, BATCH_SIZE) for i in range(n)]
         x = torch.stack([b[0] for b in batches]).repeat(2, 1, 1)
         y = torch.stack([b[1] for b in batches]).repeat(2, 1)
-        loss, grads = inner.losses_and_grads(self.params, self.scale, x, y)
+        loss, grads = inner.losses_and_grads(self.params, self.scales, x, y)
         self.state = population.update(self.state, self.params, grads, loss, meta_weights, self.net)
         resetting = self.done.clone()
         if bool(resetting.any()):
             for i in resetting.nonzero().flatten().tolist():
-                self.tasks[i], scale, init = self._sample_problem(i)
-                self.scale[[i, n + i]] = scale
+                self.tasks[i], scales, init = self._sample_problem(i)
                 for name, value in init.items():
                     self.params[name][[i, n + i]] = value
+                    self.scales[name][[i, n + i]] = scales[name]
             members = resetting.repeat(2)
             self.state = population.reset_members(self.state, members, self.length.repeat(2), meta_weights)
         self.counter = torch.where(resetting, torch.zeros_like(self.counter), self.counter + 1)
@@ -243,7 +247,7 @@ class MetaTrainer:
             "accumulator": self.accumulator,
             "generators": [rng.generator.get_state() for rng in self.random],
             "tasks": self.tasks,
-            "scale": self.scale,
+            "scales": self.scales,
             "params": self.params,
             "length": self.length,
             "counter": self.counter,
@@ -272,7 +276,7 @@ class MetaTrainer:
         self.accumulator = saved["accumulator"]
         for rng, state in zip(self.random, saved["generators"]):
             rng.generator.set_state(state)
-        self.tasks, self.scale, self.params = saved["tasks"], saved["scale"], saved["params"]
+        self.tasks, self.scales, self.params = saved["tasks"], saved["scales"], saved["params"]
         self.length, self.counter, self.done = saved["length"], saved["counter"], saved["done"]
         s = saved["state"]
         self.state = population.PopulationState(
@@ -282,12 +286,14 @@ class MetaTrainer:
         )
 
 
-_RESUMABLE_CHANGES = ("iterations", "checkpoint_every")
+_RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "held_in_every")
 
 
-def _fresh_net(seed: int) -> CeloNet:
+def _fresh_net(seed: int, warm_start_gain: float) -> CeloNet:
+    """The reference's random initialisation, or the Adam-like warm start when ``warm_start_gain > 0``."""
     torch.manual_seed(seed)
-    return CeloNet()
+    net = CeloNet()
+    return adam_like(net, warm_start_gain, seed=seed) if warm_start_gain > 0 else net
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -297,8 +303,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: CeloNet | None = None) -> CeloNet:
-    """Run (or resume) one phase, writing ``metrics.jsonl``, ``checkpoint-rank{r}.pt`` and, at the
-    end, ``final/`` (``config.json`` + ``model.safetensors``). Returns the trained meta-model."""
+    """Run (or resume) one phase, writing ``metrics.jsonl``, ``checkpoint-rank{r}.pt``, ``best/``
+    (the meta-model with the lowest held-in loss so far, :func:`held_in_loss`) and, at the end,
+    ``final/`` (``config.json`` + ``model.safetensors`` each). Returns the final meta-model."""
     out.mkdir(parents=True, exist_ok=True)
     trainer = MetaTrainer(config, families, init)
     checkpoint = out / f"checkpoint-rank{trainer.rank}.pt"
@@ -307,6 +314,8 @@ def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: Ce
         trainer.load_state_dict(torch.load(checkpoint, weights_only=True))
         if trainer.rank == 0:
             _truncate_metrics(metrics_path, trainer.iteration)
+    elif trainer.rank == 0:
+        _record_held_in(trainer, out, metrics_path)
     bar = tqdm(total=config.iterations, initial=trainer.iteration, disable=trainer.rank != 0, desc=f"phase {config.phase}")
     start = time.perf_counter()
     while trainer.iteration < config.iterations:
@@ -315,8 +324,9 @@ def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: Ce
         bar.update(1)
         bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
         if trainer.rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({"phase": config.phase, **metrics}) + "\n")
+            _append(metrics_path, {"phase": config.phase, **metrics})
+            if trainer.iteration % config.held_in_every == 0 or trainer.iteration == config.iterations:
+                _record_held_in(trainer, out, metrics_path)
         if trainer.iteration % config.checkpoint_every == 0 or trainer.iteration == config.iterations:
             _atomic_save(trainer.state_dict(), checkpoint)
     bar.close()
@@ -324,6 +334,22 @@ def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: Ce
     if trainer.rank == 0:
         net.save_pretrained(out / "final")
     return net
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _record_held_in(trainer: MetaTrainer, out: Path, metrics_path: Path) -> None:
+    """Evaluate the current meta-model on the held-in check; keep it in ``best/`` if it is the best."""
+    net = trainer.current_net()
+    loss = held_in_loss(net)
+    previous = [json.loads(line)["held_in_loss"] for line in metrics_path.read_text().splitlines()
+                if "held_in_loss" in line] if metrics_path.exists() else []
+    _append(metrics_path, {"phase": trainer.config.phase, "iteration": trainer.iteration, "held_in_loss": loss})
+    if not previous or loss < min(previous):
+        net.save_pretrained(out / "best")
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
@@ -347,8 +373,6 @@ def main(argv: list[str] | None = None) -> None:
     out, init = args.pop("out"), args.pop("init")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("gloo")
-    from .tasks import families_by_name
-
     config = MetaTrainConfig(**args)
     run(config, families_by_name(config.families), out, load_celo_net(init) if init else None)
     if dist.is_initialized():
