@@ -32,7 +32,7 @@ from tqdm import tqdm
 from celo_hf import CeloNet, population
 from celo_hf.hub import load_celo_net
 
-from . import inner
+from . import inner, report
 from .pes import antithetic_population, pes_gradient, sample_perturbations
 from .held_in import held_in_loss
 from .tasks import families_by_name, sample_scales
@@ -304,8 +304,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: CeloNet | None = None) -> CeloNet:
     """Run (or resume) one phase, writing ``metrics.jsonl``, ``checkpoint-rank{r}.pt``, ``best/``
-    (the meta-model with the lowest held-in loss so far, :func:`held_in_loss`) and, at the end,
-    ``final/`` (``config.json`` + ``model.safetensors`` each). Returns the final meta-model."""
+    (the meta-model with the lowest held-in loss so far, :func:`held_in_loss`, checked every
+    ``held_in_every`` iterations; 0: never) and, at the end, ``final/`` (``config.json`` +
+    ``model.safetensors`` each). Returns the final meta-model."""
     out.mkdir(parents=True, exist_ok=True)
     trainer = MetaTrainer(config, families, init)
     checkpoint = out / f"checkpoint-rank{trainer.rank}.pt"
@@ -314,7 +315,7 @@ def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: Ce
         trainer.load_state_dict(torch.load(checkpoint, weights_only=True))
         if trainer.rank == 0:
             _truncate_metrics(metrics_path, trainer.iteration)
-    elif trainer.rank == 0:
+    elif trainer.rank == 0 and config.held_in_every > 0:
         _record_held_in(trainer, out, metrics_path)
     bar = tqdm(total=config.iterations, initial=trainer.iteration, disable=trainer.rank != 0, desc=f"phase {config.phase}")
     start = time.perf_counter()
@@ -325,7 +326,9 @@ def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: Ce
         bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
         if trainer.rank == 0:
             _append(metrics_path, {"phase": config.phase, **metrics})
-            if trainer.iteration % config.held_in_every == 0 or trainer.iteration == config.iterations:
+            if config.held_in_every > 0 and (
+                trainer.iteration % config.held_in_every == 0 or trainer.iteration == config.iterations
+            ):
                 _record_held_in(trainer, out, metrics_path)
         if trainer.iteration % config.checkpoint_every == 0 or trainer.iteration == config.iterations:
             _atomic_save(trainer.state_dict(), checkpoint)
@@ -369,14 +372,36 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(f"--{name}", type=type(value), default=value)
     parser.add_argument("--init", default=None, help="starting weights (phase 2: the phase-1 result)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO",
+                        help="upload the best meta-model with a model card (command, budget, curves, evaluation)")
     args = vars(parser.parse_args(argv))
-    out, init = args.pop("out"), args.pop("init")
+    out, init, repo = args.pop("out"), args.pop("init"), args.pop("push_to_hub")
+    torch.set_num_threads(1)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("gloo")
     config = MetaTrainConfig(**args)
     run(config, families_by_name(config.families), out, load_celo_net(init) if init else None)
+    if repo is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        publish(out, repo, config, init)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def publish(out: Path, repo_id: str, config: MetaTrainConfig, init: str | None) -> None:
+    """Upload ``out/best`` (``out/final`` without held-in checks) with curves and a model card; the
+    previous phase's curves are included when ``init`` is the ``best``/``final`` folder of another run."""
+    folder = out / "best" if (out / "best").exists() else out / "final"
+    runs = [Path(init).parent / "metrics.jsonl"] if init and (Path(init).parent / "metrics.jsonl").exists() else []
+    runs.append(out / "metrics.jsonl")
+    per_iteration = config.truncation * 2 * config.slots_per_family * len(config.families)
+    report.plot_curves(runs, folder / "curves.png")
+    evaluation = out / "evaluation.md"
+    report.write_model_card(
+        folder, repo_id, report.current_command(),
+        report.budget_lines(runs, [per_iteration] * len(runs)),
+        evaluation.read_text() if evaluation.exists() else "",
+    )
+    report.push_folder(folder, repo_id)
 
 
 if __name__ == "__main__":
