@@ -97,6 +97,9 @@ class FinetuneArguments(TrainingArguments):
     save_strategy: str = field(default="no")
 
     def __post_init__(self) -> None:
+        # Without use_cpu, transformers on an accelerator-less machine ignores a multi-process
+        # launch: every process would train alone on all the data.
+        self.use_cpu = self.use_cpu or not torch.accelerator.is_available()
         uses_celo = self.optim == "celo"
         if uses_celo:  # TrainingArguments only knows its own names; Celo is built by CeloFactory instead
             self.optim = OptimizerNames.ADAMW_TORCH.value
