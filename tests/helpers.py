@@ -1,0 +1,97 @@
+"""Shared helpers for the core tests: where the reference data lives, the golden scenarios, and the
+mapping from the golden accumulator layout to ``celo_hf.update``'s state layout."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from celo_hf.update import state_shape
+
+#: The shared reference folder (never copied into the repository).
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+#: The paper's released meta-parameters (flax msgpack).
+PAPER_WEIGHTS = REFERENCE / "celo_theta.state"
+#: Golden vectors recorded from the original JAX Celo (format in ``REFERENCE / "README.md"``).
+GOLDEN = REFERENCE / "celo_golden.npz"
+
+#: Golden accumulator key -> key of the same accumulator in ``Celo.state[p]``.
+GOLDEN_ACCUMULATORS = {"mom": "m", "rms": "rms", "fac_v_row": "v_row", "fac_v_col": "v_col", "fac_v_diag": "v_diag"}
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a module's tests with one intra-op thread: its tensors are tiny, and on a shared 2-core
+    machine a second thread only waits (a 100-step run went from 15 s to 2 s). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` after importing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def golden_archive() -> dict[str, np.ndarray]:
+    """Every array of ``celo_golden.npz``, read once per test session."""
+    with np.load(GOLDEN) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def scenario_names() -> list[str]:
+    return [str(name) for name in golden_archive()["scenarios"]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One golden scenario. Per-step arrays have a leading axis of ``n_updates`` (``T``)."""
+
+    name: str
+    param_names: tuple[str, ...]
+    num_steps: int
+    n_updates: int
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        """The scenario's array ``key`` (e.g. ``"loss"``, ``"params/l1/w"``, ``"acc/mom/l1/w"``)."""
+        return golden_archive()[f"{self.name}/{key}"]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self[key]))
+
+    def shape(self, param: str) -> tuple[int, ...]:
+        return tuple(self[f"init/{param}"].shape)
+
+    def factored_dims(self, param: str) -> tuple[int, int] | None:
+        d0, d1 = (int(d) for d in self["factored_dims"][self.param_names.index(param)])
+        return None if (d0, d1) == (-1, -1) else (d0, d1)
+
+    def accumulators(self, param: str, step: int, num_decays: int) -> dict[str, torch.Tensor]:
+        """The golden accumulators of ``param`` after update ``step``, in ``celo_hf.update``'s layout:
+        decay axis first, ``rms`` without it, scalars as ``(1,)``; empty placeholders dropped."""
+        shape = state_shape(self.shape(param))
+        out = {}
+        for golden_key, key in GOLDEN_ACCUMULATORS.items():
+            value = torch.from_numpy(np.array(self[f"acc/{golden_key}/{param}"][step]))
+            if value.numel() == 0:
+                continue
+            if key == "rms":
+                out[key] = value.squeeze(-1).reshape(shape)
+            else:
+                value = value.movedim(-1, 0)
+                out[key] = value.reshape(num_decays, *shape) if key in ("m", "v_diag") else value
+        return out
+
+
+def scenario(name: str) -> Scenario:
+    archive = golden_archive()
+    return Scenario(
+        name=name,
+        param_names=tuple(str(n) for n in archive[f"{name}/param_names"]),
+        num_steps=int(archive[f"{name}/num_steps"]),
+        n_updates=int(archive[f"{name}/n_updates"]),
+    )
