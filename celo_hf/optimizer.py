@@ -31,8 +31,8 @@ from .update import (
     update_batch_,
 )
 
-Backend = Literal["eager", "compile", "reference"]
-BACKENDS = ("eager", "compile", "reference")
+Backend = Literal["eager", "compile", "triton", "reference"]
+BACKENDS = ("eager", "compile", "triton", "reference")
 LossLike = float | int | torch.Tensor
 
 _NO_LOSS = (
@@ -57,8 +57,9 @@ class Celo(torch.optim.Optimizer):
         revision, token, cache_dir: Hub download options for ``weights``.
         backend: how the per-element work runs: ``"eager"`` (default), ``"compile"`` (the same
             kernels through ``torch.compile``: several times faster after a one-off compilation of
-            tens of seconds), or ``"reference"`` (the literal transcription of the specification,
-            one tensor at a time; slow, for checking).
+            tens of seconds), ``"triton"`` (hand-written fused kernels for CUDA tensors; needs
+            ``triton``), or ``"reference"`` (the literal transcription of the specification, one
+            tensor at a time; slow, for checking).
         chunk_elements: parameter elements the batched update processes at once (bounds the
             temporary memory).
 

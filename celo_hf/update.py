@@ -46,7 +46,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 18
 SMALL_TENSOR_ELEMENTS = 1 << 14
 
 TensorState = dict[str, torch.Tensor]
-Backend = Literal["eager", "compile"]
+Backend = Literal["eager", "compile", "triton"]
 
 
 def state_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -337,10 +337,15 @@ def _without_view_bases(kernel: Callable[..., torch.Tensor | None]) -> Callable[
 
 
 def kernels(backend: Backend) -> Kernels:
-    """The two per-element kernels, run eagerly or through ``torch.compile`` (same source)."""
+    """The two per-element kernels: run eagerly, through ``torch.compile`` (same source), or as
+    hand-written Triton kernels (:mod:`celo_hf.triton_kernels`, same maths)."""
     global _compiled_kernels
     if backend == "eager":
         return accumulate_and_square_sums_, mlp_step_
+    if backend == "triton":
+        from . import triton_kernels  # imported on demand: triton ships with CUDA builds of torch
+
+        return triton_kernels.accumulate_and_square_sums_, triton_kernels.mlp_step_
     if backend == "compile":
         if _compiled_kernels is None:
             _compiled_kernels = (
@@ -348,7 +353,7 @@ def kernels(backend: Backend) -> Kernels:
                 _without_view_bases(torch.compile(mlp_step_, dynamic=True)),
             )
         return _compiled_kernels
-    raise ValueError(f"backend must be 'eager' or 'compile', got {backend!r}")
+    raise ValueError(f"backend must be 'eager', 'compile' or 'triton', got {backend!r}")
 
 
 # ---- the batched update ---------------------------------------------------------------------------
