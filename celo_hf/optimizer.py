@@ -62,6 +62,9 @@ class Celo(torch.optim.Optimizer):
             tensor at a time; slow, for checking).
         chunk_elements: parameter elements the batched update processes at once (bounds the
             temporary memory).
+        moment_dtype: storage dtype of the per-element accumulators (momenta and second moment):
+            ``torch.float32`` (default) or ``torch.bfloat16`` (16 -> 8 bytes of state per
+            parameter; arithmetic stays float32; see the README for the accuracy cost).
 
     The training loss must reach every step: ``step(loss=...)``, a closure, or ``set_loss()``.
     Parameters whose ``.grad`` is ``None`` are left alone (the reference fed zeros instead). A step
@@ -80,11 +83,14 @@ class Celo(torch.optim.Optimizer):
         cache_dir: str | Path | None = None,
         backend: Backend = "eager",
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        moment_dtype: torch.dtype = torch.float32,
     ) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
         if not (isinstance(chunk_elements, int) and chunk_elements > 0):
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         super().__init__(params, {"lr": lr})
@@ -95,6 +101,7 @@ class Celo(torch.optim.Optimizer):
         self.net.float().eval().requires_grad_(False)
         self.backend = backend
         self.chunk_elements = chunk_elements
+        self.moment_dtype = moment_dtype
         self.total_steps = total_steps
         self.iteration = 0
         self.skipped_steps = 0
@@ -166,7 +173,9 @@ class Celo(torch.optim.Optimizer):
         for item in work:
             if not self.state[item.param]:
                 self.state[item.param].update(
-                    init_tensor_state(item.local.shape, num_decays, item.local.device, full_shape=item.param.shape)
+                    init_tensor_state(
+                        item.local.shape, num_decays, item.local.device, item.param.shape, self.moment_dtype
+                    )
                 )
         if self.backend == "reference":
             for item in work:
@@ -264,8 +273,9 @@ class Celo(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. Per-parameter state stays float32 whatever the parameter
-        dtype (torch's loader would cast it to bf16 / fp16 parameters)."""
+        """Restore a :meth:`state_dict`. Per-parameter state keeps Celo's dtypes (float32, or
+        ``moment_dtype`` for the momenta) whatever the parameter dtype (torch's loader would cast it
+        to bf16 / fp16 parameters)."""
         celo = state_dict.get("celo")
         if not isinstance(celo, dict):
             raise ValueError("not a Celo optimizer state dict: it has no 'celo' entry")
@@ -278,14 +288,14 @@ class Celo(torch.optim.Optimizer):
             if not saved:
                 continue
             local = p.to_local() if isinstance(p, DTensor) else p
-            expected = init_tensor_state(local.shape, num_decays, "meta", full_shape=p.shape)
+            expected = init_tensor_state(local.shape, num_decays, "meta", p.shape, self.moment_dtype)
             got = {k: tuple(v.shape) for k, v in saved.items()}
             if got != {k: tuple(v.shape) for k, v in expected.items()}:
                 raise ValueError(
                     f"saved Celo state for a parameter of shape {tuple(p.shape)} has entries {got}, "
                     f"expected {{{', '.join(f'{k!r}: {tuple(v.shape)}' for k, v in expected.items())}}}"
                 )
-            self.state[p] = {k: v.to(device=local.device, dtype=torch.float32) for k, v in saved.items()}
+            self.state[p] = {k: v.to(device=local.device, dtype=expected[k].dtype) for k, v in saved.items()}
         self.total_steps = celo["total_steps"]
         self.iteration = int(celo["iteration"])
         self.skipped_steps = int(celo["skipped_steps"])

@@ -28,6 +28,17 @@ def _square_sum(x, mask):
 
 
 @triton.jit
+def _rounded_for(x, ptr):
+    """``x`` (float32) in ``ptr``'s element type, rounded to nearest even (done by hand for
+    bfloat16 so that the interpreter, which truncates, agrees with the hardware and torch)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _accumulate_kernel(
     p_ptr, g_ptr, m_ptr, rms_ptr, qg_ptr, qm_ptr, beta_ptr, out_ptr,
     n, num_blocks, p_sb, g_sb, m_sb, m_sk, rms_sb, qg_sb, qg_sk, qm_sb, qm_sk, rms_decay,
@@ -40,9 +51,9 @@ def _accumulate_kernel(
     p = tl.load(p_ptr + b * p_sb + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + b * g_sb + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.minimum(tl.maximum(g, -1000.0), 1000.0)
-    rms = tl.load(rms_ptr + b * rms_sb + offs, mask=mask, other=0.0)
+    rms = tl.load(rms_ptr + b * rms_sb + offs, mask=mask, other=0.0).to(tl.float32)
     rms = rms * rms_decay + (1.0 - rms_decay) * g * g
-    tl.store(rms_ptr + b * rms_sb + offs, rms, mask=mask)
+    tl.store(rms_ptr + b * rms_sb + offs, _rounded_for(rms, rms_ptr), mask=mask)
     r = 1.0 / tl.sqrt(rms + 1e-6)
     out = out_ptr + (b * num_blocks + block) * 18
     tl.store(out + 0, _square_sum(g, mask))
@@ -54,25 +65,14 @@ def _accumulate_kernel(
     for j in tl.static_range(3):
         beta = tl.load(beta_ptr + j)
         m_at = m_ptr + b * m_sb + j * m_sk + offs
-        m = tl.load(m_at, mask=mask, other=0.0) * beta + (1.0 - beta) * g
-        tl.store(m_at, m, mask=mask)
+        m = tl.load(m_at, mask=mask, other=0.0).to(tl.float32) * beta + (1.0 - beta) * g
+        tl.store(m_at, _rounded_for(m, m_ptr), mask=mask)
         qg = tl.load(qg_ptr + b * qg_sb + j * qg_sk + offs, mask=mask, other=0.0)
         qm = tl.load(qm_ptr + b * qm_sb + j * qm_sk + offs, mask=mask, other=0.0)
         tl.store(out + 3 + j, _square_sum(m, mask))
         tl.store(out + 7 + j, _square_sum(m * r, mask))
         tl.store(out + 11 + j, _square_sum(g * qg, mask))
         tl.store(out + 15 + j, _square_sum(m * qm, mask))
-
-
-@triton.jit
-def _rounded_for(x, ptr):
-    """``x`` (float32) in ``ptr``'s element type, rounded to nearest even (done by hand for
-    bfloat16 so that the interpreter, which truncates, agrees with the hardware and torch)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _step_kernel(
     p = tl.load(p_ptr + b * p_sb + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + b * g_sb + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.minimum(tl.maximum(g, -1000.0), 1000.0)
-    rms = tl.load(rms_ptr + b * rms_sb + offs, mask=mask, other=0.0)
+    rms = tl.load(rms_ptr + b * rms_sb + offs, mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(rms + 1e-6)
     w = first_ptr + b * 18 * 4  # (C, H) row-major for this batch row
     h0 = tl.load(hid_ptr + b * hid_sb + 0 * hid_sk + offs, mask=mask, other=0.0)
@@ -119,7 +119,7 @@ def _step_kernel(
     h0, h1, h2, h3 = _into_hidden(h0, h1, h2, h3, r, w + 10 * 4)
     h0, h1, h2, h3 = _into_hidden(h0, h1, h2, h3, g * r, w + 14 * 4)
     for j in tl.static_range(3):
-        m = tl.load(m_ptr + b * m_sb + j * m_sk + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + b * m_sb + j * m_sk + offs, mask=mask, other=0.0).to(tl.float32)
         qg = tl.load(qg_ptr + b * qg_sb + j * qg_sk + offs, mask=mask, other=0.0)
         qm = tl.load(qm_ptr + b * qm_sb + j * qm_sk + offs, mask=mask, other=0.0)
         h0, h1, h2, h3 = _into_hidden(h0, h1, h2, h3, m, w + (3 + j) * 4)

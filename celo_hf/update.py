@@ -15,9 +15,9 @@ Two implementations of the same maths (``docs/celo-algorithm.md`` §4, §7, §8)
   ``torch.compile`` fuses each into one loop; eager and compiled runs execute the same source.
   Nothing in it synchronises with the host.
 
-State of one tensor of shape ``S`` (scalars count as ``S = (1,)``), all float32, ``k`` decays, the
-decay axis *first* so that each decay's plane is contiguous: ``m`` ``(k, *S)`` momenta, ``rms``
-``S`` second moment; for rank >= 2 ``v_row`` ``(k, *S without d0)`` and ``v_col``
+State of one tensor of shape ``S`` (scalars count as ``S = (1,)``), float32 (``m`` and ``rms`` may
+be stored in bfloat16), ``k`` decays, the decay axis *first* so that each decay's plane is
+contiguous: ``m`` ``(k, *S)`` momenta, ``rms`` ``S`` second moment; for rank >= 2 ``v_row`` ``(k, *S without d0)`` and ``v_col``
 ``(k, *S without d1)``; for rank < 2 ``v_diag`` ``(k, *S)``. A batch stacks these on a new axis 0.
 """
 
@@ -63,15 +63,20 @@ def init_tensor_state(
     num_decays: int,
     device: torch.device | str | None = None,
     full_shape: torch.Size | tuple[int, ...] | None = None,
+    moment_dtype: torch.dtype = torch.float32,
 ) -> TensorState:
     """Zero accumulators for a parameter of ``shape`` (see the module docstring for the layout).
 
     ``full_shape``: the whole tensor's shape when ``shape`` is this process's rows of it (FSDP2);
-    the factored axes are chosen from it.
+    the factored axes are chosen from it. ``moment_dtype``: storage of the two per-element
+    accumulators ``m`` and ``rms`` (arithmetic stays float32; bfloat16 halves their memory).
     """
     shape = state_shape(shape)
     zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
-    state = {"m": zeros(num_decays, *shape), "rms": zeros(*shape)}
+    state = {
+        "m": torch.zeros(num_decays, *shape, dtype=moment_dtype, device=device),
+        "rms": torch.zeros(*shape, dtype=moment_dtype, device=device),
+    }
     dims = factored_dims(state_shape(full_shape) if full_shape is not None else shape)
     if dims is None:
         state["v_diag"] = zeros(num_decays, *shape)
@@ -280,11 +285,20 @@ def accumulate_and_square_sums_(
     ``p``, ``g``: ``(B, n)`` in the parameter's dtype; ``m`` ``(B, k, n)``; ``rms`` ``(B, n)``.
     """
     g = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
-    beta = momentum_decays[:, None]
-    m.mul_(beta).add_((1 - beta) * g[:, None])
-    rms.mul_(rms_decay).add_((1 - rms_decay) * g * g)
-    channels = _element_channels(p.float(), g, m, rms, q_g, q_m)
+    m32 = _moving_average_(m, momentum_decays[:, None], g[:, None])
+    rms32 = _moving_average_(rms, rms_decay, g * g)
+    channels = _element_channels(p.float(), g, m32, rms32, q_g, q_m)
     return torch.stack([(c * c).sum(-1) for c in channels], dim=1)
+
+
+def _moving_average_(average: torch.Tensor, decay: torch.Tensor | float, value: torch.Tensor) -> torch.Tensor:
+    """``average <- decay * average + (1 - decay) * value`` in place, computed in float32 whatever
+    ``average``'s storage dtype; returns the new average in float32."""
+    if average.dtype == torch.float32:
+        return average.mul_(decay).add_((1 - decay) * value)
+    new = average.float() * decay + (1 - decay) * value
+    average.copy_(new)
+    return new
 
 
 def _affine(inputs: Sequence[torch.Tensor], weight: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -308,7 +322,7 @@ def mlp_step_(
     normalisers folded in; ``hidden_in`` ``(B, H, n)`` the rest of the first layer's pre-activation
     (bias plus row / col features); ``step_scale`` ``(B, 1)`` = param RMS x step_mult x lr.
     """
-    channels = _element_channels(p.float(), g.float().clamp(-GRAD_CLIP, GRAD_CLIP), m, rms, q_g, q_m)
+    channels = _element_channels(p.float(), g.float().clamp(-GRAD_CLIP, GRAD_CLIP), m.float(), rms.float(), q_g, q_m)
     hidden = [torch.relu(_affine(channels, first[:, :, j], hidden_in[:, j])) for j in range(first.shape[2])]
     for weight, bias in hidden_layers:
         hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None])) for i in range(weight.shape[1])]

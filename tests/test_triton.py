@@ -21,10 +21,11 @@ net = CeloNet.from_pretrained({str(PAPER)!r})
 shapes = [(), (5,), (5,), (3, 4), (3, 4), (4, 4), (16, 1), (1, 8), (3, 3, 4, 8), (2100,), (70, 40)]
 
 
-def run(backend, dtype):
+def run(backend, dtype, moment_dtype=torch.float32):
     torch.manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
-    optimizer = Celo(params, total_steps=10, weights=copy.deepcopy(net), backend=backend, chunk_elements=1500)
+    optimizer = Celo(params, total_steps=10, weights=copy.deepcopy(net), backend=backend, chunk_elements=1500,
+                     moment_dtype=moment_dtype)
     for t in range(3):
         for p in params:
             p.grad = (torch.randn(p.shape) * 10.0 ** (2 * t - 2)).to(dtype)
@@ -41,6 +42,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             assert torch.equal(a, b), (dtype, a.shape, (a.float() - b.float()).abs().max())
         for key, value in eager_opt.state[a].items():
             torch.testing.assert_close(triton_opt.state[b][key], value, rtol=1e-6, atol=1e-12)
+(eager, eager_opt), (triton, triton_opt) = run("eager", torch.float32, torch.bfloat16), run("triton", torch.float32, torch.bfloat16)
+for a, b in zip(eager, triton):
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    for key, value in eager_opt.state[a].items():
+        assert triton_opt.state[b][key].dtype == value.dtype
+        torch.testing.assert_close(triton_opt.state[b][key].float(), value.float(), rtol=1e-2, atol=1e-12)
 print("kernels agree")
 
 wide = CeloNet(mlp_hidden_size=6)

@@ -1,0 +1,55 @@
+"""bfloat16 storage of Celo's momenta and second moment (``moment_dtype``)."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from celo_hf import Celo
+from celo_hf.hub import load_celo_net
+
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+
+
+@pytest.fixture(scope="module")
+def net():
+    return load_celo_net(PAPER)
+
+
+def _train(net, moment_dtype, steps=60):
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    y = torch.sin(x @ torch.randn(16, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    optimizer = Celo(model.parameters(), total_steps=steps, weights=copy.deepcopy(net), moment_dtype=moment_dtype)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+    return model, optimizer, loss.item()
+
+
+def test_bfloat16_moments_are_stored_in_bfloat16_and_survive_a_round_trip(net):
+    model, optimizer, _ = _train(net, torch.bfloat16, steps=3)
+    weight = model[0].weight
+    assert optimizer.state[weight]["m"].dtype == torch.bfloat16
+    assert optimizer.state[weight]["rms"].dtype == torch.bfloat16
+    assert optimizer.state[weight]["v_row"].dtype == torch.float32
+    fresh = Celo(copy.deepcopy(model).parameters(), total_steps=3, weights=copy.deepcopy(net), moment_dtype=torch.bfloat16)
+    fresh.load_state_dict(optimizer.state_dict())
+    restored = fresh.state[fresh.param_groups[0]["params"][0]]
+    assert restored["m"].dtype == torch.bfloat16
+    assert torch.equal(restored["m"], optimizer.state[weight]["m"])
+
+
+def test_bfloat16_moments_train_almost_like_float32(net):
+    _, _, loss32 = _train(net, torch.float32)
+    _, _, loss16 = _train(net, torch.bfloat16)
+    assert loss16 == pytest.approx(loss32, rel=0.1)
+
+
+def test_other_moment_dtypes_are_refused():
+    with pytest.raises(ValueError, match="moment_dtype must be torch.float32 or torch.bfloat16, got torch.float16"):
+        Celo([torch.nn.Parameter(torch.ones(2))], weights=PAPER, moment_dtype=torch.float16)
