@@ -339,6 +339,11 @@ COLUMNS = (
 )
 
 
+def _ms_cell(ms: float) -> str:
+    """Three significant digits without exponents: ``"8630"``, ``"67.9"``, ``"0.213"``."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def _ratio_cell(ratio: float, bounds: tuple[float, float]) -> str:
     """``"2.13 (1.98-2.40)"``; a contender against itself is just ``"1.00"``."""
     if bounds == (ratio, ratio):
@@ -349,7 +354,7 @@ def _ratio_cell(ratio: float, bounds: tuple[float, float]) -> str:
 def table_cells(rows: list[Row]) -> list[list[str]]:
     return [
         [
-            row.model, format_count(row.params), str(row.tensors), row.optimizer, f"{row.ms_per_step:.3g}",
+            row.model, format_count(row.params), str(row.tensors), row.optimizer, _ms_cell(row.ms_per_step),
             f"{row.iqr_pct:.0f}%", _ratio_cell(row.vs_foreach, row.vs_foreach_range),
             _ratio_cell(row.vs_fused, row.vs_fused_range), f"{row.state_bytes_per_param:.1f}",
             f"{row.peak_bytes_per_param:.1f}",
