@@ -38,7 +38,8 @@ LossLike = float | int | torch.Tensor
 _NO_LOSS = (
     "Celo.step() needs the current training loss (its learned scheduler reads it every step). "
     "Pass it as step(loss=loss), return it from the closure in step(closure), or call "
-    "optimizer.set_loss(loss) before step(). With transformers.Trainer, use celo_hf's Trainer integration."
+    "optimizer.set_loss(loss) before step(). With transformers.Trainer, build it as celo_hf.CeloTrainer(...) "
+    "or call celo_hf.attach(trainer) before trainer.train()."
 )
 
 
