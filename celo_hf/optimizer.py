@@ -62,7 +62,7 @@ class Celo(torch.optim.Optimizer):
             ``triton``), or ``"reference"`` (the literal transcription of the specification, one
             tensor at a time; slow, for checking).
         chunk_elements: parameter elements the batched update processes at once (bounds the
-            temporary memory).
+            temporary memory; ``None``: the backend's default).
         moment_dtype: storage dtype of the per-element accumulators (momenta and second moment):
             ``torch.float32`` (default) or ``torch.bfloat16`` (16 -> 8 bytes of state per
             parameter; arithmetic stays float32; see the README for the accuracy cost).
@@ -83,7 +83,7 @@ class Celo(torch.optim.Optimizer):
         token: str | bool | None = None,
         cache_dir: str | Path | None = None,
         backend: Backend = "eager",
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
         moment_dtype: torch.dtype = torch.float32,
     ) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
@@ -92,7 +92,7 @@ class Celo(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
-        if not (isinstance(chunk_elements, int) and chunk_elements > 0):
+        if chunk_elements is not None and not (isinstance(chunk_elements, int) and chunk_elements > 0):
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         super().__init__(params, {"lr": lr})
         for p in chain.from_iterable(g["params"] for g in self.param_groups):
@@ -188,7 +188,7 @@ class Celo(torch.optim.Optimizer):
                 for key, value in new_state.items():
                     state[key].copy_(value)
         else:
-            for batch in _batches(work, self.chunk_elements):
+            for batch in _batches(work, self.chunk_elements or DEFAULT_CHUNK_ELEMENTS[self.backend]):
                 self._update(batch, lr_mult)
         self.iteration += 1
         return closure_loss

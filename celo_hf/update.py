@@ -23,6 +23,7 @@ contiguous: ``m`` ``(k, *S)`` momenta, ``rms`` ``S`` second moment; for rank >= 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -40,8 +41,11 @@ FACTOR_FLOOR = 1e-9
 ROW_COL_EPS = 1e-8
 NORMALISER_EPS = 1e-5
 PARAM_SCALE_EPS = 1e-9
-#: Default number of parameter elements processed at once (bounds temporary memory).
-DEFAULT_CHUNK_ELEMENTS = 1 << 18
+#: Default number of parameter elements processed at once, per backend (bounds temporary memory;
+#: eager runs fastest on cache-sized chunks, compiled kernels amortise their call cost on larger ones).
+DEFAULT_CHUNK_ELEMENTS = {"eager": 1 << 16, "compile": 1 << 18, "triton": 1 << 20}
+#: Eager pass 1 sums squares over stacked channels up to this many elements, per channel above.
+_STACKED_SUM_ELEMENTS = 8192
 #: Tensors up to this many elements are stacked with others of the same shape and updated together.
 SMALL_TENSOR_ELEMENTS = 1 << 14
 
@@ -278,17 +282,23 @@ def _element_channels(
 
 def accumulate_and_square_sums_(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
-    momentum_decays: torch.Tensor, rms_decay: float,
+    momentum_decays: torch.Tensor, rms_decay: float, unrolled: bool | None = None,
 ) -> torch.Tensor:
     """Pass 1 kernel: update ``m`` and ``rms`` in place, return each channel's sum of squares ``(B, C)``.
 
     ``p``, ``g``: ``(B, n)`` in the parameter's dtype; ``m`` ``(B, k, n)``; ``rms`` ``(B, n)``.
+    ``unrolled``: one reduction per channel (what ``torch.compile`` fuses best, and faster eagerly
+    on large chunks) instead of one reduction over the stacked channels (fewest eager operations,
+    faster on small chunks); ``None`` chooses by size.
     """
     g = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
     m32 = _moving_average_(m, momentum_decays[:, None], g[:, None])
     rms32 = _moving_average_(rms, rms_decay, g * g)
     channels = _element_channels(p.float(), g, m32, rms32, q_g, q_m)
-    return torch.stack([(c * c).sum(-1) for c in channels], dim=1)
+    if unrolled or (unrolled is None and p.numel() > _STACKED_SUM_ELEMENTS):
+        return torch.stack([(c * c).sum(-1) for c in channels], dim=1)
+    x = torch.stack(channels, dim=1)
+    return (x * x).sum(-1)
 
 
 def _moving_average_(average: torch.Tensor, decay: torch.Tensor | float, value: torch.Tensor) -> torch.Tensor:
@@ -314,20 +324,29 @@ def mlp_step_(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
     hidden_in: torch.Tensor, first: torch.Tensor,
     hidden_layers: Sequence[tuple[torch.Tensor, torch.Tensor]], last: tuple[torch.Tensor, torch.Tensor],
-    exp_mult: float, step_scale: torch.Tensor,
+    exp_mult: float, step_scale: torch.Tensor, unrolled: bool = False,
 ) -> None:
     """Pass 2 kernel: features, MLP and ``p <- p - step``, in place on ``p`` ``(B, n)``.
 
     ``first`` ``(B, C, H)`` is the first layer restricted to the kernel's channels with the
     normalisers folded in; ``hidden_in`` ``(B, H, n)`` the rest of the first layer's pre-activation
     (bias plus row / col features); ``step_scale`` ``(B, 1)`` = param RMS x step_mult x lr.
+    ``unrolled``: the MLP as explicit multiply-adds per unit (one fused loop under
+    ``torch.compile``) instead of batched matrix products (fewest eager operations).
     """
     channels = _element_channels(p.float(), g.float().clamp(-GRAD_CLIP, GRAD_CLIP), m.float(), rms.float(), q_g, q_m)
-    hidden = [torch.relu(_affine(channels, first[:, :, j], hidden_in[:, j])) for j in range(first.shape[2])]
-    for weight, bias in hidden_layers:
-        hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None])) for i in range(weight.shape[1])]
-    weight, bias = last
-    direction, magnitude = (_affine(hidden, weight[:, i], bias[:, i, None]) for i in range(2))
+    if unrolled:
+        hidden = [torch.relu(_affine(channels, first[:, :, j], hidden_in[:, j])) for j in range(first.shape[2])]
+        for weight, bias in hidden_layers:
+            hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None])) for i in range(weight.shape[1])]
+        weight, bias = last
+        direction, magnitude = (_affine(hidden, weight[:, i], bias[:, i, None]) for i in range(2))
+    else:
+        hidden = torch.relu(torch.baddbmm(hidden_in, first.transpose(1, 2), torch.stack(channels, dim=1)))
+        for weight, bias in hidden_layers:
+            hidden = torch.relu(torch.baddbmm(bias[:, :, None], weight, hidden))
+        weight, bias = last
+        direction, magnitude = torch.baddbmm(bias[:, :, None], weight, hidden).unbind(1)
     p.copy_(p.float() - direction * torch.exp(exp_mult * magnitude) * step_scale)
 
 
@@ -363,8 +382,8 @@ def kernels(backend: Backend) -> Kernels:
     if backend == "compile":
         if _compiled_kernels is None:
             _compiled_kernels = (
-                _without_view_bases(torch.compile(accumulate_and_square_sums_, dynamic=True)),
-                _without_view_bases(torch.compile(mlp_step_, dynamic=True)),
+                _without_view_bases(torch.compile(functools.partial(accumulate_and_square_sums_, unrolled=True), dynamic=True)),
+                _without_view_bases(torch.compile(functools.partial(mlp_step_, unrolled=True), dynamic=True)),
             )
         return _compiled_kernels
     raise ValueError(f"backend must be 'eager', 'compile' or 'triton', got {backend!r}")
@@ -537,7 +556,7 @@ def update_batch_(
     lr_scale: torch.Tensor,
     w: UpdateWeights,
     backend: Backend = "eager",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     sharding: RowSharding | None = None,
 ) -> None:
     """One Celo update of ``B`` same-shaped tensors, in place on ``p`` and ``state``.
@@ -554,11 +573,13 @@ def update_batch_(
         lr_scale: ``(B,)`` multipliers of the step (scheduler ``lr_mult`` times the group ``lr``).
         w: meta-model weights with ``B`` rows.
         backend: run the per-element kernels eagerly or compiled.
-        chunk_elements: elements (over the whole batch) processed at once.
+        chunk_elements: elements (over the whole batch) processed at once (``None``: the
+            backend's default, ``DEFAULT_CHUNK_ELEMENTS``).
         sharding: set when ``p`` holds only this process's rows of the tensors (FSDP2); every
             statistic is then completed across processes.
     """
     accumulate_kernel, step_kernel = kernels(backend)
+    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS[backend]
     g = g.contiguous()
     shape = tuple(p.shape[1:])
     full = shape if sharding is None else sharding.full_shape(shape)
