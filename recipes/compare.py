@@ -29,7 +29,7 @@ FINAL_WINDOW = 10
 class CompareArguments:
     optimizers: list[str] = field(default_factory=lambda: ["celo", "adamw_torch"],
                                   metadata={"help": "'celo' and/or transformers optimizer names"})
-    learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4],
+    learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4],
                                         metadata={"help": "grid tried for every optimizer but Celo"})
     output_dir: str = "runs/compare"
 
@@ -82,10 +82,8 @@ def run_one(finetune_argv: list[str], optim: str, learning_rate: float | None, o
     extra = ["--optim", optim, "--output_dir", str(out / folder)]
     if learning_rate is not None:
         extra += ["--learning_rate", str(learning_rate)]
-    model_args, data_args, args = finetune.parse_args(finetune_argv + extra)
-    trainer, recorder = finetune.build_trainer(model_args, data_args, args)
-    trainer.train()
-    return Run(args.run_label, optim, learning_rate, recorder.curve, trainer.evaluate())
+    curve, summary = finetune.train_and_evaluate(*finetune.parse_args(finetune_argv + extra))
+    return Run(summary["optimizer"], optim, learning_rate, curve, summary)
 
 
 def main(argv: list[str]) -> list[Run]:

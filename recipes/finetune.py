@@ -45,7 +45,7 @@ from transformers import (
 from transformers.training_args import OptimizerNames
 
 import celo_hf
-from loss_curve import LossCurveCallback, plot_curves
+from loss_curve import LossCurve, LossCurveCallback, plot_curves
 from shakespeare import genre_dataset, speech_dataset
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -87,6 +87,7 @@ class FinetuneArguments(TrainingArguments):
         default=None,
         metadata={"help": "Celo's learned weights: file, folder or Hub id (default: the paper's, when present)"},
     )
+    celo_lr: float = field(default=1.0, metadata={"help": "multiplier of Celo's steps (1.0: Celo's own, as meta-trained)"})
     celo_backend: str = field(default="eager", metadata={"choices": ["eager", "compile", "reference"]})
     output_dir: str | None = field(default="runs/finetune")
     max_steps: int = field(default=100)
@@ -115,7 +116,9 @@ class FinetuneArguments(TrainingArguments):
     @property
     def run_label(self) -> str:
         """``"Celo"``, or the optimizer's name and learning rate."""
-        return "Celo" if self.uses_celo else f"{OptimizerNames(self.optim).value} lr={self.learning_rate:g}"
+        if self.uses_celo:
+            return "Celo" if self.celo_lr == 1.0 else f"Celo lr={self.celo_lr:g}"
+        return f"{OptimizerNames(self.optim).value} lr={self.learning_rate:g}"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, FinetuneArguments]:
@@ -219,7 +222,7 @@ def build_trainer(
     if args.uses_celo:
         weights = args.celo_weights or (str(PAPER_WEIGHTS) if PAPER_WEIGHTS.exists() else None)
         # The factory route works with DDP and FSDP alike (Trainer builds Celo after wrapping the model).
-        optimizer_route["optimizer_cls_and_kwargs"] = (celo_hf.CeloFactory, {"weights": weights,
+        optimizer_route["optimizer_cls_and_kwargs"] = (celo_hf.CeloFactory, {"weights": weights, "lr": args.celo_lr,
                                                                              "backend": args.celo_backend})
     trainer = celo_hf.CeloTrainer(
         model, args, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
@@ -229,23 +232,29 @@ def build_trainer(
     return trainer, curve
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, args = parse_args(argv)
-    trainer, curve = build_trainer(model_args, data_args, args)
-    if args.process_index == 0:
-        print(f"fine-tuning with {args.run_label} on {args.world_size} process(es), {trainer.args.max_steps} steps", flush=True)
+def train_and_evaluate(
+    model_args: ModelArguments, data_args: DataArguments, args: FinetuneArguments
+) -> tuple[LossCurve, dict[str, Any]]:
+    """One fine-tune: train, evaluate on the held-out examples, write the outputs (main process)."""
+    trainer, recorder = build_trainer(model_args, data_args, args)
+    if trainer.is_world_process_zero():
+        print(f"fine-tuning with {args.run_label} on {args.world_size} process(es), {args.max_steps} steps", flush=True)
     trainer.train()
-    metrics = trainer.evaluate()
-    summary = {"optimizer": args.run_label, "world_size": args.world_size, "final_train_loss": curve.curve.losses[-1],
-               "seconds_per_step": curve.curve.seconds_per_step(), **metrics}
+    curve = recorder.curve
+    summary = {"optimizer": args.run_label, "world_size": args.world_size, "final_train_loss": curve.losses[-1],
+               "seconds_per_step": curve.seconds_per_step(), **trainer.evaluate()}
     if trainer.is_world_process_zero():
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        curve.curve.write_csv(out / "loss_curve.csv")
-        plot_curves([curve.curve], out / "loss_curve.png", f"fine-tuning {model_args.task}")
+        curve.write_csv(out / "loss_curve.csv")
+        plot_curves([curve], out / "loss_curve.png", f"fine-tuning ({model_args.task}) with {args.run_label}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2), f"\nwrote {out / 'loss_curve.png'} and {out / 'loss_curve.csv'}")
-    return summary
+    return curve, summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return train_and_evaluate(*parse_args(argv))[1]
 
 
 if __name__ == "__main__":
