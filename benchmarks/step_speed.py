@@ -72,6 +72,7 @@ from pathlib import Path
 import torch
 
 import celo_hf
+import celo_hf.population
 from celo_hf.optimizer import BACKENDS
 
 Shape = tuple[int, ...]
@@ -413,6 +414,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
     parser.add_argument("--json", type=Path, help="also write the rows and the environment to this file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--population", type=int, default=32, metavar="P",
+                        help="also time meta-training's population step with P members (0: skip; default 32)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"sizes": [20_000, 100_000] if quick else [10**6, 10**7, 5 * 10**7], "rounds": 2 if quick else 7,
@@ -426,6 +429,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0:
         parser.error(f"--warmup must be at least 0, got {args.warmup}")
     return args
+
+
+def population_throughput(members: int, backends: Sequence[str], rounds: int, net: celo_hf.CeloNet, log) -> str:
+    """Meta-training throughput: one inner step of ``members`` copies of the 64-32-10 MLP task
+    (batch 64: loss, gradients and the population Celo update), in task-steps per second.
+    Returns a markdown table; the Celo update's share of the step is reported too."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from meta_training import inner
+
+    theta = {k: v[None].expand(members, *v.shape).contiguous() for k, v in net.state_dict().items()}
+    lines = ["| population step | members | task-steps/s | ms/step | Celo update share |", "|---|---:|---:|---:|---:|"]
+    for backend in backends:
+        generator = torch.Generator().manual_seed(0)
+        params = inner.init_params(members, [generator] * members)
+        scales = {name: torch.ones_like(p) for name, p in params.items()}
+        state = celo_hf.population.init(params, torch.full((members,), 1000), theta, net)
+        x = torch.rand(members, 64, 64, generator=generator)
+        y = torch.randint(10, (members, 64), generator=generator)
+        totals, updates = [], []
+        for step in range(2 + rounds * 3):
+            start = time.perf_counter()
+            loss, grads = inner.losses_and_grads(params, scales, x, y)
+            middle = time.perf_counter()
+            state = celo_hf.population.update(state, params, grads, loss, theta, net, backend)
+            end = time.perf_counter()
+            if step >= 2:
+                totals.append(end - start)
+                updates.append(end - middle)
+        total, update = statistics.median(totals), statistics.median(updates)
+        log(f"population[{backend}]: {total * 1e3:.1f} ms per step of {members} tasks")
+        lines.append(f"| Celo[{backend}] | {members} | {members / total:,.0f} | {total * 1e3:.1f} | {update / total:.0%} |")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
@@ -446,10 +481,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         log(f"{spec.name}: {spec.numel:,} parameters in {len(spec.shapes)} tensors")
         rows += benchmark_model(spec, racers, device, args.rounds, args.steps, args.warmup, args.seed, log)
         gc.collect()
-    # Issue 5's population step (meta-training throughput, task-steps per second) goes here: its own
-    # benchmark function and rows, reported after the optimizer table.
-
     print(render(rows, args.markdown))
+    if args.population:
+        print(population_throughput(args.population, args.celo_backends, args.rounds, net, log))
     if args.json is not None:
         args.json.write_text(json.dumps({"environment": info, "rows": [asdict(row) for row in rows]}, indent=1) + "\n")
     return rows

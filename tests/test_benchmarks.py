@@ -88,7 +88,11 @@ def test_quick_run_prints_the_table(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    split = next(i for i, line in enumerate(table) if line.startswith("| population step"))
+    table, population = table[:split], table[split:]
     header, rows = table[0], table[2:]
+    assert len(population) == 3 and population[2].startswith("| Celo[eager] | 32 |")
+    assert float(population[2].split("|")[3].replace(",", "")) > 0  # task-steps per second
     assert "x AdamW-foreach" in header and "peak B/param" in header
     models = ["plain-20K", "plain-100K", "transformer", "tiny40"]
     optimizers = ["Celo", "AdamW-foreach", "AdamW-fused"]
