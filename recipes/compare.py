@@ -32,7 +32,7 @@ class CompareArguments:
                                   metadata={"help": "'celo' and/or transformers optimizer names"})
     learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4],
                                         metadata={"help": "grid tried for every optimizer but Celo"})
-    celo_lrs: list[float] = field(default_factory=lambda: [1.0, 0.1],
+    celo_lrs: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.1],
                                   metadata={"help": "multipliers of Celo's steps tried (1.0: as meta-trained)"})
     output_dir: str = "runs/compare"
 
