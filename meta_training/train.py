@@ -73,6 +73,7 @@ class MetaTrainConfig:
     reparam_max: float = 1e3
     seed: int = 0
     warm_start_gain: float = 0.0
+    neutral_schedule: bool = False
     checkpoint_every: int = 50
     held_in_every: int = 250
     families: list[str] = field(default_factory=lambda: ["digits", "permuted_digits", "patches", "teacher"])
@@ -127,6 +128,8 @@ class MetaTrainer:
         base = init if init is not None else _fresh_net(config.seed, config.warm_start_gain)
         self.net = CeloNet(**{**base._hub_mixin_config, "learned_schedule": config.phase == 2})
         self.net.load_state_dict(base.state_dict())
+        if config.neutral_schedule:
+            neutral_schedule(self.net)
         self.template = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         keys = trainable_keys(self.net, config.phase)
         self.trainable = torch.cat([
@@ -289,6 +292,16 @@ class MetaTrainer:
 _RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "held_in_every")
 
 
+def neutral_schedule(net: CeloNet) -> CeloNet:
+    """Make the scheduler's output exactly 1 (``lr_mult = 0.1 * exp(0 . h + ln 10)``), in place, so
+    that phase 2 starts from phase 1's behaviour rather than from a random schedule (which scales
+    every step by an arbitrary factor that PES needs many iterations to undo). [ours]"""
+    with torch.no_grad():
+        net.lr_head.weight.zero_()
+        net.lr_head.bias.fill_(math.log(10.0))
+    return net
+
+
 def _fresh_net(seed: int, warm_start_gain: float) -> CeloNet:
     """The reference's random initialisation, or the Adam-like warm start when ``warm_start_gain > 0``."""
     torch.manual_seed(seed)
@@ -368,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in asdict(defaults).items():
         if isinstance(value, list):
             parser.add_argument(f"--{name}", nargs="+", default=value)
+        elif isinstance(value, bool):
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(f"--{name}", type=type(value), default=value)
     parser.add_argument("--init", default=None, help="starting weights (phase 2: the phase-1 result)")
