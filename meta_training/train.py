@@ -267,7 +267,9 @@ class MetaTrainer:
         """Continue from :meth:`state_dict`. The run's length and checkpoint interval may differ;
         every other setting must match."""
         ours = {k: v for k, v in asdict(self.config).items() if k not in _RESUMABLE_CHANGES}
-        theirs = {k: v for k, v in saved["config"].items() if k not in _RESUMABLE_CHANGES}
+        # Settings added after a checkpoint was written take their defaults.
+        saved_config = {**asdict(MetaTrainConfig()), **saved["config"]}
+        theirs = {k: v for k, v in saved_config.items() if k not in _RESUMABLE_CHANGES}
         if ours != theirs:
             changed = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
             raise ValueError(f"the checkpoint was made with different settings (saved, now): {changed}")
