@@ -4,12 +4,10 @@ mapping from the golden accumulator layout to ``celo_hf.update``'s state layout.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from celo_hf.update import state_shape
@@ -23,17 +21,6 @@ GOLDEN = REFERENCE / "celo_golden.npz"
 
 #: Golden accumulator key -> key of the same accumulator in ``Celo.state[p]``.
 GOLDEN_ACCUMULATORS = {"mom": "m", "rms": "rms", "fac_v_row": "v_row", "fac_v_col": "v_col", "fac_v_diag": "v_diag"}
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Run a module's tests with one intra-op thread: its tensors are tiny, and on a shared 2-core
-    machine a second thread only waits (a 100-step run went from 15 s to 2 s). Use with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")`` after importing it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

@@ -17,13 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import PAPER_WEIGHTS, Scenario, one_thread, scenario, scenario_names
+from helpers import PAPER_WEIGHTS, Scenario, scenario, scenario_names
 
 from celo_hf import Celo
 from celo_hf.features import LossBuffer, factored_dims, loss_buffer_decays, progress_features, scheduler_inputs
 from celo_hf.hub import load_celo_net
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 SCENARIOS = scenario_names()
 #: (backend, chunk_elements): the batched update with its default chunks (small same-shaped tensors
 #: stacked), with 7-element chunks (every tensor split into several chunks), and the reference.

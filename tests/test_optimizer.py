@@ -10,12 +10,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import PAPER_WEIGHTS, one_thread
+from helpers import PAPER_WEIGHTS
 from torch.optim.lr_scheduler import LambdaLR
 
 from celo_hf import Celo, create
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 SHAPES = {"w": (4, 6), "b": (6,), "scale": (), "kernel": (2, 3, 1, 4)}
 
 

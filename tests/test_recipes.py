@@ -25,14 +25,6 @@ WORDS = "good bad the a of and to in is it that was for on are as with his they 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_checkpoint(folder: Path, task: str) -> Path:
     """A few-thousand-parameter BERT classifier or GPT-2 LM with a word-level tokenizer, saved to ``folder``."""
     vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}

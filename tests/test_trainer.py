@@ -19,14 +19,6 @@ from trainer_setup import (
 import celo_hf
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_trainer(kind: str, output_dir, optimizers=(None, None), trainer_class=celo_hf.CeloTrainer, model=None, **args):
     model = model if model is not None else tiny_model(kind)
     return trainer_class(

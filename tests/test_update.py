@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PAPER_WEIGHTS, one_thread
+from helpers import PAPER_WEIGHTS
 
 from celo_hf import Celo, CeloNet
 from celo_hf.features import factored_dims
@@ -19,7 +19,6 @@ from celo_hf.update import (
     update_batch_,
 )
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 SHAPES = [(), (1,), (5,), (3, 4), (4, 4), (16, 1), (1, 8), (3, 3, 4, 8), (16, 3, 3, 16), (2, 3, 4, 5)]
 CHUNKS = [1, 7, 300, 1 << 18]
 STEPS = 4
