@@ -30,9 +30,9 @@ FINAL_WINDOW = 10
 class CompareArguments:
     optimizers: list[str] = field(default_factory=lambda: ["celo", "adamw_torch"],
                                   metadata={"help": "'celo' and/or transformers optimizer names"})
-    learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4],
+    learning_rates: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3],
                                         metadata={"help": "grid tried for every optimizer but Celo"})
-    celo_lrs: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.1],
+    celo_lrs: list[float] = field(default_factory=lambda: [1.0, 0.3, 0.1, 0.03],
                                   metadata={"help": "multipliers of Celo's steps tried (1.0: as meta-trained)"})
     output_dir: str = "runs/compare"
 
