@@ -49,8 +49,6 @@ from loss_curve import LossCurve, LossCurveCallback, plot_curves
 from shakespeare import genre_dataset, speech_dataset
 
 TASKS = ("sequence-classification", "causal-lm")
-#: The paper's meta-trained weights, used until celo_hf embeds default weights.
-PAPER_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _OPTIM_HELP = "'celo', or a transformers optimizer: " + ", ".join(name.value for name in OptimizerNames)
 
@@ -85,7 +83,7 @@ class FinetuneArguments(TrainingArguments):
     optim: str = field(default="celo", metadata={"help": _OPTIM_HELP})
     celo_weights: str | None = field(
         default=None,
-        metadata={"help": "Celo's learned weights: file, folder or Hub id (default: the paper's, when present)"},
+        metadata={"help": "Celo's learned weights: file, folder or Hub id (default: celo_hf's embedded weights)"},
     )
     celo_lr: float = field(
         default=0.1,
@@ -224,7 +222,7 @@ def build_trainer(
     curve = LossCurveCallback(args.run_label)
     optimizer_route: dict[str, Any] = {}
     if args.uses_celo:
-        weights = args.celo_weights or (str(PAPER_WEIGHTS) if PAPER_WEIGHTS.exists() else None)
+        weights = args.celo_weights  # None: celo_hf's embedded default weights
         # The factory route works with DDP and FSDP alike (Trainer builds Celo after wrapping the model).
         optimizer_route["optimizer_cls_and_kwargs"] = (celo_hf.CeloFactory, {"weights": weights, "lr": args.celo_lr,
                                                                              "backend": args.celo_backend})

@@ -8,15 +8,10 @@ Prints the training loss of both optimizers every 50 steps. No learning rate to 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import torch
 from tqdm import tqdm
 
 import celo_hf
-
-PAPER_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
-
 
 def make_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """4096 inputs in 32-D and the outputs of a random 2-layer teacher network."""
@@ -45,7 +40,7 @@ def train(make_optimizer, steps: int, label: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=str(PAPER_CHECKPOINT), help="Celo weights: file, folder or Hub id")
+    parser.add_argument("--weights", default=None, help="Celo weights: file, folder or Hub id (default: embedded)")
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     celo = train(lambda m: celo_hf.Celo(m.parameters(), total_steps=args.steps, weights=args.weights), args.steps, "Celo")
