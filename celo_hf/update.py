@@ -11,9 +11,10 @@ Two implementations of the same maths (``docs/celo-algorithm.md`` §4, §7, §8)
   meta-models. It never builds a ``(numel, 30)`` array: it streams over chunks, folds each feature's
   tensor-wide normaliser into the first-layer weights, and computes the factored row / column
   features on their own small grids. The per-element work is two "kernels" on flat ``(B, n)``
-  chunks (:func:`accumulate_and_square_sums_`, :func:`mlp_step_`), written as explicit sums so
-  ``torch.compile`` fuses each into one loop; eager and compiled runs execute the same source.
-  Nothing in it synchronises with the host.
+  chunks (:func:`accumulate_and_square_sums_`, :func:`mlp_step_`): ``torch.compile`` runs them
+  as explicit multiply-adds, which it fuses into one loop each; eagerly they take batched matrix
+  products instead (fewer operations). ``backend="triton"`` swaps in hand-written Triton kernels
+  with the same contract (:mod:`celo_hf.triton_kernels`). Nothing synchronises with the host.
 
 State of one tensor of shape ``S`` (scalars count as ``S = (1,)``), float32 (``m`` and ``rms`` may
 be stored in bfloat16), ``k`` decays, the decay axis *first* so that each decay's plane is
