@@ -156,6 +156,10 @@ def load_model(model_args: ModelArguments, num_labels: int | None) -> tuple[PreT
         # skips the division by the accumulation steps, but it does not: loss and gradients would be
         # gradient_accumulation_steps times too large.
         model.accepts_loss_kwargs = False
+    if gguf_file is not None:
+        # transformers dequantises GGUF weights into ordinary float tensors but still marks the model
+        # as quantized, and Trainer refuses to fine-tune a quantized model without adapters.
+        model.hf_quantizer.remove_quantization_config(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
