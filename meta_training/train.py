@@ -36,7 +36,7 @@ from . import inner, report
 from .pes import antithetic_population, pes_gradient, sample_perturbations
 from .held_in import held_in_loss
 from .tasks import families_by_name, sample_scales
-from .warm_start import adam_like
+from .warm_start import adam_like, decaying_schedule
 
 BATCH_SIZE = 64
 
@@ -74,6 +74,7 @@ class MetaTrainConfig:
     seed: int = 0
     warm_start_gain: float = 0.0
     neutral_schedule: bool = False
+    decaying_schedule: bool = False
     checkpoint_every: int = 50
     held_in_every: int = 250
     families: list[str] = field(default_factory=lambda: ["digits", "permuted_digits", "patches", "teacher"])
@@ -126,10 +127,13 @@ class MetaTrainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         base = init if init is not None else _fresh_net(config.seed, config.warm_start_gain)
-        self.net = CeloNet(**{**base._hub_mixin_config, "learned_schedule": config.phase == 2})
+        applies_schedule = config.phase == 2 or config.decaying_schedule
+        self.net = CeloNet(**{**base._hub_mixin_config, "learned_schedule": applies_schedule})
         self.net.load_state_dict(base.state_dict())
         if config.neutral_schedule:
             neutral_schedule(self.net)
+        if config.decaying_schedule:
+            decaying_schedule(self.net)
         self.template = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         keys = trainable_keys(self.net, config.phase)
         self.trainable = torch.cat([

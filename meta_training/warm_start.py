@@ -1,4 +1,5 @@
-"""An Adam-like starting point for meta-training (``docs/meta-training.md`` §7.4, "warm start").
+"""Starting points for meta-training (``docs/meta-training.md`` §7.4, "warm start"): an Adam-like
+update MLP (:func:`adam_like`) and a linearly decaying learned schedule (:func:`decaying_schedule`).
 
 With a few thousand outer steps on a CPU, PES cannot move a random update rule far. Instead of
 the spec's regression fit, the update MLP is *set* so that its direction output is exactly
@@ -13,9 +14,12 @@ from __future__ import annotations
 import torch
 
 from celo_hf import CeloNet
+from celo_hf.features import PROGRESS_CENTRES, SCHEDULER_INPUT_SIZE, progress_features
 
 #: Index of the ``momentum(0.9) * rsqrt(rms)`` channel among the 30 MLP inputs (group 5, first decay).
 ADAM_DIRECTION_FEATURE = 7
+#: Lowest value of the decaying schedule (reached at the end of training and kept after it).
+DECAY_FLOOR = 0.01
 
 
 def adam_like(net: CeloNet, gain: float, noise: float = 1e-3, seed: int = 0) -> CeloNet:
@@ -37,4 +41,62 @@ def adam_like(net: CeloNet, gain: float, noise: float = 1e-3, seed: int = 0) -> 
         hidden.weight[:2, :2] = torch.eye(2)
         last.weight[0, :2] = torch.tensor([gain, -gain])  # direction = gain * x
         last.weight[1:, :] = 0.0  # log-magnitude 0
+    return net
+
+
+#: Scheduler inputs that carry the loss features (the first ``len(PROGRESS_CENTRES)`` are progress).
+_LOSS_COLUMNS = slice(len(PROGRESS_CENTRES), SCHEDULER_INPUT_SIZE)
+
+
+def linear_decay(fraction: torch.Tensor, floor: float = DECAY_FLOOR) -> torch.Tensor:
+    """The target schedule: ``max(1 - fraction, floor)`` (fraction = step / total_steps)."""
+    return torch.clamp(1.0 - fraction, min=floor)
+
+
+def decaying_schedule(net: CeloNet, iterations: int = 400, points: int = 111, seed: int = 0) -> CeloNet:
+    """Set the learned scheduler so that ``lr_mult`` follows :func:`linear_decay` of training
+    progress, whatever the loss (in place; returned). [ours]
+
+    Constant-lr AdamW is the usual baseline and decaying the step is the cheapest way to beat it,
+    but a few hundred PES iterations on the scheduler do not discover a decay from a flat start.
+    So the scheduler starts as one: its loss-feature inputs are zeroed (PES may grow them back), the
+    recurrence is switched off (``weight_hh = 0``, forget gate nearly shut, input / output gates
+    nearly open) so ``h`` is a function of progress alone, and the remaining weights are fitted by
+    Adam to ``log lr_mult = log linear_decay(progress)`` over progress ``0 .. 1.1``, run as one
+    sequence through the real :meth:`CeloNet.schedule`.
+    """
+    hidden = net.lstm.hidden_size
+    gates = {"input": (0, 4.0), "forget": (1, -4.0), "output": (3, 4.0)}  # PyTorch order i, f, g, o
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        net.input_proj.weight[:, _LOSS_COLUMNS] = 0.0
+        net.pool_proj.weight[:, _LOSS_COLUMNS] = 0.0
+        net.lstm.weight_hh.zero_()
+        net.lstm.bias_hh.zero_()
+        for index, bias in gates.values():
+            net.lstm.bias_ih[index * hidden : (index + 1) * hidden] = bias
+        net.lstm.weight_ih.copy_(torch.randn(net.lstm.weight_ih.shape, generator=generator) * hidden**-0.5)
+        net.init_hidden.zero_()
+        net.init_cell.zero_()
+    fraction = torch.linspace(0.0, 1.1, points)
+    inputs = torch.zeros(points, 1, SCHEDULER_INPUT_SIZE)
+    inputs[:, 0, : len(PROGRESS_CENTRES)] = progress_features(fraction)
+    target = torch.log(linear_decay(fraction))
+    fitted = [net.input_proj.weight, net.input_proj.bias, net.pool_proj.weight, net.pool_proj.bias,
+              net.lstm.weight_ih, net.lr_head.weight, net.lr_head.bias]
+    frozen_columns = [net.input_proj.weight, net.pool_proj.weight]
+    optimizer = torch.optim.Adam(fitted, lr=1e-2)
+    for _ in range(iterations):
+        state = net.initial_state()
+        log_lr = []
+        for row in inputs:
+            lr_mult, state = net.schedule(row, state)
+            log_lr.append(torch.log(lr_mult))
+        loss = torch.mean((torch.cat(log_lr) - target) ** 2)
+        optimizer.zero_grad()
+        loss.backward()
+        for weight in frozen_columns:
+            weight.grad[:, _LOSS_COLUMNS] = 0.0
+        optimizer.step()
+    net.zero_grad(set_to_none=True)
     return net

@@ -104,3 +104,35 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     a, b = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_decaying_schedule_phase_one_trains_the_mlp_under_a_frozen_linear_decay():
+    from celo_hf.features import LossBuffer, loss_buffer_decays, scheduler_inputs
+    from meta_training.train import MetaTrainer
+
+    config = replace(TINY, iterations=1, decaying_schedule=True)
+    trainer = MetaTrainer(config, families_by_name(config.families))
+    before = {k: v.clone() for k, v in trainer.template.items()}
+    trainer.outer_step()
+    net = trainer.current_net()
+    after = net.state_dict()
+    assert net.learned_schedule
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("mlp."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("mlp."))
+
+    def schedule(losses: list[float]) -> torch.Tensor:
+        total = len(losses)
+        decays, buffer, state, out = loss_buffer_decays(torch.tensor(total)), LossBuffer.init(()), net.initial_state(), []
+        for step, loss in enumerate(losses):
+            buffer = buffer.update(torch.tensor(loss), decays)
+            lr_mult, state = net.schedule(scheduler_inputs(buffer, torch.tensor(step / total), decays)[None], state)
+            out.append(float(lr_mult))
+        return torch.tensor(out)
+
+    falling = schedule([2.3 * 0.98**t + 0.1 for t in range(200)])
+    noisy = schedule([5.0 + (t % 7) for t in range(200)])
+    assert torch.allclose(falling, noisy), "the fitted schedule must not depend on the loss"
+    progress = torch.arange(200) / 200
+    inside = progress < 0.9  # near the end the target flattens at the floor
+    assert torch.allclose(falling[inside], 1 - progress[inside], rtol=0.2, atol=0.03), falling[::20]
+    assert falling[-1] < 0.05 and bool((falling[1:] <= falling[:-1] * 1.1).all()), "decays, up to small wiggles"
