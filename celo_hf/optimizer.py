@@ -24,6 +24,7 @@ from .update import (
     DEFAULT_CHUNK_ELEMENTS,
     SMALL_TENSOR_ELEMENTS,
     RowSharding,
+    TensorState,
     UpdateWeights,
     init_tensor_state,
     reference_update,
@@ -111,6 +112,7 @@ class Celo(torch.optim.Optimizer):
         self._lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._decays: tuple[int, torch.Tensor] | None = None
         self._update_weights: dict[torch.device, UpdateWeights] = {}
+        self._stacks: dict[tuple[int, ...], tuple[TensorState, list[TensorState]]] = {}
         self._warned_past_end = False
 
     # ---- configuration -------------------------------------------------------------------------
@@ -212,11 +214,27 @@ class Celo(torch.optim.Optimizer):
             return
         p = torch.stack([t.reshape(shape) for t in locals_])
         g = torch.stack([item.grad.reshape(shape) for item in batch])
-        state = {key: torch.stack([s[key] for s in states]) for key in states[0]}
-        update_batch_(p, g, state, lr_scale, weights, self.backend, self.chunk_elements)
+        update_batch_(p, g, self._stacked_state(batch), lr_scale, weights, self.backend, self.chunk_elements)
         torch._foreach_copy_(locals_, [row.view_as(t) for row, t in zip(p.unbind(0), locals_)])
-        for key, stacked in state.items():
-            torch._foreach_copy_([s[key] for s in states], list(stacked.unbind(0)))
+
+    def _stacked_state(self, batch: list[_Work]) -> TensorState:
+        """The state of a batch of small tensors, stacked ``(B, ...)``. It is kept from step to step
+        and each parameter's state entries are views of its rows, so the update writes them in
+        place; it is rebuilt (copying the entries in) when the batch or any entry changed, e.g.
+        after :meth:`load_state_dict`."""
+        key = tuple(id(item.param) for item in batch)
+        states = [self.state[item.param] for item in batch]
+        held = self._stacks.get(key)
+        if held is not None and all(s[k] is view for s, views in zip(states, held[1]) for k, view in views.items()):
+            return held[0]
+        stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        views = [{k: v[i] for k, v in stacked.items()} for i in range(len(batch))]
+        for s, row in zip(states, views):
+            s.update(row)
+        members = set(key)
+        self._stacks = {other: v for other, v in self._stacks.items() if members.isdisjoint(other)}
+        self._stacks[key] = (stacked, views)
+        return stacked
 
     def _schedule(self, loss: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Update the loss buffer and the LSTM; return ``lr_mult`` ``(1,)`` on ``device``."""
@@ -257,6 +275,11 @@ class Celo(torch.optim.Optimizer):
         Only tensors, ints and lists: it loads with ``torch.load(weights_only=True)``.
         """
         state = super().state_dict()
+        # Small tensors' entries are views of a shared stacked buffer (_stacked_state): save copies.
+        state["state"] = {
+            index: {k: v.clone() if v._base is not None else v for k, v in entries.items()}
+            for index, entries in state["state"].items()
+        }
         celo: dict[str, Any] = {
             "iteration": self.iteration,
             "total_steps": self.total_steps,

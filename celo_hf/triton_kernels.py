@@ -1,8 +1,9 @@
 """Triton versions of the two per-element kernels of :mod:`celo_hf.update` (``backend="triton"``).
 
 Same inputs, outputs and maths as :func:`celo_hf.update.accumulate_and_square_sums_` and
-:func:`celo_hf.update.mlp_step_`, each fused into one pass over a ``(B, n)`` chunk: every element is
-read once and written once. They cover the paper's configuration (3 decays, first layer into 4
+:func:`celo_hf.update.mlp_step_`, each fused into one pass over a chunk flattened to ``(B, n)``:
+every element is read once and written once (the preconditioner and first-layer factors are
+multiplied out beforehand). They cover the paper's configuration (3 decays, first layer into 4
 hidden units, one 4 -> 4 hidden layer). The first kernel writes per-block partial sums that torch
 then adds up, so results do not depend on the order blocks run in.
 
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from .update import Factors, _product, _total
 
 BLOCK = 1024
 NUM_DECAYS, HIDDEN, CHANNELS = 3, 4, 18
@@ -144,16 +147,27 @@ def _check_layout(*tensors: torch.Tensor) -> None:
             raise ValueError(f"the triton kernels need the last axis contiguous, got strides {t.stride()}")
 
 
+def _flat_grid(t: torch.Tensor) -> torch.Tensor:
+    """A ``(..., a, b)`` grid view as ``(..., a * b)``, still a view (writes land)."""
+    return t.view(*t.shape[:-2], -1)
+
+
+def _multiplied_out(factors: Factors, like: torch.Tensor) -> torch.Tensor:
+    """The product of ``factors`` at ``like``'s full ``(B, k, a, b)`` shape, flattened to ``(B, k, n)``."""
+    return _flat_grid(_product(factors).expand(like.shape).contiguous())
+
+
 def accumulate_and_square_sums_(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: Factors, q_m: Factors,
     momentum_decays: torch.Tensor, rms_decay: float,
 ) -> torch.Tensor:
     """Triton form of :func:`celo_hf.update.accumulate_and_square_sums_` (same contract)."""
+    q_g, q_m = _multiplied_out(q_g, m), _multiplied_out(q_m, m)
+    p, g, m, rms = (_flat_grid(t) for t in (p, g, m, rms))
     batch, n = p.shape
     if m.shape[1] != NUM_DECAYS:
         raise ValueError(f"the triton kernels support {NUM_DECAYS} decays, got {m.shape[1]}")
     _check_layout(p, g, m, rms, q_g, q_m)
-    q_g, q_m = q_g.expand(batch, NUM_DECAYS, n), q_m.expand(batch, NUM_DECAYS, n)
     blocks = max(1, triton.cdiv(n, BLOCK))
     partial = torch.zeros(batch, blocks, CHANNELS, dtype=torch.float32, device=p.device)
     if n > 0:
@@ -166,20 +180,22 @@ def accumulate_and_square_sums_(
 
 
 def mlp_step_(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
-    hidden_in: torch.Tensor, first: torch.Tensor,
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: Factors, q_m: Factors,
+    hidden_in: Factors, first: torch.Tensor,
     hidden_layers: Sequence[tuple[torch.Tensor, torch.Tensor]], last: tuple[torch.Tensor, torch.Tensor],
     exp_mult: float, step_scale: torch.Tensor,
 ) -> None:
     """Triton form of :func:`celo_hf.update.mlp_step_` (same contract)."""
-    batch, n = p.shape
     if first.shape[1:] != (CHANNELS, HIDDEN) or len(hidden_layers) != 1:
         raise ValueError(
             f"the triton kernels support the paper's MLP ({CHANNELS} kernel channels -> {HIDDEN} -> {HIDDEN} -> 2), "
             f"got first layer {tuple(first.shape[1:])} and {len(hidden_layers)} hidden layer(s); use backend='compile'"
         )
+    hidden_in = _flat_grid(_total(hidden_in).expand(p.shape[0], HIDDEN, *p.shape[1:]).contiguous())
+    q_g, q_m = _multiplied_out(q_g, m), _multiplied_out(q_m, m)
+    p, g, m, rms = (_flat_grid(t) for t in (p, g, m, rms))
+    batch, n = p.shape
     _check_layout(p, g, m, rms, q_g, q_m, hidden_in)
-    q_g, q_m = q_g.expand(batch, NUM_DECAYS, n), q_m.expand(batch, NUM_DECAYS, n)
     (w1, b1), (w2, b2) = hidden_layers[0], last
     dense = [t.contiguous() for t in (first, w1, b1, w2, b2, step_scale)]
     if n > 0:

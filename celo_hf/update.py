@@ -10,11 +10,13 @@ Two implementations of the same maths (``docs/celo-algorithm.md`` §4, §7, §8)
   tensors of equal shape (weights shared); meta-training batches a population of perturbed
   meta-models. It never builds a ``(numel, 30)`` array: it streams over chunks, folds each feature's
   tensor-wide normaliser into the first-layer weights, and computes the factored row / column
-  features on their own small grids. The per-element work is two "kernels" on flat ``(B, n)``
-  chunks (:func:`accumulate_and_square_sums_`, :func:`mlp_step_`): ``torch.compile`` runs them
-  as explicit multiply-adds, which it fuses into one loop each; eagerly they take batched matrix
-  products instead (fewer operations). ``backend="triton"`` swaps in hand-written Triton kernels
-  with the same contract (:mod:`celo_hf.triton_kernels`). Nothing synchronises with the host.
+  features on their own small grids. The per-element work is three "kernels" on ``(B, a, b)``
+  grids (:func:`factored_square_sums`, :func:`accumulate_and_square_sums_`, :func:`mlp_step_`);
+  a matrix's row and column factors are combined inside them, never expanded outside.
+  ``torch.compile`` runs them as explicit multiply-adds with every intermediate inlined (no
+  full-size buffers); eagerly they take batched matrix products instead (fewer operations).
+  ``backend="triton"`` swaps in hand-written Triton kernels with the same contract
+  (:mod:`celo_hf.triton_kernels`). Nothing synchronises with the host.
 
 State of one tensor of shape ``S`` (scalars count as ``S = (1,)``), float32 (``m`` and ``rms`` may
 be stored in bfloat16), ``k`` decays, the decay axis *first* so that each decay's plane is
@@ -24,10 +26,9 @@ contiguous: ``m`` ``(k, *S)`` momenta, ``rms`` ``S`` second moment; for rank >= 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -44,13 +45,15 @@ NORMALISER_EPS = 1e-5
 PARAM_SCALE_EPS = 1e-9
 #: Default number of parameter elements processed at once, per backend (bounds temporary memory;
 #: eager runs fastest on cache-sized chunks, compiled kernels amortise their call cost on larger ones).
-DEFAULT_CHUNK_ELEMENTS = {"eager": 1 << 16, "compile": 1 << 18, "triton": 1 << 20}
+DEFAULT_CHUNK_ELEMENTS = {"eager": 1 << 16, "compile": 1 << 22, "triton": 1 << 20}
 #: Eager pass 1 sums squares over stacked channels up to this many elements, per channel above.
 _STACKED_SUM_ELEMENTS = 8192
 #: Tensors up to this many elements are stacked with others of the same shape and updated together.
 SMALL_TENSOR_ELEMENTS = 1 << 14
 
 TensorState = dict[str, torch.Tensor]
+#: Tensors whose product (preconditioners) or sum (first-layer input) a kernel forms element by element.
+Factors = tuple[torch.Tensor, ...]
 Backend = Literal["eager", "compile", "triton"]
 
 
@@ -261,17 +264,38 @@ _ROW, _COL, _RSQRT_ROW, _RSQRT_COL = 9, 10, 11, 12
 _PARAM_CHANNEL = 2  # index of the parameter value among the kernels' channels
 
 
-# ---- the two per-element kernels on flat (B, n) chunks --------------------------------------------
+# ---- the per-element kernels on (B, a, b) grids ---------------------------------------------------
+#
+# A chunk reaches the kernels as a 2-D grid per batch row: ``p``, ``g``, ``rms`` ``(B, a, b)`` and
+# ``m`` ``(B, k, a, b)``. A matrix keeps its own rows and columns (``a`` rows of the chunk, ``b``
+# columns), so its factored preconditioner and first-layer contribution arrive as a row factor and
+# a column factor (``(B, k|H, a, 1)`` and ``(B, k|H, 1, b)``) that the kernels combine element by
+# element: nothing of full size is built outside them. Other ranks arrive flattened as ``a = 1``
+# with full-size factors.
+
+
+def _product(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = factors[0]
+    for factor in factors[1:]:
+        out = out * factor
+    return out
+
+
+def _total(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = terms[0]
+    for term in terms[1:]:
+        out = out + term
+    return out
 
 
 def _element_channels(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The per-element feature channels (groups ``_ELEMENT_GROUPS``), un-normalised, each ``(B, n)``.
+    """The per-element feature channels (groups ``_ELEMENT_GROUPS``), un-normalised, each ``(B, a, b)``.
 
-    ``p`` is the old parameter, ``g`` the clipped gradient, ``m (B, k, n)`` and ``rms`` the new
-    accumulators; ``q_g``/``q_m`` ``(B, k, n)`` the factored preconditioners of the gradient and
-    of the momentum (equal for factored tensors).
+    ``p`` is the old parameter, ``g`` the clipped gradient, ``m (B, k, a, b)`` and ``rms`` the new
+    accumulators; ``q_g``/``q_m`` (broadcastable to ``m``) the factored preconditioners of the
+    gradient and of the momentum.
     """
     r = torch.rsqrt(rms + RMS_EPS)
     ms = m.unbind(1)
@@ -281,25 +305,37 @@ def _element_channels(
     ]
 
 
+def factored_square_sums(g: torch.Tensor, d0: int, d1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 0 kernel: ``clip(g)^2 + eps`` summed over parameter axis ``d0`` and over ``d1``.
+
+    ``g`` ``(B, *S)`` (a chunk of rows of a rank >= 2 tensor); returns float32 ``(B, *S without
+    d0)`` and ``(B, *S without d1)``.
+    """
+    gsq = g.float().clamp(-GRAD_CLIP, GRAD_CLIP).square() + FACTORED_EPS
+    return gsq.sum(1 + d0), gsq.sum(1 + d1)
+
+
 def accumulate_and_square_sums_(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor,
+    q_g: Sequence[torch.Tensor], q_m: Sequence[torch.Tensor],
     momentum_decays: torch.Tensor, rms_decay: float, unrolled: bool | None = None,
 ) -> torch.Tensor:
     """Pass 1 kernel: update ``m`` and ``rms`` in place, return each channel's sum of squares ``(B, C)``.
 
-    ``p``, ``g``: ``(B, n)`` in the parameter's dtype; ``m`` ``(B, k, n)``; ``rms`` ``(B, n)``.
+    ``p``, ``g``: ``(B, a, b)`` in the parameter's dtype; ``m`` ``(B, k, a, b)``; ``rms`` ``(B, a, b)``;
+    ``q_g``, ``q_m``: factors whose product is the preconditioner (broadcastable to ``m``).
     ``unrolled``: one reduction per channel (what ``torch.compile`` fuses best, and faster eagerly
     on large chunks) instead of one reduction over the stacked channels (fewest eager operations,
     faster on small chunks); ``None`` chooses by size.
     """
     g = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
-    m32 = _moving_average_(m, momentum_decays[:, None], g[:, None])
+    m32 = _moving_average_(m, momentum_decays.view(-1, 1, 1), g[:, None])
     rms32 = _moving_average_(rms, rms_decay, g * g)
-    channels = _element_channels(p.float(), g, m32, rms32, q_g, q_m)
+    channels = _element_channels(p.float(), g, m32, rms32, _product(q_g), _product(q_m))
     if unrolled or (unrolled is None and p.numel() > _STACKED_SUM_ELEMENTS):
-        return torch.stack([(c * c).sum(-1) for c in channels], dim=1)
+        return torch.stack([(c * c).sum((-2, -1)) for c in channels], dim=1)
     x = torch.stack(channels, dim=1)
-    return (x * x).sum(-1)
+    return (x * x).sum((-2, -1))
 
 
 def _moving_average_(average: torch.Tensor, decay: torch.Tensor | float, value: torch.Tensor) -> torch.Tensor:
@@ -313,45 +349,67 @@ def _moving_average_(average: torch.Tensor, decay: torch.Tensor | float, value: 
 
 
 def _affine(inputs: Sequence[torch.Tensor], weight: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """``start + sum_i weight[:, i] * inputs[i]`` for ``(B, n)`` inputs, ``(B, len)`` weights and
-    ``start`` broadcastable to ``(B, n)``."""
+    """``start + sum_i weight[:, i] * inputs[i]`` for ``(B, a, b)`` inputs, ``(B, len)`` weights and
+    ``start`` broadcastable to ``(B, a, b)``."""
     out = start
     for i, x in enumerate(inputs):
-        out = out + weight[:, i, None] * x
+        out = out + weight[:, i, None, None] * x
     return out
 
 
 def mlp_step_(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
-    hidden_in: torch.Tensor, first: torch.Tensor,
-    hidden_layers: Sequence[tuple[torch.Tensor, torch.Tensor]], last: tuple[torch.Tensor, torch.Tensor],
-    exp_mult: float, step_scale: torch.Tensor, unrolled: bool = False,
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor,
+    q_g: Sequence[torch.Tensor], q_m: Sequence[torch.Tensor], hidden_in: Sequence[torch.Tensor],
+    first: torch.Tensor, hidden_layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    last: tuple[torch.Tensor, torch.Tensor], exp_mult: float, step_scale: torch.Tensor, unrolled: bool = False,
 ) -> None:
-    """Pass 2 kernel: features, MLP and ``p <- p - step``, in place on ``p`` ``(B, n)``.
+    """Pass 2 kernel: features, MLP and ``p <- p - step``, in place on ``p`` ``(B, a, b)``.
 
     ``first`` ``(B, C, H)`` is the first layer restricted to the kernel's channels with the
-    normalisers folded in; ``hidden_in`` ``(B, H, n)`` the rest of the first layer's pre-activation
-    (bias plus row / col features); ``step_scale`` ``(B, 1)`` = param RMS x step_mult x lr.
-    ``unrolled``: the MLP as explicit multiply-adds per unit (one fused loop under
-    ``torch.compile``) instead of batched matrix products (fewest eager operations).
+    normalisers folded in; ``hidden_in`` terms whose sum (broadcastable to ``(B, H, a, b)``) is the
+    rest of the first layer's pre-activation (bias plus row / col features); ``step_scale``
+    ``(B,)`` = param RMS x step_mult x lr. ``unrolled``: the MLP as explicit multiply-adds per unit
+    (one fused loop under ``torch.compile``) instead of batched matrix products (fewest eager
+    operations).
     """
-    channels = _element_channels(p.float(), g.float().clamp(-GRAD_CLIP, GRAD_CLIP), m.float(), rms.float(), q_g, q_m)
+    channels = _element_channels(
+        p.float(), g.float().clamp(-GRAD_CLIP, GRAD_CLIP), m.float(), rms.float(), _product(q_g), _product(q_m)
+    )
+    start = _total(hidden_in)
     if unrolled:
-        hidden = [torch.relu(_affine(channels, first[:, :, j], hidden_in[:, j])) for j in range(first.shape[2])]
+        hidden = [torch.relu(_affine(channels, first[:, :, j], start[:, j])) for j in range(first.shape[2])]
         for weight, bias in hidden_layers:
-            hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None])) for i in range(weight.shape[1])]
+            hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None, None])) for i in range(weight.shape[1])]
         weight, bias = last
-        direction, magnitude = (_affine(hidden, weight[:, i], bias[:, i, None]) for i in range(2))
+        direction, magnitude = (_affine(hidden, weight[:, i], bias[:, i, None, None]) for i in range(2))
     else:
-        hidden = torch.relu(torch.baddbmm(hidden_in, first.transpose(1, 2), torch.stack(channels, dim=1)))
+        batch = p.shape[0]
+        x = torch.stack(channels, dim=1).flatten(2)
+        start = start.expand(batch, first.shape[2], *p.shape[1:]).reshape(batch, first.shape[2], -1)
+        hidden = torch.relu(torch.baddbmm(start, first.transpose(1, 2), x))
         for weight, bias in hidden_layers:
             hidden = torch.relu(torch.baddbmm(bias[:, :, None], weight, hidden))
         weight, bias = last
-        direction, magnitude = torch.baddbmm(bias[:, :, None], weight, hidden).unbind(1)
-    p.copy_(p.float() - direction * torch.exp(exp_mult * magnitude) * step_scale)
+        direction, magnitude = (t.view_as(p) for t in torch.baddbmm(bias[:, :, None], weight, hidden).unbind(1))
+    p.copy_(p.float() - direction * torch.exp(exp_mult * magnitude) * step_scale[:, None, None])
 
 
-Kernels = tuple[Callable[..., torch.Tensor], Callable[..., None]]
+def _accumulate_unrolled_(*args: object) -> torch.Tensor:
+    return accumulate_and_square_sums_(*args, unrolled=True)  # type: ignore[arg-type]
+
+
+def _mlp_step_unrolled_(*args: object) -> None:
+    mlp_step_(*args, unrolled=True)  # type: ignore[arg-type]
+
+
+class Kernels(NamedTuple):
+    """The per-element kernels of one backend (same contracts as the eager functions)."""
+
+    factored_square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    accumulate_and_square_sums_: Callable[..., torch.Tensor]
+    mlp_step_: Callable[..., None]
+
+
 _compiled_kernels: Kernels | None = None
 
 
@@ -370,21 +428,29 @@ def _without_view_bases(kernel: Callable[..., torch.Tensor | None]) -> Callable[
     return lambda *args: kernel(*(plain(a) for a in args))
 
 
+#: Inductor settings for the compiled kernels: inline every intermediate (the MLP's hidden units
+#: included) into the loop that consumes it instead of writing it to a full-size buffer, which cost
+#: 16 bytes per parameter of extra memory and as much traffic.
+_FUSE_EVERYTHING = {
+    "realize_reads_threshold": 1000, "realize_cpu_opcount_threshold": 100_000, "realize_cpu_acc_reads_threshold": 1000,
+}
+
+
 def kernels(backend: Backend) -> Kernels:
-    """The two per-element kernels: run eagerly, through ``torch.compile`` (same source), or as
-    hand-written Triton kernels (:mod:`celo_hf.triton_kernels`, same maths)."""
+    """The per-element kernels: run eagerly, through ``torch.compile`` (same source), or as
+    hand-written Triton kernels (:mod:`celo_hf.triton_kernels`, same maths; pass 0 stays eager)."""
     global _compiled_kernels
     if backend == "eager":
-        return accumulate_and_square_sums_, mlp_step_
+        return Kernels(factored_square_sums, accumulate_and_square_sums_, mlp_step_)
     if backend == "triton":
         from . import triton_kernels  # imported on demand: triton ships with CUDA builds of torch
 
-        return triton_kernels.accumulate_and_square_sums_, triton_kernels.mlp_step_
+        return Kernels(factored_square_sums, triton_kernels.accumulate_and_square_sums_, triton_kernels.mlp_step_)
     if backend == "compile":
         if _compiled_kernels is None:
-            _compiled_kernels = (
-                _without_view_bases(torch.compile(functools.partial(accumulate_and_square_sums_, unrolled=True), dynamic=True)),
-                _without_view_bases(torch.compile(functools.partial(mlp_step_, unrolled=True), dynamic=True)),
+            compiled = lambda f: _without_view_bases(torch.compile(f, dynamic=True, options=_FUSE_EVERYTHING))  # noqa: E731
+            _compiled_kernels = Kernels(
+                compiled(factored_square_sums), compiled(_accumulate_unrolled_), compiled(_mlp_step_unrolled_)
             )
         return _compiled_kernels
     raise ValueError(f"backend must be 'eager', 'compile' or 'triton', got {backend!r}")
@@ -429,6 +495,13 @@ def _flat(t: torch.Tensor, rows: slice, lead: int) -> torch.Tensor:
     return t[(slice(None),) * lead + (rows,)].view(*t.shape[:lead], -1)
 
 
+def _grid(t: torch.Tensor, rows: slice, lead: int, matrix: bool) -> torch.Tensor:
+    """Rows ``rows`` of axis ``lead`` of ``t`` as the kernels' grid: ``(..., r, cols)`` for a matrix,
+    else flattened to ``(..., 1, n)``. A view, so writes land in ``t``."""
+    part = t[(slice(None),) * lead + (rows,)]
+    return part if matrix else part.view(*t.shape[:lead], 1, -1)
+
+
 def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
     """Rows of axis 2 of a tensor that is full-size or broadcast (size 1) along it."""
     return t if t.shape[2] == 1 else t[:, :, rows]
@@ -458,6 +531,7 @@ class _FactoredMoments:
     def __init__(
         self, g: torch.Tensor, state: TensorState, w: UpdateWeights, dims: tuple[int, int],
         chunks: list[slice], full: tuple[int, ...], sharding: RowSharding | None,
+        square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     ):
         d0, d1 = dims
         batch, shape = g.shape[0], tuple(g.shape[1:])
@@ -465,12 +539,11 @@ class _FactoredMoments:
         row_sum = torch.zeros(batch, *_drop(shape, d0), dtype=torch.float32, device=g.device)
         col_sum = torch.zeros(batch, *_drop(shape, d1), dtype=torch.float32, device=g.device)
         for rows in chunks:
-            gsq = g[:, rows].float().clamp(-GRAD_CLIP, GRAD_CLIP).square_().add_(FACTORED_EPS)
-            for total, axis in ((row_sum, d0), (col_sum, d1)):
+            for total, part, axis in zip((row_sum, col_sum), square_sums(g[:, rows], d0, d1), dims):
                 if axis == 0:
-                    total += gsq.sum(1)
+                    total += part
                 else:
-                    total[:, rows] = gsq.sum(axis + 1)
+                    total[:, rows] = part
         # Reductions over the first axis are partial when it is sharded; the others are local.
         row_sum = _sum_over_rows(row_sum, sharding) if d0 == 0 else row_sum
         col_sum = _sum_over_rows(col_sum, sharding) if d1 == 0 else col_sum
@@ -487,6 +560,7 @@ class _FactoredMoments:
         self.row_hidden = (row_hidden + bias).unsqueeze(2 + d0)
         self.col_hidden = col_hidden.unsqueeze(2 + d1)
         self.batch = batch
+        self.matrix = len(shape) == 2
 
     def accumulate(self, g: torch.Tensor, rows: slice) -> None:
         """Nothing per chunk: the factored moments were updated up front."""
@@ -494,14 +568,21 @@ class _FactoredMoments:
     def finish_statistics(self) -> None:
         """Nothing to complete: the grid statistics were computed up front."""
 
-    def preconditioners(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        q = _rows(self.row_scale, rows) * _rows(self.col_scale, rows)
-        q = q.view(self.batch, q.shape[1], -1)
-        return q, q
+    def preconditioners(self, rows: slice) -> tuple[Factors, Factors]:
+        """A matrix's row and column factors, left for the kernels to multiply; for higher ranks
+        their product, flattened."""
+        factors = _row_factor_first(_rows(self.row_scale, rows), _rows(self.col_scale, rows))
+        if not self.matrix:
+            q = _product(factors)
+            factors = (q.view(self.batch, q.shape[1], 1, -1),)
+        return factors, factors
 
-    def hidden_input(self, rows: slice) -> torch.Tensor:
-        hidden = _rows(self.row_hidden, rows) + _rows(self.col_hidden, rows)
-        return hidden.view(self.batch, hidden.shape[1], -1)
+    def hidden_input(self, rows: slice) -> Factors:
+        terms = _row_factor_first(_rows(self.row_hidden, rows), _rows(self.col_hidden, rows))
+        if self.matrix:
+            return terms
+        hidden = _total(terms)
+        return (hidden.view(self.batch, hidden.shape[1], 1, -1),)
 
 
 class _DiagonalMoments:
@@ -530,17 +611,25 @@ class _DiagonalMoments:
         """Complete the sums of squares across processes and turn them into normalisers."""
         self.norm = _normaliser(_sum_over_rows(self.sum_sq, self.sharding), self.numel)[..., None]
 
-    def preconditioners(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        v = _flat(self.v_diag, rows, 2)
-        return torch.rsqrt(torch.clamp(v + FACTOR_FLOOR, min=FACTOR_FLOOR)), v.rsqrt()
+    def preconditioners(self, rows: slice) -> tuple[Factors, Factors]:
+        v = _flat(self.v_diag, rows, 2).unsqueeze(2)
+        return (torch.rsqrt(torch.clamp(v + FACTOR_FLOOR, min=FACTOR_FLOOR)),), (v.rsqrt(),)
 
-    def hidden_input(self, rows: slice) -> torch.Tensor:
+    def hidden_input(self, rows: slice) -> Factors:
         v = _flat(self.v_diag, rows, 2)
-        return (
+        hidden = (
             torch.einsum("bkn,bkh->bhn", v, self.value_w * self.norm[0])
             + torch.einsum("bkn,bkh->bhn", torch.rsqrt(v + ROW_COL_EPS), self.rsqrt_w * self.norm[1])
             + self.bias
         )
+        return (hidden.unsqueeze(2),)
+
+
+def _row_factor_first(a: torch.Tensor, b: torch.Tensor) -> Factors:
+    """``a`` and ``b`` ordered so that the one varying along the grid's rows ``(..., r, 1)`` comes
+    first: the compiled kernels then see one layout whichever axis a matrix factors first (the
+    product and the sum of two tensors do not depend on the order)."""
+    return (b, a) if a.shape[-1] != 1 and b.shape[-1] == 1 else (a, b)
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -579,7 +668,7 @@ def update_batch_(
         sharding: set when ``p`` holds only this process's rows of the tensors (FSDP2); every
             statistic is then completed across processes.
     """
-    accumulate_kernel, step_kernel = kernels(backend)
+    kernel = kernels(backend)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS[backend]
     g = g.contiguous()
     shape = tuple(p.shape[1:])
@@ -589,25 +678,29 @@ def update_batch_(
     dims = factored_dims(full)
     moments = (
         _DiagonalMoments(g, state, w, numel, sharding) if dims is None
-        else _FactoredMoments(g, state, w, dims, chunks, full, sharding)
+        else _FactoredMoments(g, state, w, dims, chunks, full, sharding, kernel.factored_square_sums)
     )
+    matrix = len(shape) == 2
 
     def pieces(rows: slice) -> tuple[torch.Tensor, ...]:
-        return (_flat(p, rows, 1), _flat(g, rows, 1), _flat(state["m"], rows, 2), _flat(state["rms"], rows, 1))
+        return (
+            _grid(p, rows, 1, matrix), _grid(g, rows, 1, matrix),
+            _grid(state["m"], rows, 2, matrix), _grid(state["rms"], rows, 1, matrix),
+        )
 
     first = torch.cat([w.group(i) for i in _ELEMENT_GROUPS], dim=1)
     sum_sq = torch.zeros(first.shape[:2], dtype=torch.float32, device=p.device)
     for rows in chunks:
         moments.accumulate(g, rows)
-        sum_sq += accumulate_kernel(*pieces(rows), *moments.preconditioners(rows), w.momentum_decays, w.rms_decay)
+        sum_sq += kernel.accumulate_and_square_sums_(*pieces(rows), *moments.preconditioners(rows), w.momentum_decays, w.rms_decay)
     sum_sq = _sum_over_rows(sum_sq, sharding)
     moments.finish_statistics()
 
     first = first * _normaliser(sum_sq, numel)[..., None]
     param_scale = torch.sqrt(sum_sq[:, _PARAM_CHANNEL] / numel + PARAM_SCALE_EPS)
-    step_scale = (param_scale * w.step_mult * lr_scale)[:, None]
+    step_scale = param_scale * w.step_mult * lr_scale
     for rows in chunks:
-        step_kernel(
+        kernel.mlp_step_(
             *pieces(rows), *moments.preconditioners(rows), moments.hidden_input(rows),
             first, w.hidden_layers, w.last, w.exp_mult, step_scale,
         )

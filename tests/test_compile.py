@@ -10,7 +10,7 @@ from celo_hf import Celo
 from celo_hf.hub import load_celo_net
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
-SHAPES = [(), (7,), (7,), (3, 4), (20000,), (150, 130)]
+SHAPES = [(), (7,), (7,), (3, 4), (20000,), (150, 130), (60, 5, 40)]
 
 
 def _run(backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -27,7 +27,8 @@ def _run(backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_compiled_kernels_match_eager():
-    """Stacked small tensors, a scalar, factored and unfactored tensors over several chunks.
+    """Stacked small tensors, a scalar, unfactored tensors, matrices factored either way round and a
+    rank-3 tensor, over several chunks.
     (One dtype: each compiled variant costs tens of seconds; dtypes share the kernel source.)"""
     eager, compiled = _run("eager", torch.float32), _run("compile", torch.float32)
     for a, b in zip(eager, compiled):
