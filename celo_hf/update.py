@@ -196,7 +196,8 @@ def reference_update(
 class UpdateWeights:
     """Meta-model weights for a batch of ``B`` tensors (one set per batch row), float32.
 
-    ``first`` is the first layer's weight ``(B, F, hidden)`` as ``(in, out)``; ``hidden_layers`` the
+    ``first`` is the first layer's weight ``(B, F, hidden)`` as ``(in, out)`` and ``element_first``
+    its rows of the per-element channels (groups ``_ELEMENT_GROUPS``); ``hidden_layers`` the
     following ``(weight (B, out, in), bias (B, out))`` pairs; ``last`` keeps only the direction and
     magnitude rows ``((B, 2, hidden), (B, 2))``. Rows may be broadcast views (the optimizer shares
     one meta-model) or distinct (a meta-training population).
@@ -212,6 +213,7 @@ class UpdateWeights:
     step_mult: float
     exp_mult: float
     group_slices: tuple[slice, ...]
+    element_first: torch.Tensor
 
     @classmethod
     def from_mlp_layers(
@@ -222,8 +224,10 @@ class UpdateWeights:
         layers = [(w.float().to(device), b.float().to(device)) for w, b in layers]
         (w0, b0), *hidden, (w_last, b_last) = layers
         starts = torch.tensor((0, *net.group_widths)).cumsum(0).tolist()
+        group_slices = tuple(slice(a, b) for a, b in zip(starts[:-1], starts[1:]))
+        first = w0.transpose(1, 2)
         return cls(
-            first=w0.transpose(1, 2),
+            first=first,
             first_bias=b0,
             hidden_layers=tuple(hidden),
             last=(w_last[:, :2], b_last[:, :2]),
@@ -232,7 +236,8 @@ class UpdateWeights:
             rms_decay=net.rms_decay,
             step_mult=net.step_mult,
             exp_mult=net.exp_mult,
-            group_slices=tuple(slice(a, b) for a, b in zip(starts[:-1], starts[1:])),
+            group_slices=group_slices,
+            element_first=torch.cat([first[:, group_slices[i]] for i in _ELEMENT_GROUPS], dim=1),
         )
 
     @classmethod
@@ -249,7 +254,7 @@ class UpdateWeights:
             grow(self.first), grow(self.first_bias),
             tuple((grow(w), grow(b)) for w, b in self.hidden_layers), (grow(self.last[0]), grow(self.last[1])),
             self.momentum_decays, self.factored_decays, self.rms_decay, self.step_mult, self.exp_mult,
-            self.group_slices,
+            self.group_slices, grow(self.element_first),
         )
 
     def group(self, index: int) -> torch.Tensor:
@@ -315,23 +320,33 @@ def factored_square_sums(g: torch.Tensor, d0: int, d1: int) -> tuple[torch.Tenso
     return gsq.sum(1 + d0), gsq.sum(1 + d1)
 
 
+def accumulated_channels_(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor,
+    q_g: Sequence[torch.Tensor], q_m: Sequence[torch.Tensor], momentum_decays: torch.Tensor, rms_decay: float,
+) -> list[torch.Tensor]:
+    """Update ``m`` and ``rms`` in place; return the per-element channels at the new accumulators.
+
+    ``p``, ``g``: ``(B, a, b)`` in the parameter's dtype; ``m`` ``(B, k, a, b)``; ``rms`` ``(B, a, b)``;
+    ``q_g``, ``q_m``: factors whose product is the preconditioner (broadcastable to ``m``).
+    """
+    g = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
+    m32 = _moving_average_(m, momentum_decays.view(-1, 1, 1), g[:, None])
+    rms32 = _moving_average_(rms, rms_decay, g * g)
+    return _element_channels(p.float(), g, m32, rms32, _product(q_g), _product(q_m))
+
+
 def accumulate_and_square_sums_(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor,
     q_g: Sequence[torch.Tensor], q_m: Sequence[torch.Tensor],
     momentum_decays: torch.Tensor, rms_decay: float, unrolled: bool | None = None,
 ) -> torch.Tensor:
-    """Pass 1 kernel: update ``m`` and ``rms`` in place, return each channel's sum of squares ``(B, C)``.
+    """Pass 1 kernel: :func:`accumulated_channels_`, then each channel's sum of squares ``(B, C)``.
 
-    ``p``, ``g``: ``(B, a, b)`` in the parameter's dtype; ``m`` ``(B, k, a, b)``; ``rms`` ``(B, a, b)``;
-    ``q_g``, ``q_m``: factors whose product is the preconditioner (broadcastable to ``m``).
     ``unrolled``: one reduction per channel (what ``torch.compile`` fuses best, and faster eagerly
     on large chunks) instead of one reduction over the stacked channels (fewest eager operations,
     faster on small chunks); ``None`` chooses by size.
     """
-    g = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
-    m32 = _moving_average_(m, momentum_decays.view(-1, 1, 1), g[:, None])
-    rms32 = _moving_average_(rms, rms_decay, g * g)
-    channels = _element_channels(p.float(), g, m32, rms32, _product(q_g), _product(q_m))
+    channels = accumulated_channels_(p, g, m, rms, q_g, q_m, momentum_decays, rms_decay)
     if unrolled or (unrolled is None and p.numel() > _STACKED_SUM_ELEMENTS):
         return torch.stack([(c * c).sum((-2, -1)) for c in channels], dim=1)
     x = torch.stack(channels, dim=1)
@@ -375,22 +390,37 @@ def mlp_step_(
     channels = _element_channels(
         p.float(), g.float().clamp(-GRAD_CLIP, GRAD_CLIP), m.float(), rms.float(), _product(q_g), _product(q_m)
     )
+    if not unrolled:
+        mlp_step_on_channels_(p, torch.stack(channels, dim=1), hidden_in, first, hidden_layers, last, exp_mult, step_scale)
+        return
     start = _total(hidden_in)
-    if unrolled:
-        hidden = [torch.relu(_affine(channels, first[:, :, j], start[:, j])) for j in range(first.shape[2])]
-        for weight, bias in hidden_layers:
-            hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None, None])) for i in range(weight.shape[1])]
-        weight, bias = last
-        direction, magnitude = (_affine(hidden, weight[:, i], bias[:, i, None, None]) for i in range(2))
-    else:
-        batch = p.shape[0]
-        x = torch.stack(channels, dim=1).flatten(2)
-        start = start.expand(batch, first.shape[2], *p.shape[1:]).reshape(batch, first.shape[2], -1)
-        hidden = torch.relu(torch.baddbmm(start, first.transpose(1, 2), x))
-        for weight, bias in hidden_layers:
-            hidden = torch.relu(torch.baddbmm(bias[:, :, None], weight, hidden))
-        weight, bias = last
-        direction, magnitude = (t.view_as(p) for t in torch.baddbmm(bias[:, :, None], weight, hidden).unbind(1))
+    hidden = [torch.relu(_affine(channels, first[:, :, j], start[:, j])) for j in range(first.shape[2])]
+    for weight, bias in hidden_layers:
+        hidden = [torch.relu(_affine(hidden, weight[:, i], bias[:, i, None, None])) for i in range(weight.shape[1])]
+    weight, bias = last
+    direction, magnitude = (_affine(hidden, weight[:, i], bias[:, i, None, None]) for i in range(2))
+    _take_step_(p, direction, magnitude, exp_mult, step_scale)
+
+
+def mlp_step_on_channels_(
+    p: torch.Tensor, channels: torch.Tensor, hidden_in: Sequence[torch.Tensor], first: torch.Tensor,
+    hidden_layers: Sequence[tuple[torch.Tensor, torch.Tensor]], last: tuple[torch.Tensor, torch.Tensor],
+    exp_mult: float, step_scale: torch.Tensor,
+) -> None:
+    """:func:`mlp_step_` as batched matrix products, from the stacked channels ``(B, C, a, b)``."""
+    batch, width = p.shape[0], first.shape[2]
+    start = _total(hidden_in).expand(batch, width, *p.shape[1:]).reshape(batch, width, -1)
+    hidden = torch.relu(torch.baddbmm(start, first.transpose(1, 2), channels.flatten(2)))
+    for weight, bias in hidden_layers:
+        hidden = torch.relu(torch.baddbmm(bias[:, :, None], weight, hidden))
+    weight, bias = last
+    direction, magnitude = (t.view_as(p) for t in torch.baddbmm(bias[:, :, None], weight, hidden).unbind(1))
+    _take_step_(p, direction, magnitude, exp_mult, step_scale)
+
+
+def _take_step_(
+    p: torch.Tensor, direction: torch.Tensor, magnitude: torch.Tensor, exp_mult: float, step_scale: torch.Tensor
+) -> None:
     p.copy_(p.float() - direction * torch.exp(exp_mult * magnitude) * step_scale[:, None, None])
 
 
@@ -521,8 +551,16 @@ def _grid_hidden(
     sums = _sum_over_rows(torch.stack([(flat * flat).sum(2), (rsqrt_flat * rsqrt_flat).sum(2)]), sharding)
     value_w = value_w * _normaliser(sums[0], count)[..., None]
     rsqrt_w = rsqrt_w * _normaliser(sums[1], count)[..., None]
-    hidden = torch.einsum("bkg,bkh->bhg", flat, value_w) + torch.einsum("bkg,bkh->bhg", rsqrt_flat, rsqrt_w)
+    hidden = _first_layer_part(flat, value_w, rsqrt_flat, rsqrt_w)
     return hidden.view(*hidden.shape[:2], *v.shape[2:])
+
+
+def _first_layer_part(
+    v: torch.Tensor, value_w: torch.Tensor, rsqrt_v: torch.Tensor, rsqrt_w: torch.Tensor
+) -> torch.Tensor:
+    """``value_w^T v + rsqrt_w^T rsqrt_v`` per batch row: ``(B, k, n)`` features and ``(B, k, H)``
+    weights give ``(B, H, n)``."""
+    return torch.baddbmm(torch.bmm(value_w.transpose(1, 2), v), rsqrt_w.transpose(1, 2), rsqrt_v)
 
 
 class _FactoredMoments:
@@ -536,14 +574,17 @@ class _FactoredMoments:
         d0, d1 = dims
         batch, shape = g.shape[0], tuple(g.shape[1:])
         beta = w.factored_decays.view(1, -1, *([1] * (len(shape) - 1)))
-        row_sum = torch.zeros(batch, *_drop(shape, d0), dtype=torch.float32, device=g.device)
-        col_sum = torch.zeros(batch, *_drop(shape, d1), dtype=torch.float32, device=g.device)
-        for rows in chunks:
-            for total, part, axis in zip((row_sum, col_sum), square_sums(g[:, rows], d0, d1), dims):
-                if axis == 0:
-                    total += part
-                else:
-                    total[:, rows] = part
+        if len(chunks) == 1:
+            row_sum, col_sum = square_sums(g, d0, d1)
+        else:
+            row_sum = torch.zeros(batch, *_drop(shape, d0), dtype=torch.float32, device=g.device)
+            col_sum = torch.zeros(batch, *_drop(shape, d1), dtype=torch.float32, device=g.device)
+            for rows in chunks:
+                for total, part, axis in zip((row_sum, col_sum), square_sums(g[:, rows], d0, d1), dims):
+                    if axis == 0:
+                        total += part
+                    else:
+                        total[:, rows] = part
         # Reductions over the first axis are partial when it is sharded; the others are local.
         row_sum = _sum_over_rows(row_sum, sharding) if d0 == 0 else row_sum
         col_sum = _sum_over_rows(col_sum, sharding) if d1 == 0 else col_sum
@@ -617,12 +658,8 @@ class _DiagonalMoments:
 
     def hidden_input(self, rows: slice) -> Factors:
         v = _flat(self.v_diag, rows, 2)
-        hidden = (
-            torch.einsum("bkn,bkh->bhn", v, self.value_w * self.norm[0])
-            + torch.einsum("bkn,bkh->bhn", torch.rsqrt(v + ROW_COL_EPS), self.rsqrt_w * self.norm[1])
-            + self.bias
-        )
-        return (hidden.unsqueeze(2),)
+        hidden = _first_layer_part(v, self.value_w * self.norm[0], torch.rsqrt(v + ROW_COL_EPS), self.rsqrt_w * self.norm[1])
+        return ((hidden + self.bias).unsqueeze(2),)
 
 
 def _row_factor_first(a: torch.Tensor, b: torch.Tensor) -> Factors:
@@ -688,19 +725,27 @@ def update_batch_(
             _grid(state["m"], rows, 2, matrix), _grid(state["rms"], rows, 1, matrix),
         )
 
-    first = torch.cat([w.group(i) for i in _ELEMENT_GROUPS], dim=1)
-    sum_sq = torch.zeros(first.shape[:2], dtype=torch.float32, device=p.device)
+    # Eagerly, a tensor (or batch) that fits in one chunk keeps its stacked channels for pass 2.
+    keep_channels = backend == "eager" and len(chunks) == 1
+    channels = None
+    sum_sq = torch.zeros(w.element_first.shape[:2], dtype=torch.float32, device=p.device)
     for rows in chunks:
         moments.accumulate(g, rows)
-        sum_sq += kernel.accumulate_and_square_sums_(*pieces(rows), *moments.preconditioners(rows), w.momentum_decays, w.rms_decay)
+        inputs = (*pieces(rows), *moments.preconditioners(rows), w.momentum_decays, w.rms_decay)
+        if keep_channels:
+            channels = torch.stack(accumulated_channels_(*inputs), dim=1)
+            sum_sq += (channels * channels).sum((-2, -1))
+        else:
+            sum_sq += kernel.accumulate_and_square_sums_(*inputs)
     sum_sq = _sum_over_rows(sum_sq, sharding)
     moments.finish_statistics()
 
-    first = first * _normaliser(sum_sq, numel)[..., None]
+    first = w.element_first * _normaliser(sum_sq, numel)[..., None]
     param_scale = torch.sqrt(sum_sq[:, _PARAM_CHANNEL] / numel + PARAM_SCALE_EPS)
     step_scale = param_scale * w.step_mult * lr_scale
+    mlp = (first, w.hidden_layers, w.last, w.exp_mult, step_scale)
     for rows in chunks:
-        kernel.mlp_step_(
-            *pieces(rows), *moments.preconditioners(rows), moments.hidden_input(rows),
-            first, w.hidden_layers, w.last, w.exp_mult, step_scale,
-        )
+        if channels is not None:
+            mlp_step_on_channels_(_grid(p, rows, 1, matrix), channels, moments.hidden_input(rows), *mlp)
+        else:
+            kernel.mlp_step_(*pieces(rows), *moments.preconditioners(rows), moments.hidden_input(rows), *mlp)
