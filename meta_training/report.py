@@ -51,7 +51,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 def plot_curves(metrics_paths: list[Path], png: Path) -> None:
     """Meta-loss (smoothed over 25 iterations) and held-in loss against outer iteration, one
-    colour per phase, consecutive phases laid end to end."""
+    colour per run (labelled by its folder and phase), consecutive runs laid end to end."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,19 +59,19 @@ def plot_curves(metrics_paths: list[Path], png: Path) -> None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     offset = 0
-    for path in metrics_paths:
+    for index, path in enumerate(metrics_paths):
         steps, held_in = read_metrics(path)
         if not steps:
             continue
-        phase = steps[0]["phase"]
+        color, label = f"C{index}", f"{path.parent.name} (phase {steps[0]['phase']})"
         x = [offset + r["iteration"] for r in steps]
         y = [r["meta_loss"] for r in steps]
         window = 25
         smooth = [sum(y[max(0, i - window + 1): i + 1]) / len(y[max(0, i - window + 1): i + 1]) for i in range(len(y))]
-        top.plot(x, y, alpha=0.25, color=f"C{phase - 1}")
-        top.plot(x, smooth, color=f"C{phase - 1}", label=f"phase {phase}")
+        top.plot(x, y, alpha=0.25, color=color)
+        top.plot(x, smooth, color=color, label=label)
         bottom.plot([offset + r["iteration"] for r in held_in], [r["held_in_loss"] for r in held_in],
-                    "o-", color=f"C{phase - 1}", label=f"phase {phase}")
+                    "o-", color=color, label=label)
         offset = x[-1]
     top.set_ylabel("PES meta-loss (mean over truncation)")
     bottom.set_ylabel("held-in loss (digits, 300 steps)")

@@ -337,7 +337,7 @@ def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: Ce
     elif trainer.rank == 0 and config.held_in_every > 0:
         _record_held_in(trainer, out, metrics_path)
     bar = tqdm(total=config.iterations, initial=trainer.iteration, disable=trainer.rank != 0, desc=f"phase {config.phase}")
-    start = time.perf_counter()
+    start = time.perf_counter() - _elapsed_seconds(metrics_path)  # wall-clock counts across resumes
     while trainer.iteration < config.iterations:
         metrics = trainer.outer_step()
         metrics["seconds"] = time.perf_counter() - start
@@ -372,6 +372,14 @@ def _record_held_in(trainer: MetaTrainer, out: Path, metrics_path: Path) -> None
     _append(metrics_path, {"phase": trainer.config.phase, "iteration": trainer.iteration, "held_in_loss": loss})
     if not previous or loss < min(previous):
         net.save_pretrained(out / "best")
+
+
+def _elapsed_seconds(path: Path) -> float:
+    """The wall-clock seconds recorded by the last outer step in ``path`` (0 for a new run)."""
+    if not path.exists():
+        return 0.0
+    seconds = [json.loads(line).get("seconds") for line in path.read_text().splitlines()]
+    return next((s for s in reversed(seconds) if s is not None), 0.0)
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

@@ -1,5 +1,6 @@
 """Meta-training: exact resume, one process equals two, and push-then-load through the Hub."""
 
+import json
 import os
 import signal
 import subprocess
@@ -43,6 +44,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     lines = lambda name: (tmp_path / name / "metrics.jsonl").read_text().splitlines()  # noqa: E731
     strip = lambda line: line.split(', "seconds"')[0]  # noqa: E731
     assert [strip(x) for x in lines("straight")] == [strip(x) for x in lines("resumed")]
+    seconds = [json.loads(x)["seconds"] for x in lines("resumed") if "seconds" in x]
+    assert seconds == sorted(seconds), "wall-clock time keeps counting across the resume"
 
 
 def test_changed_settings_refuse_to_resume(tmp_path):
