@@ -5,6 +5,7 @@
 #   2. phase 1 again, from stage 1's best MLP, now under a learned scheduler set to decay the step
 #      linearly over training (frozen here), so the MLP adapts to a decaying step;
 #   3. phase 2 trains that scheduler (and its initial state) with the MLP frozen.
+# The embedded default is stage 3's best/ (lowest held-in loss), copied to celo_hf/default_weights/.
 # Rerunning the same command resumes a stage that was interrupted, from its last checkpoint, and
 # ends where an uninterrupted run would; finished stages are skipped.
 set -euo pipefail
