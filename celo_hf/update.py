@@ -725,8 +725,10 @@ def update_batch_(
             _grid(state["m"], rows, 2, matrix), _grid(state["rms"], rows, 1, matrix),
         )
 
-    # Eagerly, a tensor (or batch) that fits in one chunk keeps its stacked channels for pass 2.
-    keep_channels = backend == "eager" and len(chunks) == 1
+    # Eagerly, a tensor (or batch) that fits in one chunk keeps its stacked channels for pass 2 (not
+    # with low-precision moments: pass 2 must see them as stored, rounded, like every other path).
+    full_precision = state["m"].dtype == state["rms"].dtype == torch.float32
+    keep_channels = backend == "eager" and len(chunks) == 1 and full_precision
     channels = None
     sum_sq = torch.zeros(w.element_first.shape[:2], dtype=torch.float32, device=p.device)
     for rows in chunks:
