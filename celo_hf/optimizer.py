@@ -197,16 +197,15 @@ class Celo(torch.optim.Optimizer):
 
     def _update(self, batch: list[_Work], lr_mult: torch.Tensor) -> None:
         """Update tensors of one shape together: a large contiguous (or sharded) tensor through views
-        of itself, small ones stacked (copied in, updated, copied back)."""
+        of itself, small ones stacked (parameters copied in and back; their state stays stacked)."""
         locals_ = [item.local for item in batch]
         shape = state_shape(locals_[0].shape)
-        states = [self.state[item.param] for item in batch]
         device = locals_[0].device
         lr_scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
         weights = self._weights_on(device).expand(len(batch))
         if len(batch) == 1 and locals_[0].is_contiguous():
             item = batch[0]
-            state = {key: value.unsqueeze(0) for key, value in states[0].items()}
+            state = {key: value.unsqueeze(0) for key, value in self.state[item.param].items()}
             update_batch_(
                 item.local.view(1, *shape), item.grad.reshape(1, *shape), state, lr_scale, weights,
                 self.backend, self.chunk_elements, item.sharding,

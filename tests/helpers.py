@@ -4,6 +4,9 @@ mapping from the golden accumulator layout to ``celo_hf.update``'s state layout.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +85,15 @@ def scenario(name: str) -> Scenario:
         num_steps=int(archive[f"{name}/num_steps"]),
         n_updates=int(archive[f"{name}/n_updates"]),
     )
+
+
+#: ``python -m torch.distributed.run`` with two local processes (prefix of a script's command).
+TWO_PROCESSES = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def run_script(script: Path, launcher: tuple[str, ...], out_dir: Path) -> None:
+    """Run ``python [launcher] script out_dir`` on one thread per process; fail with its output."""
+    command = [sys.executable, *launcher, str(script), str(out_dir)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"

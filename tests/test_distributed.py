@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TWO_PROCESSES, run_script
 from scripts.ddp_trainer import CASES
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_trainer.py"
-
-
-def run(command: list[str], out_dir: Path) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*command, str(SCRIPT), str(out_dir)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
 
 
 @pytest.mark.slow
 def test_two_processes_feed_the_logged_loss_and_stay_identical(tmp_path):
     """Same global batch (2 x 2 vs 1 x 4): fed loss == logged loss on each rank, bit-identical
     parameters across ranks, and the one-process run's parameters within float tolerance."""
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path / "ddp")
-    run([sys.executable], tmp_path / "single")
+    run_script(SCRIPT, TWO_PROCESSES, tmp_path / "ddp")
+    run_script(SCRIPT, (), tmp_path / "single")
     for kind, accumulation in CASES:
         name = f"{kind}-ga{accumulation}"
         ranks = [torch.load(tmp_path / "ddp" / f"{name}-rank{r}.pt") for r in (0, 1)]

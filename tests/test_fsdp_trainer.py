@@ -9,13 +9,11 @@ DistributedConfig(fsdp_size=2))`` (``fully_shard``, ``Shard(0)`` DTensors), whic
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TWO_PROCESSES, run_script
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_trainer.py"
 #: Largest |FSDP - single process| allowed on a final parameter. Measured ~7e-7 (float32 reduction
@@ -24,19 +22,13 @@ SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_trainer.py"
 PARAM_ATOL = 1e-5
 
 
-def run(command: list[str], out_dir: Path) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*command, str(SCRIPT), str(out_dir)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-
-
 @pytest.mark.slow
 def test_fsdp2_trainer_equals_one_process(tmp_path):
     """Same global batch (2 x 2 vs 1 x 4, gradient accumulation 2, 4 steps), Celo built by Trainer
     through CeloFactory: on each rank fed loss == logged loss and Celo updated Shard(0) DTensors; the
     ranks end with identical full parameters, equal to the one-process run within PARAM_ATOL."""
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path / "fsdp")
-    run([sys.executable], tmp_path / "single")
+    run_script(SCRIPT, TWO_PROCESSES, tmp_path / "fsdp")
+    run_script(SCRIPT, (), tmp_path / "single")
     ranks = [torch.load(tmp_path / "fsdp" / f"rank{r}.pt") for r in (0, 1)]
     single = torch.load(tmp_path / "single" / "rank0.pt")
     assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1

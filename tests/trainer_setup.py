@@ -6,6 +6,8 @@ sequences of ragged length, so padding and token-count normalisation are exercis
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,16 @@ def logged_losses(trainer: Trainer) -> list[float]:
 def parameter_vector(model: torch.nn.Module) -> torch.Tensor:
     """All parameters, flattened, in float64 (for exact comparisons and checksums)."""
     return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+
+
+def script_setup() -> tuple[Path, int]:
+    """For a tests/scripts/ Trainer run: its ``out_dir`` argument and the world size (1 or 2,
+    anything else refused), with torch on one thread."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    out_dir = parser.parse_args().out_dir
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size not in (1, 2):
+        raise SystemExit(f"run with 1 or 2 processes, got WORLD_SIZE={world_size}")
+    torch.set_num_threads(1)
+    return out_dir, world_size

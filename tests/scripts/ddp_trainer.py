@@ -11,8 +11,6 @@ losses Trainer logged, and the final parameters (float64).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from trainer_setup import (  # noqa: E402
     parameter_vector,
     ragged_examples,
     recording_celo,
+    script_setup,
     tiny_model,
     training_args,
 )
@@ -38,20 +37,14 @@ GLOBAL_BATCH = 4
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size not in (1, 2):
-        raise SystemExit(f"run with 1 or 2 processes, got WORLD_SIZE={world_size}")
+    out_dir, world_size = script_setup()
     batch = GLOBAL_BATCH // world_size
-    torch.set_num_threads(1)
     for kind, accumulation in CASES:
         model = tiny_model(kind)
         optimizer, scheduler = recording_celo(model)
         trainer = celo_hf.CeloTrainer(
             model,
-            training_args(args.out_dir / "trainer", per_device_train_batch_size=batch,
+            training_args(out_dir / "trainer", per_device_train_batch_size=batch,
                           gradient_accumulation_steps=accumulation),
             train_dataset=ragged_examples(kind),
             data_collator=collate,
@@ -62,7 +55,7 @@ def main() -> None:
         trainer.train()
         rank = trainer.args.process_index
         result = {"fed": optimizer.fed, "logged": logged_losses(trainer), "params": parameter_vector(model)}
-        torch.save(result, args.out_dir / f"{kind}-ga{accumulation}-rank{rank}.pt")
+        torch.save(result, out_dir / f"{kind}-ga{accumulation}-rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ count and the final full parameters by name (float64).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -31,7 +30,15 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.distributed import DistributedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer_setup import PAPER_WEIGHTS, collate, logged_losses, ragged_examples, tiny_model, training_args  # noqa: E402
+from trainer_setup import (  # noqa: E402
+    PAPER_WEIGHTS,
+    collate,
+    logged_losses,
+    ragged_examples,
+    script_setup,
+    tiny_model,
+    training_args,
+)
 
 import celo_hf  # noqa: E402
 from celo_hf.trainer import find_celo  # noqa: E402
@@ -90,23 +97,17 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size not in (1, 2):
-        raise SystemExit(f"run with 1 or 2 processes, got WORLD_SIZE={world_size}")
+    out_dir, world_size = script_setup()
     sharded = world_size == 2
-    torch.set_num_threads(1)
     # Each process saves the same seeded model and loads it back, sharded when there are two.
-    model_dir = args.out_dir / f"model-rank{os.environ.get('RANK', '0')}"
+    model_dir = out_dir / f"model-rank{os.environ.get('RANK', '0')}"
     tiny_model(KIND).save_pretrained(model_dir)
     distributed = {"distributed_config": DistributedConfig(fsdp_size=2)} if sharded else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **distributed)
     inspect = Inspect(sharded)
     trainer = celo_hf.CeloTrainer(
         model,
-        training_args(args.out_dir / "trainer", per_device_train_batch_size=GLOBAL_BATCH // world_size,
+        training_args(out_dir / "trainer", per_device_train_batch_size=GLOBAL_BATCH // world_size,
                       gradient_accumulation_steps=ACCUMULATION, lr_scheduler_type="constant"),
         train_dataset=ragged_examples(KIND),
         data_collator=collate,
@@ -128,7 +129,7 @@ def main() -> None:
         "split": inspect.split,
         "params": full_parameters(trainer.model),
     }
-    torch.save(result, args.out_dir / f"rank{trainer.args.process_index}.pt")
+    torch.save(result, out_dir / f"rank{trainer.args.process_index}.pt")
 
 
 if __name__ == "__main__":
