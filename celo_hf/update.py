@@ -16,7 +16,8 @@ Two implementations of the same maths (``docs/celo-algorithm.md`` §4, §7, §8)
   ``torch.compile`` runs them as explicit multiply-adds with every intermediate inlined (no
   full-size buffers); eagerly they take batched matrix products instead (fewer operations).
   ``backend="triton"`` swaps in hand-written Triton kernels with the same contract
-  (:mod:`celo_hf.triton_kernels`). Nothing synchronises with the host.
+  (:mod:`celo_hf.triton_kernels`), ``backend="cpp"`` hand-written C++ ones for CPUs
+  (:mod:`celo_hf.cpu_kernels`). Nothing synchronises with the host.
 
 State of one tensor of shape ``S`` (scalars count as ``S = (1,)``), float32 (``m`` and ``rms`` may
 be stored in bfloat16), ``k`` decays, the decay axis *first* so that each decay's plane is
@@ -45,7 +46,7 @@ NORMALISER_EPS = 1e-5
 PARAM_SCALE_EPS = 1e-9
 #: Default number of parameter elements processed at once, per backend (bounds temporary memory;
 #: eager runs fastest on cache-sized chunks, compiled kernels amortise their call cost on larger ones).
-DEFAULT_CHUNK_ELEMENTS = {"eager": 1 << 16, "compile": 1 << 22, "triton": 1 << 20}
+DEFAULT_CHUNK_ELEMENTS = {"eager": 1 << 16, "compile": 1 << 22, "triton": 1 << 20, "cpp": 1 << 22}
 #: Eager pass 1 sums squares over stacked channels up to this many elements, per channel above.
 _STACKED_SUM_ELEMENTS = 8192
 #: Tensors up to this many elements are stacked with others of the same shape and updated together.
@@ -54,7 +55,7 @@ SMALL_TENSOR_ELEMENTS = 1 << 14
 TensorState = dict[str, torch.Tensor]
 #: Tensors whose product (preconditioners) or sum (first-layer input) a kernel forms element by element.
 Factors = tuple[torch.Tensor, ...]
-Backend = Literal["eager", "compile", "triton"]
+Backend = Literal["eager", "compile", "triton", "cpp"]
 
 
 def state_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -466,9 +467,11 @@ _FUSE_EVERYTHING = {
 }
 
 
-def kernels(backend: Backend) -> Kernels:
-    """The per-element kernels: run eagerly, through ``torch.compile`` (same source), or as
-    hand-written Triton kernels (:mod:`celo_hf.triton_kernels`, same maths; pass 0 stays eager)."""
+def kernels(backend: Backend, weights: UpdateWeights) -> Kernels:
+    """The per-element kernels for ``weights``: run eagerly, through ``torch.compile`` (same source),
+    as hand-written Triton kernels for GPUs (:mod:`celo_hf.triton_kernels`, same maths; pass 0 stays
+    eager) or as hand-written C++ kernels for CPUs (:mod:`celo_hf.cpu_kernels`, built for
+    ``weights``' configuration)."""
     global _compiled_kernels
     if backend == "eager":
         return Kernels(factored_square_sums, accumulate_and_square_sums_, mlp_step_)
@@ -483,7 +486,11 @@ def kernels(backend: Backend) -> Kernels:
                 compiled(factored_square_sums), compiled(_accumulate_unrolled_), compiled(_mlp_step_unrolled_)
             )
         return _compiled_kernels
-    raise ValueError(f"backend must be 'eager', 'compile' or 'triton', got {backend!r}")
+    if backend == "cpp":
+        from . import cpu_kernels  # imported on demand: compiles on first use
+
+        return cpu_kernels.kernels(weights)
+    raise ValueError(f"backend must be 'eager', 'compile', 'triton' or 'cpp', got {backend!r}")
 
 
 # ---- the batched update ---------------------------------------------------------------------------
@@ -705,7 +712,7 @@ def update_batch_(
         sharding: set when ``p`` holds only this process's rows of the tensors (FSDP2); every
             statistic is then completed across processes.
     """
-    kernel = kernels(backend)
+    kernel = kernels(backend, w)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS[backend]
     g = g.contiguous()
     shape = tuple(p.shape[1:])

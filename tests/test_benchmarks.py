@@ -83,7 +83,7 @@ def test_model_shapes():
 def test_quick_run_prints_the_table(tmp_path):
     out = tmp_path / "quick.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--markdown", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--markdown", "--json", str(out), "--celo-backends", "eager", "cpp"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,11 +91,12 @@ def test_quick_run_prints_the_table(tmp_path):
     split = next(i for i, line in enumerate(table) if line.startswith("| population step"))
     table, population = table[:split], table[split:]
     header, rows = table[0], table[2:]
-    assert len(population) == 3 and population[2].startswith("| Celo[eager] | 32 |")
-    assert float(population[2].split("|")[3].replace(",", "")) > 0  # task-steps per second
+    assert len(population) == 4 and population[2].startswith("| Celo[eager] | 32 |")
+    assert population[3].startswith("| Celo[cpp] | 32 |")
+    assert all(float(line.split("|")[3].replace(",", "")) > 0 for line in population[2:])  # task-steps per second
     assert "x AdamW-foreach" in header and "peak B/param" in header
     models = ["plain-20K", "plain-100K", "transformer", "tiny40"]
-    optimizers = ["Celo", "AdamW-foreach", "AdamW-fused"]
+    optimizers = ["Celo", "Celo[cpp]", "AdamW-foreach", "AdamW-fused"]
     assert [tuple(cell.strip() for cell in row.split("|")[1:5:3]) for row in rows] == [
         (m, o) for m in models for o in optimizers
     ]

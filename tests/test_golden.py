@@ -25,10 +25,13 @@ from celo_hf.hub import load_celo_net
 
 SCENARIOS = scenario_names()
 #: (backend, chunk_elements): the batched update with its default chunks (small same-shaped tensors
-#: stacked), with 7-element chunks (every tensor split into several chunks), and the reference.
+#: stacked), with 7-element chunks (every tensor split into several chunks), the same with the C++
+#: kernels, and the reference.
 IMPLEMENTATIONS = {
     "eager": ("eager", None),
     "eager-chunk7": ("eager", 7),
+    "cpp": ("cpp", None),
+    "cpp-chunk7": ("cpp", 7),
     "reference": ("reference", None),
 }
 

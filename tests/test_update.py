@@ -119,14 +119,15 @@ def test_batch_rows_update_like_separate_tensors(net, shape, chunk):
 
 
 def test_optimizer_backends_agree_on_a_mixed_model(net):
-    """``Celo(backend="eager")`` (stacking, large tensors as views, a non-contiguous parameter,
-    empty and scalar parameters) equals ``Celo(backend="reference")`` step after step."""
+    """``Celo(backend="eager")`` and ``Celo(backend="cpp")`` (stacking, large tensors as views, a
+    non-contiguous parameter, empty and scalar parameters) equal ``Celo(backend="reference")`` step
+    after step."""
     side = int(SMALL_TENSOR_ELEMENTS**0.5) + 2  # one tensor above the stacking threshold
     generator = torch.Generator().manual_seed(4)
     values = [torch.randn(s, generator=generator) for s in [*SHAPES, (6,), (5,), (side, side), (0,), (2, 0, 3)]]
     values.append(torch.randn(16, 8, generator=generator).t())  # non-contiguous (8, 16)
     runs = {}
-    for backend, chunk in (("reference", 1 << 18), ("eager", 1 << 18), ("eager", 100)):
+    for backend, chunk in (("reference", 1 << 18), ("eager", 1 << 18), ("eager", 100), ("cpp", 1 << 18), ("cpp", 100)):
         params = [torch.nn.Parameter(v.clone()) for v in values]
         optimizer = Celo(params, total_steps=10, weights=net, backend=backend, chunk_elements=chunk)
         grad_generator = torch.Generator().manual_seed(5)

@@ -1,0 +1,485 @@
+// Celo's per-element CPU kernels (backend="cpp"), built and loaded by celo_hf/cpu_kernels.py.
+//
+// The three kernels of celo_hf/update.py (pass 0 factored_square_sums, pass 1
+// accumulate_and_square_sums_, pass 2 mlp_step_), hand-written so that each pass is one loop over the
+// elements in SIMD registers: every element is read once per pass, intermediate values never leave
+// registers, nothing of full size is allocated. The maths of one element is written once, as
+// templates over `float` (a row's last few elements) and `Vec` (W elements at a time).
+//
+// Layout. A call covers B same-shaped tensors, each a grid of `a` rows by `b` columns (a matrix keeps
+// its rows; anything else arrives as one row). Per-element arrays are float32 with unit stride along a
+// row; `*_sb` is the stride between tensors and `*_sa` between rows, `m_sk` between decays (in
+// elements). A preconditioner is the product row[i] * col[j] of a row factor (B, K, a) and a column
+// factor (B, K, b); the first layer's extra input the sum row[i] + col[j] of (B, H, a) and (B, H, b)
+// parts. Small arrays are contiguous float32.
+//
+// The configuration is fixed when compiling: CELO_K decays, CELO_H hidden units, CELO_L hidden layers
+// after the first (the paper's Celo: 3, 4, 1).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#ifndef CELO_K
+#error "compile with -DCELO_K=<decays> -DCELO_H=<hidden units> -DCELO_L=<hidden layers after the first>"
+#endif
+
+
+#define UNROLL _Pragma("GCC unroll 64")
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IVec __attribute__((vector_size(64)));
+inline Vec sqrt_(Vec x) { return (Vec)_mm512_sqrt_ps((__m512)x); }
+inline Vec floor_(Vec x) { return (Vec)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline bool all_within(Vec x, float bound) {
+    return _mm512_cmp_ps_mask(_mm512_abs_ps((__m512)x), _mm512_set1_ps(bound), _CMP_NLE_UQ) == 0;
+}
+#elif defined(__AVX__)
+constexpr int W = 8;
+typedef float Vec __attribute__((vector_size(32)));
+typedef int32_t IVec __attribute__((vector_size(32)));
+inline Vec sqrt_(Vec x) { return (Vec)_mm256_sqrt_ps((__m256)x); }
+inline Vec floor_(Vec x) { return (Vec)_mm256_floor_ps((__m256)x); }
+inline bool all_within(Vec x, float bound) {
+    const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (__m256)x);
+    return _mm256_movemask_ps(_mm256_cmp_ps(magnitude, _mm256_set1_ps(bound), _CMP_NLE_UQ)) == 0;
+}
+#else
+constexpr int W = 4;
+typedef float Vec __attribute__((vector_size(16)));
+typedef int32_t IVec __attribute__((vector_size(16)));
+inline Vec sqrt_(Vec x) {
+    for (int l = 0; l < W; ++l) x[l] = std::sqrt(x[l]);
+    return x;
+}
+inline Vec floor_(Vec x) {
+    for (int l = 0; l < W; ++l) x[l] = std::floor(x[l]);
+    return x;
+}
+inline bool all_within(Vec x, float bound) {
+    for (int l = 0; l < W; ++l)
+        if (!(std::fabs(x[l]) <= bound)) return false;
+    return true;
+}
+#endif
+
+constexpr int K = CELO_K;
+constexpr int H = CELO_H;
+constexpr int L = CELO_L;
+constexpr int L1 = L > 0 ? L : 1;  // array extent (zero-length arrays are not C++)
+// Channels: g, clip(g), p, m (K), rms, m * r (K), r, g * q_g (K), g * r, m * q_m (K).
+constexpr int C = 6 + 4 * K;
+
+constexpr float GRAD_CLIP = 1000.0f;
+constexpr float FEATURE_GRAD_CLIP = 0.1f;
+constexpr float RMS_EPS = 1e-6f;
+constexpr float FACTORED_EPS = 1e-30f;
+// Elements summed in float32 SIMD lanes before the partial sums are added to float64 totals (keeps
+// long rows about as accurate as a pairwise sum).
+constexpr int64_t SEGMENT = 1024;
+
+// ---- the same operations on a float and on W floats ----
+
+inline float sqrt_(float x) { return std::sqrt(x); }
+inline float floor_(float x) { return std::floor(x); }
+inline bool all_within(float x, float bound) { return std::fabs(x) <= bound; }
+
+template <typename T> inline T splat(float x);
+template <> inline float splat<float>(float x) { return x; }
+template <> inline Vec splat<Vec>(float x) { return Vec{} + x; }
+
+template <typename T> inline T load(const float* p);
+template <> inline float load<float>(const float* p) { return *p; }
+template <> inline Vec load<Vec>(const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+// 2^n for integral n in [-126, 127].
+inline float pow2(float n) {
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    float out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+}
+inline Vec pow2(Vec n) { return (Vec)((__builtin_convertvector(n, IVec) + 127) << 23); }
+
+template <typename T> inline T clamp(T x, float lo, float hi) {
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+}
+template <typename T> inline T relu(T x) { return x > 0.0f ? x : 0.0f; }
+
+// x, rounded to float32 where it stands: the compiler may not fuse it into a multiply-add. The moving
+// averages are computed as torch computes them (two rounded products, then their rounded sum), so the
+// state they carry from step to step matches the eager path's closely.
+template <typename T> inline T rounded(T x) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm("" : "+v"(x));
+#endif
+    return x;
+}
+template <typename T> inline T rsqrt(T x) { return 1.0f / sqrt_(x); }
+
+// exp(x) to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n).
+template <typename T> inline T exp_any(T x) {
+    x = clamp(x, -87.3f, 88.7f);
+    const T n = floor_(x * 1.44269504088896341f + 0.5f);
+    T r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    T y = splat<T>(1.9875691500e-4f);
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    return y * pow2(n);
+}
+
+// exp(x); where every |x| <= 1/16 (the usual case: Celo's step takes exp(0.001 * magnitude)), the
+// degree-4 Taylor polynomial, whose error (< 1e-8 relative) is below float32 rounding.
+constexpr float SMALL_EXP = 0.0625f;
+template <typename T> inline T exp_(T x) {
+    if (!all_within(x, SMALL_EXP)) return exp_any(x);
+    T y = x * (1.0f / 24.0f) + (1.0f / 6.0f);
+    y = y * x + 0.5f;
+    y = y * x + 1.0f;
+    return y * x + 1.0f;
+}
+
+// ---- one element ----
+
+// Pointers and per-row values for row i of tensor t.
+struct Row {
+    const float* p;
+    const float* g;
+    float* m[K];
+    float* rms;
+    float qg_row[K], qm_row[K], h_row[H];
+    const float *qg_col[K], *qm_col[K], *h_col[H];
+};
+
+struct Strides {
+    int64_t p_sb, p_sa, g_sb, g_sa, m_sb, m_sk, m_sa, rms_sb, rms_sa;
+};
+
+struct Factors {
+    const float *qg_row, *qg_col, *qm_row, *qm_col, *h_row, *h_col;
+};
+
+Row row_at(
+    int64_t t, int64_t i, int64_t rows, int64_t cols, const float* p, const float* g, const float* m, const float* rms,
+    const Strides& s, const Factors& f
+) {
+    Row row;
+    row.p = p + t * s.p_sb + i * s.p_sa;
+    row.g = g + t * s.g_sb + i * s.g_sa;
+    row.rms = const_cast<float*>(rms) + t * s.rms_sb + i * s.rms_sa;
+    for (int k = 0; k < K; ++k) {
+        row.m[k] = const_cast<float*>(m) + t * s.m_sb + k * s.m_sk + i * s.m_sa;
+        row.qg_row[k] = f.qg_row[(t * K + k) * rows + i];
+        row.qm_row[k] = f.qm_row[(t * K + k) * rows + i];
+        row.qg_col[k] = f.qg_col + (t * K + k) * cols;
+        row.qm_col[k] = f.qm_col + (t * K + k) * cols;
+    }
+    if (f.h_row != nullptr) {
+        for (int u = 0; u < H; ++u) {
+            row.h_row[u] = f.h_row[(t * H + u) * rows + i];
+            row.h_col[u] = f.h_col + (t * H + u) * cols;
+        }
+    }
+    return row;
+}
+
+// Channel indices of the preconditioned gradient and momentum for decay k.
+constexpr int precond_g(int k) { return 5 + 2 * K + k; }
+constexpr int precond_m(int k) { return 6 + 3 * K + k; }
+
+struct Decays {
+    float beta[K], keep[K], rms_beta, rms_keep;
+};
+
+// Pass 1 at j: update m and rms in place and add up the squares of the channels, from squared
+// quantities (m^2 / (rms + eps) for (m r)^2: no square root). The preconditioned channels, without
+// their row factor, go to `row_part` (K for the gradient, then K for the momentum), the others to
+// `sum`. SHARED_Q: the gradient and the momentum have the same preconditioner (factored tensors).
+template <typename T, bool SHARED_Q>
+inline void accumulate_at(const Row& row, const Decays& d, int64_t j, T* sum, T* row_part) {
+    const T g = clamp(load<T>(row.g + j), -GRAD_CLIP, GRAD_CLIP);
+    const T g2 = g * g;
+    const T clipped = clamp(g, -FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP);
+    const T p = load<T>(row.p + j);
+    const T rms = rounded(load<T>(row.rms + j) * d.rms_beta) + rounded(d.rms_keep * g2);
+    store(row.rms + j, rms);
+    const T r2 = 1.0f / (rms + RMS_EPS);
+    sum[0] += g2;
+    sum[1] += clipped * clipped;
+    sum[2] += p * p;
+    sum[3 + K] += rms * rms;
+    sum[4 + 2 * K] += r2;
+    sum[5 + 3 * K] += g2 * r2;
+    UNROLL
+    for (int k = 0; k < K; ++k) {
+        const T m = rounded(load<T>(row.m[k] + j) * d.beta[k]) + rounded(d.keep[k] * g);
+        store(row.m[k] + j, m);
+        const T m2 = m * m;
+        sum[3 + k] += m2;
+        sum[4 + K + k] += m2 * r2;
+        const T qg = load<T>(row.qg_col[k] + j);
+        const T qg2 = qg * qg;
+        row_part[k] += g2 * qg2;
+        if (SHARED_Q) {
+            row_part[K + k] += m2 * qg2;
+        } else {
+            const T qm = load<T>(row.qm_col[k] + j);
+            row_part[K + k] += m2 * (qm * qm);
+        }
+    }
+}
+
+// Pass 1 over tensor t, adding each channel's sum of squares to total (C, float64). Partial sums stay
+// in float32 SIMD lanes for about SEGMENT elements (across short rows) before they go to float64.
+template <bool SHARED_Q>
+void accumulate_tensor(
+    int64_t t, int64_t rows, int64_t cols, const float* p, const float* g, float* m, float* rms, const Strides& s,
+    const Factors& f, const Decays& d, double* total
+) {
+    Vec sum[C] = {};
+    float sum_tail[C] = {};
+    int64_t pending = 0;
+    auto flush = [&]() {
+        for (int c = 0; c < C; ++c) {
+            double lanes = sum_tail[c];
+            for (int l = 0; l < W; ++l) lanes += sum[c][l];
+            total[c] += lanes;
+            sum[c] = Vec{};
+            sum_tail[c] = 0.0f;
+        }
+        pending = 0;
+    };
+    for (int64_t i = 0; i < rows; ++i) {
+        const Row row = row_at(t, i, rows, cols, p, g, m, rms, s, f);
+        for (int64_t start = 0; start < cols; start += SEGMENT) {
+            const int64_t stop = start + SEGMENT < cols ? start + SEGMENT : cols;
+            Vec part[2 * K] = {};
+            float part_tail[2 * K] = {};
+            int64_t j = start;
+            for (; j + W <= stop; j += W) accumulate_at<Vec, SHARED_Q>(row, d, j, sum, part);
+            for (; j < stop; ++j) accumulate_at<float, SHARED_Q>(row, d, j, sum_tail, part_tail);
+            for (int k = 0; k < K; ++k) {
+                const float g_scale = row.qg_row[k] * row.qg_row[k], m_scale = row.qm_row[k] * row.qm_row[k];
+                sum[precond_g(k)] += g_scale * part[k];
+                sum[precond_m(k)] += m_scale * part[K + k];
+                sum_tail[precond_g(k)] += g_scale * part_tail[k];
+                sum_tail[precond_m(k)] += m_scale * part_tail[K + k];
+            }
+            pending += stop - start;
+            if (pending >= SEGMENT) flush();
+        }
+    }
+    flush();
+}
+
+struct Mlp {
+    float first[C][H], weight[L1][H][H], bias[L1][H], direction[H], magnitude[H];
+    float direction_bias, magnitude_bias;
+};
+
+// Pass 2 at j: features, MLP, p <- p - step. The first layer takes the channels grouped by what they
+// multiply (momentum k enters as m_k * (w_m + w_mr r + w_mq q_m), one product per hidden unit instead
+// of three products shared by all), which saves multiplications but not accuracy.
+template <typename T>
+inline void step_at(const Row& row, const Mlp& mlp, int64_t j) {
+    const auto& w = mlp.first;
+    const T g = clamp(load<T>(row.g + j), -GRAD_CLIP, GRAD_CLIP);
+    const T rms = load<T>(row.rms + j);
+    const T r = rsqrt(rms + RMS_EPS);
+    const T clipped = clamp(g, -FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP);
+    const T p = load<T>(row.p + j);
+    const T gr = g * r;
+    T m[K], gq[K], qm[K];
+    UNROLL
+    for (int k = 0; k < K; ++k) {
+        m[k] = load<T>(row.m[k] + j);
+        gq[k] = g * load<T>(row.qg_col[k] + j);
+        qm[k] = load<T>(row.qm_col[k] + j);
+    }
+    T h[H];
+    UNROLL
+    for (int u = 0; u < H; ++u) {
+        T s = row.h_row[u] + load<T>(row.h_col[u] + j);
+        s += w[0][u] * g + w[1][u] * clipped + w[2][u] * p + w[3 + K][u] * rms + w[4 + 2 * K][u] * r
+             + w[5 + 3 * K][u] * gr;
+        UNROLL
+        for (int k = 0; k < K; ++k) s += w[precond_g(k)][u] * gq[k];
+        UNROLL
+        for (int k = 0; k < K; ++k) s += m[k] * (w[3 + k][u] + r * w[4 + K + k][u] + qm[k] * w[precond_m(k)][u]);
+        h[u] = relu(s);
+    }
+    UNROLL
+    for (int layer = 0; layer < L; ++layer) {
+        T next[H];
+        UNROLL
+        for (int o = 0; o < H; ++o) {
+            T s = splat<T>(mlp.bias[layer][o]);
+            UNROLL
+            for (int u = 0; u < H; ++u) s += mlp.weight[layer][o][u] * h[u];
+            next[o] = relu(s);
+        }
+        UNROLL
+        for (int o = 0; o < H; ++o) h[o] = next[o];
+    }
+    // The last layer's rows come pre-scaled: direction by the step scale, magnitude by exp_mult.
+    T direction = splat<T>(mlp.direction_bias), magnitude = splat<T>(mlp.magnitude_bias);
+    UNROLL
+    for (int u = 0; u < H; ++u) {
+        direction += mlp.direction[u] * h[u];
+        magnitude += mlp.magnitude[u] * h[u];
+    }
+    float* out = const_cast<float*>(row.p) + j;
+    store(out, p - direction * exp_(magnitude));
+}
+
+}  // namespace
+
+extern "C" {
+
+// The configuration this library was built for; returns the number of channels.
+int celo_config(int* k, int* h, int* l) {
+    *k = K;
+    *h = H;
+    *l = L;
+    return C;
+}
+
+// Pass 0: for each tensor t of a matrix batch g (B, a, b), sums of clip(g)^2 + 1e-30 along each row
+// (row_sums (B, a)) and along each column (col_sums (B, b)). Column sums gather SEGMENT / 16 rows in
+// float32, then go into float64 totals.
+void celo_square_sums(
+    int64_t batch, int64_t rows, int64_t cols, const float* g, int64_t g_sb, int64_t g_sa, float* row_sums,
+    float* col_sums
+) {
+    const int64_t rows_per_flush = SEGMENT / 16;
+    std::vector<float> col_part(cols);
+    std::vector<double> col_total(cols);
+    for (int64_t t = 0; t < batch; ++t) {
+        std::fill(col_total.begin(), col_total.end(), 0.0);
+        for (int64_t first = 0; first < rows; first += rows_per_flush) {
+            const int64_t last = first + rows_per_flush < rows ? first + rows_per_flush : rows;
+            std::fill(col_part.begin(), col_part.end(), 0.0f);
+            float* part = col_part.data();
+            for (int64_t i = first; i < last; ++i) {
+                const float* gi = g + t * g_sb + i * g_sa;
+                double row_total = 0.0;
+                for (int64_t start = 0; start < cols; start += SEGMENT) {
+                    const int64_t stop = start + SEGMENT < cols ? start + SEGMENT : cols;
+                    Vec lanes = {};
+                    float tail = 0.0f;
+                    int64_t j = start;
+                    for (; j + W <= stop; j += W) {
+                        const Vec c = clamp(load<Vec>(gi + j), -GRAD_CLIP, GRAD_CLIP);
+                        const Vec sq = c * c + FACTORED_EPS;
+                        lanes += sq;
+                        store(part + j, load<Vec>(part + j) + sq);
+                    }
+                    for (; j < stop; ++j) {
+                        const float c = clamp(gi[j], -GRAD_CLIP, GRAD_CLIP);
+                        const float sq = c * c + FACTORED_EPS;
+                        tail += sq;
+                        part[j] += sq;
+                    }
+                    for (int l = 0; l < W; ++l) row_total += lanes[l];
+                    row_total += tail;
+                }
+                row_sums[t * rows + i] = static_cast<float>(row_total);
+            }
+            for (int64_t j = 0; j < cols; ++j) col_total[j] += part[j];
+        }
+        for (int64_t j = 0; j < cols; ++j) col_sums[t * cols + j] = static_cast<float>(col_total[j]);
+    }
+}
+
+// Pass 1: m <- beta m + (1 - beta) g and rms <- rms_beta rms + rms_keep g^2 in place (g clipped; keep
+// = 1 - beta), then each channel's sum of squares over the grid, added to sums (B, C) (float64).
+void celo_accumulate(
+    int64_t batch, int64_t rows, int64_t cols, const float* p, const float* g, float* m, float* rms,
+    const int64_t* strides, const float* qg_row, const float* qg_col, const float* qm_row, const float* qm_col,
+    const float* momentum_decays, float rms_beta, float rms_keep, double* sums
+) {
+    Strides s;
+    std::memcpy(&s, strides, sizeof s);
+    const Factors f{qg_row, qg_col, qm_row, qm_col, nullptr, nullptr};
+    Decays d;
+    for (int k = 0; k < K; ++k) {
+        d.beta[k] = momentum_decays[k];
+        d.keep[k] = 1.0f - momentum_decays[k];
+    }
+    d.rms_beta = rms_beta;
+    d.rms_keep = rms_keep;
+    const bool shared_q = qg_row == qm_row && qg_col == qm_col;
+    for (int64_t t = 0; t < batch; ++t) {
+        if (shared_q)
+            accumulate_tensor<true>(t, rows, cols, p, g, m, rms, s, f, d, sums + t * C);
+        else
+            accumulate_tensor<false>(t, rows, cols, p, g, m, rms, s, f, d, sums + t * C);
+    }
+}
+
+// Pass 2: features from the stored accumulators, the MLP, and p <- p - direction * exp(exp_mult *
+// magnitude) * step_scale[t]. first (B, C, H) holds the first layer's weights of the channels with the
+// normalisers folded in; h_row (B, H, a) + h_col (B, H, b) the rest of its pre-activation; hidden_w
+// (B, L, H, H) as (out, in), hidden_b (B, L, H); last_w (B, 2, H), last_b (B, 2).
+void celo_mlp_step(
+    int64_t batch, int64_t rows, int64_t cols, float* p, const float* g, const float* m, const float* rms,
+    const int64_t* strides, const float* qg_row, const float* qg_col, const float* qm_row, const float* qm_col,
+    const float* h_row, const float* h_col, const float* first, const float* hidden_w, const float* hidden_b,
+    const float* last_w, const float* last_b, float exp_mult, const float* step_scale
+) {
+    Strides s;
+    std::memcpy(&s, strides, sizeof s);
+    const Factors f{qg_row, qg_col, qm_row, qm_col, h_row, h_col};
+    for (int64_t t = 0; t < batch; ++t) {
+        Mlp mlp;
+        for (int c = 0; c < C; ++c)
+            for (int u = 0; u < H; ++u) mlp.first[c][u] = first[(t * C + c) * H + u];
+        for (int layer = 0; layer < L; ++layer)
+            for (int o = 0; o < H; ++o) {
+                mlp.bias[layer][o] = hidden_b[(t * L + layer) * H + o];
+                for (int u = 0; u < H; ++u) mlp.weight[layer][o][u] = hidden_w[((t * L + layer) * H + o) * H + u];
+            }
+        const float scale = step_scale[t];
+        for (int u = 0; u < H; ++u) {
+            mlp.direction[u] = last_w[(t * 2 + 0) * H + u] * scale;
+            mlp.magnitude[u] = last_w[(t * 2 + 1) * H + u] * exp_mult;
+        }
+        mlp.direction_bias = last_b[t * 2 + 0] * scale;
+        mlp.magnitude_bias = last_b[t * 2 + 1] * exp_mult;
+        Mlp on_row = mlp;
+        for (int64_t i = 0; i < rows; ++i) {
+            const Row row = row_at(t, i, rows, cols, p, g, m, rms, s, f);
+            for (int k = 0; k < K; ++k)
+                for (int u = 0; u < H; ++u) {
+                    on_row.first[precond_g(k)][u] = mlp.first[precond_g(k)][u] * row.qg_row[k];
+                    on_row.first[precond_m(k)][u] = mlp.first[precond_m(k)][u] * row.qm_row[k];
+                }
+            int64_t j = 0;
+            for (; j + W <= cols; j += W) step_at<Vec>(row, on_row, j);
+            for (; j < cols; ++j) step_at<float>(row, on_row, j);
+        }
+    }
+}
+
+}  // extern "C"

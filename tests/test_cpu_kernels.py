@@ -1,0 +1,150 @@
+"""The C++ kernels (backend="cpp") compute what the eager kernels compute, for every configuration,
+dtype and layout the optimizer hands them; their build is cached and fails clearly."""
+
+import copy
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from celo_hf import Celo, CeloNet, cpu_kernels, population
+from celo_hf.hub import load_celo_net
+from meta_training.pes import antithetic_population
+from meta_training.train import flatten, unflatten
+
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+#: Stacked small tensors, a scalar, matrices factored either way round and with a size-1 axis, a
+#: rank-4 tensor, a long vector and matrices whose rows are not a multiple of the SIMD width.
+SHAPES = [(), (5,), (5,), (3, 4), (3, 4), (4, 4), (16, 1), (1, 8), (3, 3, 4, 8), (2100,), (70, 40), (37, 53)]
+
+
+def _run(net: CeloNet, backend: str, dtype=torch.float32, moment_dtype=torch.float32, chunk=None, scale=1.0):
+    """Parameters and optimizer after three steps from the same start and gradients."""
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES]
+    optimizer = Celo(params, total_steps=10, weights=copy.deepcopy(net), backend=backend, chunk_elements=chunk,
+                     moment_dtype=moment_dtype)
+    for t in range(3):
+        for p in params:
+            p.grad = (torch.randn(p.shape) * scale * 10.0 ** (2 * t - 2)).to(dtype)
+        optimizer.step(loss=2.0 - 0.5 * t)
+    return params, optimizer
+
+
+def _assert_same_run(net: CeloNet, rtol: float = 1e-5, atol: float = 1e-7, **options) -> None:
+    (eager, eager_opt), (cpp, cpp_opt) = _run(net, "eager", **options), _run(net, "cpp", **options)
+    for a, b, shape in zip(eager, cpp, SHAPES):
+        assert b.dtype == a.dtype and b.shape == a.shape
+        assert not torch.equal(a.detach().float(), torch.zeros_like(a, dtype=torch.float32))
+        if a.dtype == torch.float32:
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, s=shape: f"{s}: {m}")
+        else:  # rounded to the parameter dtype: at most one unit in the last place apart
+            torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=1e-6, msg=lambda m, s=shape: f"{s}: {m}")
+        for key, value in eager_opt.state[a].items():
+            got = cpp_opt.state[b][key]
+            assert got.dtype == value.dtype, (shape, key)
+            state_rtol = 1e-5 if value.dtype == torch.float32 else 2 ** -7
+            torch.testing.assert_close(got.float(), value.float(), rtol=state_rtol, atol=1e-12,
+                                       msg=lambda m, s=shape, k=key: f"{s} {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def paper_net() -> CeloNet:
+    return load_celo_net(PAPER)
+
+
+@pytest.mark.parametrize("chunk", [None, 1500], ids=["one-chunk", "chunks-of-1500"])
+def test_cpp_matches_eager(paper_net, chunk):
+    _assert_same_run(paper_net, chunk=chunk)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "moment_dtype"),
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+    ids=["bf16-params", "fp16-params", "bf16-moments"],
+)
+def test_cpp_matches_eager_in_lower_precision(paper_net, dtype, moment_dtype):
+    """Other dtypes go through float32 copies of each chunk, rounded back by torch."""
+    _assert_same_run(paper_net, dtype=dtype, moment_dtype=moment_dtype, chunk=1500)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"mlp_hidden_size": 6, "momentum_decays": (0.5, 0.9), "factored_decays": (0.8, 0.95)},
+        {"mlp_hidden_layers": 1},
+        {"mlp_hidden_layers": 3, "mlp_hidden_size": 8},
+    ],
+    ids=["two-decays-six-wide", "no-hidden-layer", "three-hidden-layers"],
+)
+def test_cpp_builds_for_other_configurations(config):
+    torch.manual_seed(0)
+    _assert_same_run(CeloNet(**config))
+
+
+def test_cpp_takes_large_exponents_exactly(paper_net):
+    """The step's exp(0.001 * magnitude) has a short path for arguments within +-1/16; a meta-model
+    whose magnitude output is far outside (0.001 * magnitude around 0.3 +- 0.3) takes the general one."""
+    net = copy.deepcopy(paper_net)
+    with torch.no_grad():
+        net.mlp[-1].weight[1] *= 300.0
+        net.mlp[-1].bias[1] = 300.0
+    _assert_same_run(net, atol=1e-6)  # steps of order 1e-2 here: float32 rounding of p - step
+
+
+def test_cpp_population_matches_eager(paper_net):
+    """Meta-training's population step: one meta-model per member (distinct weights per batch row)."""
+    theta = flatten(paper_net.state_dict())
+    noise = torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(0)) * 0.05
+    meta_weights = unflatten(antithetic_population(theta, noise), paper_net.state_dict())
+    shapes = {"w": (8, 16), "b": (16,), "k": (3, 3, 4, 8)}
+    results = {}
+    for backend in ("eager", "cpp"):
+        generator = torch.Generator().manual_seed(1)
+        params = {n: torch.randn(4, *s, generator=generator) for n, s in shapes.items()}
+        state = population.init(params, torch.full((4,), 20), meta_weights, paper_net)
+        for t in range(3):
+            grads = {n: torch.randn(4, *s, generator=generator) for n, s in shapes.items()}
+            state = population.update(state, params, grads, torch.full((4,), 2.0 - 0.1 * t), meta_weights, paper_net,
+                                      backend)
+        results[backend] = params
+    for name in shapes:
+        torch.testing.assert_close(results["cpp"][name], results["eager"][name], rtol=1e-5, atol=1e-7)
+        assert not torch.equal(results["cpp"][name][0], results["cpp"][name][1])
+
+
+def test_library_is_built_once_and_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELO_HF_KERNEL_CACHE", str(tmp_path))
+    builds = []
+    real_run = subprocess.run
+
+    def counting_run(command, *args, **kwargs):
+        if "-shared" in command:
+            builds.append(command)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", counting_run)
+    cpu_kernels.library.cache_clear()
+    try:
+        cpu_kernels.library(2, 4, 1)
+        cpu_kernels.library.cache_clear()  # a new process: finds the file
+        cpu_kernels.library(2, 4, 1)
+        cpu_kernels.library(3, 4, 1)
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert len(builds) == 2
+    assert sorted(p.name.split("_")[1:3] for p in tmp_path.glob("*.so")) == [["k2", "h4"], ["k3", "h4"]]
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELO_HF_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    try:
+        with pytest.raises(RuntimeError, match=r"backend='cpp' compiles its kernels on first use and needs a C\+\+ compiler"):
+            Celo([p], total_steps=5, backend="cpp")
+    finally:
+        cpu_kernels.library.cache_clear()
