@@ -83,6 +83,9 @@ constexpr float GRAD_CLIP = 1000.0f;
 constexpr float FEATURE_GRAD_CLIP = 0.1f;
 constexpr float RMS_EPS = 1e-6f;
 constexpr float FACTORED_EPS = 1e-30f;
+constexpr float FACTOR_FLOOR = 1e-9f;
+constexpr float ROW_COL_EPS = 1e-8f;
+constexpr float NORMALISER_EPS = 1e-5f;
 // Elements summed in float32 SIMD lanes before the partial sums are added to float64 totals (keeps
 // long rows about as accurate as a pairwise sum).
 constexpr int64_t SEGMENT = 1024;
@@ -353,6 +356,88 @@ inline void step_at(const Row& row, const Mlp& mlp, int64_t j) {
     store(out, p - direction * exp_(magnitude));
 }
 
+// ---- factored second moments ----
+
+// Sums of clip(g)^2 + 1e-30 of one matrix (a, b) along each row (row_sums (a)) and along each column
+// (col_sums (b)). Column sums gather SEGMENT / 16 rows in float32, then go into float64 totals.
+void square_sums(int64_t rows, int64_t cols, const float* g, int64_t g_sa, float* row_sums, float* col_sums) {
+    const int64_t rows_per_flush = SEGMENT / 16;
+    std::vector<float> col_part(cols);
+    std::vector<double> col_total(cols, 0.0);
+    float* part = col_part.data();
+    for (int64_t first = 0; first < rows; first += rows_per_flush) {
+        const int64_t last = first + rows_per_flush < rows ? first + rows_per_flush : rows;
+        std::fill(col_part.begin(), col_part.end(), 0.0f);
+        for (int64_t i = first; i < last; ++i) {
+            const float* gi = g + i * g_sa;
+            double row_total = 0.0;
+            for (int64_t start = 0; start < cols; start += SEGMENT) {
+                const int64_t stop = start + SEGMENT < cols ? start + SEGMENT : cols;
+                Vec lanes = {};
+                float tail = 0.0f;
+                int64_t j = start;
+                for (; j + W <= stop; j += W) {
+                    const Vec c = clamp(load<Vec>(gi + j), -GRAD_CLIP, GRAD_CLIP);
+                    const Vec sq = c * c + FACTORED_EPS;
+                    lanes += sq;
+                    store(part + j, load<Vec>(part + j) + sq);
+                }
+                for (; j < stop; ++j) {
+                    const float c = clamp(gi[j], -GRAD_CLIP, GRAD_CLIP);
+                    const float sq = c * c + FACTORED_EPS;
+                    tail += sq;
+                    part[j] += sq;
+                }
+                for (int l = 0; l < W; ++l) row_total += lanes[l];
+                row_total += tail;
+            }
+            row_sums[i] = static_cast<float>(row_total);
+        }
+        for (int64_t j = 0; j < cols; ++j) col_total[j] += part[j];
+    }
+    for (int64_t j = 0; j < cols; ++j) col_sums[j] = static_cast<float>(col_total[j]);
+}
+
+// v <- beta v + (1 - beta) (sums / count) for each decay k, v (K, n); rounded like torch's.
+void moving_average(float* v, int64_t n, const float* sums, float count, const float* decays) {
+    for (int k = 0; k < K; ++k) {
+        const float beta = decays[k], keep = 1.0f - decays[k];
+        for (int64_t i = 0; i < n; ++i) v[k * n + i] = rounded(v[k * n + i] * beta) + rounded((sums[i] / count) * keep);
+    }
+}
+
+// First-layer input from a factored accumulator v (K, n) broadcast over the tensor: the feature v and
+// rsqrt(v + 1e-8), each normalised by its mean square over the n cells (the tensor-wide mean of a
+// broadcast feature), through their first-layer rows (K, H) value_w and rsqrt_w; plus bias (H) if
+// given. Writes h (H, n).
+void grid_hidden(const float* v, int64_t n, const float* value_w, const float* rsqrt_w, const float* bias, float* h) {
+    float wv[K][H], wr[K][H];
+    for (int k = 0; k < K; ++k) {
+        double value_sq = 0.0, rsqrt_sq = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+            const float x = v[k * n + i], r = rsqrt(x + ROW_COL_EPS);
+            value_sq += x * x;
+            rsqrt_sq += r * r;
+        }
+        const float value_norm = rsqrt(NORMALISER_EPS + static_cast<float>(value_sq) / static_cast<float>(n));
+        const float rsqrt_norm = rsqrt(NORMALISER_EPS + static_cast<float>(rsqrt_sq) / static_cast<float>(n));
+        for (int u = 0; u < H; ++u) {
+            wv[k][u] = value_w[k * H + u] * value_norm;
+            wr[k][u] = rsqrt_w[k * H + u] * rsqrt_norm;
+        }
+    }
+    for (int u = 0; u < H; ++u) {
+        for (int64_t i = 0; i < n; ++i) {
+            float value_part = 0.0f, rsqrt_part = 0.0f;
+            for (int k = 0; k < K; ++k) {
+                value_part += wv[k][u] * v[k * n + i];
+                rsqrt_part += wr[k][u] * rsqrt(v[k * n + i] + ROW_COL_EPS);
+            }
+            h[u * n + i] = value_part + rsqrt_part + (bias != nullptr ? bias[u] : 0.0f);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -366,49 +451,60 @@ int celo_config(int* k, int* h, int* l) {
 }
 
 // Pass 0: for each tensor t of a matrix batch g (B, a, b), sums of clip(g)^2 + 1e-30 along each row
-// (row_sums (B, a)) and along each column (col_sums (B, b)). Column sums gather SEGMENT / 16 rows in
-// float32, then go into float64 totals.
+// (row_sums (B, a)) and along each column (col_sums (B, b)).
 void celo_square_sums(
     int64_t batch, int64_t rows, int64_t cols, const float* g, int64_t g_sb, int64_t g_sa, float* row_sums,
     float* col_sums
 ) {
-    const int64_t rows_per_flush = SEGMENT / 16;
-    std::vector<float> col_part(cols);
-    std::vector<double> col_total(cols);
+    for (int64_t t = 0; t < batch; ++t)
+        square_sums(rows, cols, g + t * g_sb, g_sa, row_sums + t * rows, col_sums + t * cols);
+}
+
+// Pass 0 and everything that follows from it for a batch of matrices (B, a, b), the factored axis of
+// v_row being d0 (0: v_row (B, K, b) spans the columns, v_col (B, K, a) the rows; 1: the other way).
+// Updates v_row and v_col in place and writes, on the grid's rows and columns, the preconditioner's
+// factors q_rows (B, K, a) and q_cols (B, K, b), and the first layer's input from the row and column
+// features (normalised) plus its bias, h_rows (B, H, a) and h_cols (B, H, b). first (B, F, H) and
+// bias (B, H) may have a batch stride of 0; groups: the first rows in `first` of the row, column,
+// rsqrt-row and rsqrt-column feature groups.
+void celo_factored_moments(
+    int64_t batch, int64_t rows, int64_t cols, int64_t d0, const float* g, int64_t g_sb, int64_t g_sa, float* v_row,
+    float* v_col, const float* factored_decays, const float* first, int64_t first_sb, const int64_t* groups,
+    const float* bias, int64_t bias_sb, float* q_rows, float* q_cols, float* h_rows, float* h_cols
+) {
+    std::vector<float> row_sums(rows), col_sums(cols);
+    // v_row averages clip(g)^2 over axis d0, so it lies along the other axis; v_col the other way.
+    const bool v_row_on_cols = d0 == 0;
+    const int64_t row_len = v_row_on_cols ? cols : rows, col_len = v_row_on_cols ? rows : cols;
     for (int64_t t = 0; t < batch; ++t) {
-        std::fill(col_total.begin(), col_total.end(), 0.0);
-        for (int64_t first = 0; first < rows; first += rows_per_flush) {
-            const int64_t last = first + rows_per_flush < rows ? first + rows_per_flush : rows;
-            std::fill(col_part.begin(), col_part.end(), 0.0f);
-            float* part = col_part.data();
-            for (int64_t i = first; i < last; ++i) {
-                const float* gi = g + t * g_sb + i * g_sa;
-                double row_total = 0.0;
-                for (int64_t start = 0; start < cols; start += SEGMENT) {
-                    const int64_t stop = start + SEGMENT < cols ? start + SEGMENT : cols;
-                    Vec lanes = {};
-                    float tail = 0.0f;
-                    int64_t j = start;
-                    for (; j + W <= stop; j += W) {
-                        const Vec c = clamp(load<Vec>(gi + j), -GRAD_CLIP, GRAD_CLIP);
-                        const Vec sq = c * c + FACTORED_EPS;
-                        lanes += sq;
-                        store(part + j, load<Vec>(part + j) + sq);
-                    }
-                    for (; j < stop; ++j) {
-                        const float c = clamp(gi[j], -GRAD_CLIP, GRAD_CLIP);
-                        const float sq = c * c + FACTORED_EPS;
-                        tail += sq;
-                        part[j] += sq;
-                    }
-                    for (int l = 0; l < W; ++l) row_total += lanes[l];
-                    row_total += tail;
-                }
-                row_sums[t * rows + i] = static_cast<float>(row_total);
+        square_sums(rows, cols, g + t * g_sb, g_sa, row_sums.data(), col_sums.data());
+        const float* along_rows = row_sums.data();  // sums over the columns, one per row
+        const float* along_cols = col_sums.data();
+        float* vr = v_row + t * K * row_len;
+        float* vc = v_col + t * K * col_len;
+        moving_average(vr, row_len, v_row_on_cols ? along_cols : along_rows, float(v_row_on_cols ? rows : cols),
+                       factored_decays);
+        moving_average(vc, col_len, v_row_on_cols ? along_rows : along_cols, float(v_row_on_cols ? cols : rows),
+                       factored_decays);
+        float* q_vr = (v_row_on_cols ? q_cols + t * K * cols : q_rows + t * K * rows);
+        float* q_vc = (v_row_on_cols ? q_rows + t * K * rows : q_cols + t * K * cols);
+        for (int k = 0; k < K; ++k) {
+            const float* v = vr + k * row_len;
+            double total = 0.0;
+            for (int64_t n = 0; n < row_len; ++n) total += v[n];
+            const float mean = static_cast<float>(total) / static_cast<float>(row_len);
+            for (int64_t n = 0; n < row_len; ++n) {
+                const float x = v[n] / (mean + FACTOR_FLOOR);
+                q_vr[k * row_len + n] = rsqrt(x > FACTOR_FLOOR ? x : FACTOR_FLOOR);
             }
-            for (int64_t j = 0; j < cols; ++j) col_total[j] += part[j];
+            const float* w = vc + k * col_len;
+            for (int64_t n = 0; n < col_len; ++n) q_vc[k * col_len + n] = rsqrt(w[n] > FACTOR_FLOOR ? w[n] : FACTOR_FLOOR);
         }
-        for (int64_t j = 0; j < cols; ++j) col_sums[t * cols + j] = static_cast<float>(col_total[j]);
+        const float* weights = first + t * first_sb;
+        float* h_vr = (v_row_on_cols ? h_cols + t * H * cols : h_rows + t * H * rows);
+        float* h_vc = (v_row_on_cols ? h_rows + t * H * rows : h_cols + t * H * cols);
+        grid_hidden(vr, row_len, weights + groups[0] * H, weights + groups[2] * H, bias + t * bias_sb, h_vr);
+        grid_hidden(vc, col_len, weights + groups[1] * H, weights + groups[3] * H, nullptr, h_vc);
     }
 }
 

@@ -46,6 +46,11 @@ _SIGNATURES = {
     "celo_square_sums": ([*_GRID, _Pointer, _I64, _I64, _Pointer, _Pointer], None),
     "celo_accumulate": ([*_GRID, *[_Pointer] * 5, *_FACTORS, _Pointer, _F32, _F32, _Pointer], None),
     "celo_mlp_step": ([*_GRID, *[_Pointer] * 5, *_FACTORS, *[_Pointer] * 7, _F32, _Pointer], None),
+    "celo_factored_moments": (
+        [*_GRID, _I64, _Pointer, _I64, _I64, _Pointer, _Pointer, _Pointer, _Pointer, _I64, _Pointer, _Pointer, _I64,
+         *[_Pointer] * 4],
+        None,
+    ),
 }
 
 
@@ -117,12 +122,17 @@ def prepare(net: CeloNet) -> None:
 
 def kernels(weights: update.UpdateWeights) -> Kernels:
     """The C++ kernels for ``weights``' configuration (compiled on first use)."""
-    decays, hidden = weights.momentum_decays.numel(), weights.first.shape[2]
-    lib = library(decays, hidden, len(weights.hidden_layers))
+    return _kernels(weights.momentum_decays.numel(), weights.first.shape[2], len(weights.hidden_layers))
+
+
+@functools.cache
+def _kernels(decays: int, hidden: int, hidden_layers: int) -> Kernels:
+    lib = library(decays, hidden, hidden_layers)
     return Kernels(
         functools.partial(factored_square_sums, lib),
         functools.partial(accumulate_and_square_sums_, lib),
         functools.partial(mlp_step_, lib),
+        functools.partial(factored_moments, lib),
     )
 
 
@@ -248,3 +258,57 @@ def mlp_step_(
         )
 
     _in_place(run, (p,))
+
+
+# ---- factored moments ------------------------------------------------------------------------------
+
+
+class FactoredMomentsInCpp(update._FactoredMoments):
+    """:class:`celo_hf.update._FactoredMoments` of a float32 matrix batch that one process holds
+    whole, prepared by one C++ call (pass 0, the moving averages, the preconditioner's factors and
+    the row / column features' first-layer input) instead of some fifty small torch operations."""
+
+    def __init__(self, lib: ctypes.CDLL, g: torch.Tensor, state: update.TensorState, w: update.UpdateWeights, d0: int):
+        batch, rows, cols = g.shape
+        decays, width = w.factored_decays.numel(), w.first.shape[2]
+        q_rows, q_cols = torch.empty(batch, decays, rows), torch.empty(batch, decays, cols)
+        h_rows, h_cols = torch.empty(batch, width, rows), torch.empty(batch, width, cols)
+        along = (cols, rows) if d0 == 0 else (rows, cols)  # v_row's and v_col's lengths
+        for key, length in zip(("v_row", "v_col"), along):
+            if state[key].shape != (batch, decays, length):
+                raise ValueError(f"{key} of shape {tuple(state[key].shape)} does not fit gradients {tuple(g.shape)} "
+                                 f"factored with d0={d0}: expected {(batch, decays, length)}")
+        groups = [w.group_slices[i].start for i in (update._ROW, update._COL, update._RSQRT_ROW, update._RSQRT_COL)]
+        lib.celo_factored_moments(
+            batch, rows, cols, d0, _ptr(g), g.stride(0), g.stride(1), _ptr(state["v_row"]), _ptr(state["v_col"]),
+            _ptr(w.factored_decays), _ptr(w.first), w.first.stride(0), (_I64 * 4)(*groups),
+            _ptr(w.first_bias), w.first_bias.stride(0), _ptr(q_rows), _ptr(q_cols), _ptr(h_rows), _ptr(h_cols),
+        )
+        on_rows, on_cols = (q_rows.unsqueeze(3), h_rows.unsqueeze(3)), (q_cols.unsqueeze(2), h_cols.unsqueeze(2))
+        # v_row averages over axis d0, so it lies along the other axis (and v_col the other way round).
+        (self.row_scale, self.row_hidden), (self.col_scale, self.col_hidden) = (
+            (on_cols, on_rows) if d0 == 0 else (on_rows, on_cols)
+        )
+        self.batch = batch
+        self.matrix = True
+
+
+def _whole_float32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.is_contiguous()
+
+
+def factored_moments(
+    lib: ctypes.CDLL, g: torch.Tensor, state: update.TensorState, w: update.UpdateWeights, dims: tuple[int, int],
+    chunks: list[slice], full: tuple[int, ...], sharding: update.RowSharding | None,
+    square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> update._FactoredMoments:
+    """A batch's factored moments: in C++ for a float32 matrix batch held whole, else as
+    :class:`celo_hf.update._FactoredMoments` computes them."""
+    first_layout = w.first.stride()[1:] == (w.first.shape[2], 1) and w.first_bias.stride(-1) == 1
+    if (
+        sharding is None and g.dim() == 3 and g.dtype == torch.float32 and g.stride(-1) == 1 and first_layout
+        and _whole_float32(state["v_row"]) and _whole_float32(state["v_col"])
+        and w.factored_decays.dtype == torch.float32 and w.factored_decays.is_contiguous()
+    ):
+        return FactoredMomentsInCpp(lib, g, state, w, dims[0])
+    return update._FactoredMoments(g, state, w, dims, chunks, full, sharding, square_sums)

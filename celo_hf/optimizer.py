@@ -207,7 +207,11 @@ class Celo(torch.optim.Optimizer):
         locals_ = [item.local for item in batch]
         shape = state_shape(locals_[0].shape)
         device = locals_[0].device
-        lr_scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
+        lrs = {item.lr for item in batch}
+        if len(lrs) == 1:  # the usual case: one multiply, broadcast
+            lr_scale = (lr_mult.to(device) * lrs.pop()).expand(len(batch))
+        else:
+            lr_scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
         weights = self._weights_on(device, len(batch))
         if len(batch) == 1 and locals_[0].is_contiguous():
             item = batch[0]

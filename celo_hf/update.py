@@ -226,7 +226,7 @@ class UpdateWeights:
         (w0, b0), *hidden, (w_last, b_last) = layers
         starts = torch.tensor((0, *net.group_widths)).cumsum(0).tolist()
         group_slices = tuple(slice(a, b) for a, b in zip(starts[:-1], starts[1:]))
-        first = w0.transpose(1, 2)
+        first = w0.transpose(1, 2).contiguous()
         return cls(
             first=first,
             first_bias=b0,
@@ -434,11 +434,14 @@ def _mlp_step_unrolled_(*args: object) -> None:
 
 
 class Kernels(NamedTuple):
-    """The per-element kernels of one backend (same contracts as the eager functions)."""
+    """The per-element kernels of one backend (same contracts as the eager functions), and how it
+    prepares a matrix batch's factored moments (the constructor of :class:`_FactoredMoments` or an
+    equivalent)."""
 
     factored_square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     accumulate_and_square_sums_: Callable[..., torch.Tensor]
     mlp_step_: Callable[..., None]
+    factored_moments: Callable[..., _FactoredMoments]
 
 
 _compiled_kernels: Kernels | None = None
@@ -474,16 +477,19 @@ def kernels(backend: Backend, weights: UpdateWeights) -> Kernels:
     ``weights``' configuration)."""
     global _compiled_kernels
     if backend == "eager":
-        return Kernels(factored_square_sums, accumulate_and_square_sums_, mlp_step_)
+        return Kernels(factored_square_sums, accumulate_and_square_sums_, mlp_step_, _FactoredMoments)
     if backend == "triton":
         from . import triton_kernels  # imported on demand: triton ships with CUDA builds of torch
 
-        return Kernels(factored_square_sums, triton_kernels.accumulate_and_square_sums_, triton_kernels.mlp_step_)
+        return Kernels(
+            factored_square_sums, triton_kernels.accumulate_and_square_sums_, triton_kernels.mlp_step_, _FactoredMoments
+        )
     if backend == "compile":
         if _compiled_kernels is None:
             compiled = lambda f: _without_view_bases(torch.compile(f, dynamic=True, options=_FUSE_EVERYTHING))  # noqa: E731
             _compiled_kernels = Kernels(
-                compiled(factored_square_sums), compiled(_accumulate_unrolled_), compiled(_mlp_step_unrolled_)
+                compiled(factored_square_sums), compiled(_accumulate_unrolled_), compiled(_mlp_step_unrolled_),
+                _FactoredMoments,
             )
         return _compiled_kernels
     if backend == "cpp":
@@ -722,7 +728,7 @@ def update_batch_(
     dims = factored_dims(full)
     moments = (
         _DiagonalMoments(g, state, w, numel, sharding) if dims is None
-        else _FactoredMoments(g, state, w, dims, chunks, full, sharding, kernel.factored_square_sums)
+        else kernel.factored_moments(g, state, w, dims, chunks, full, sharding, kernel.factored_square_sums)
     )
     matrix = len(shape) == 2
 

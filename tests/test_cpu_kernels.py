@@ -148,3 +148,26 @@ def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
             Celo([p], total_steps=5, backend="cpp")
     finally:
         cpu_kernels.library.cache_clear()
+
+
+def test_factored_moments_of_whole_float32_matrices_are_prepared_in_cpp(paper_net):
+    """The equality checks above cover the C++ preparation: it is what float32 matrices get; other
+    batches (a rank-4 tensor, a bfloat16 gradient) get the torch one."""
+    from celo_hf.features import factored_dims
+    from celo_hf.update import UpdateWeights, _FactoredMoments, init_tensor_state
+
+    weights = UpdateWeights.from_net(paper_net, "cpu").expand(2)
+    made = {}
+    for name, shape, dtype in [("matrix", (6, 5), torch.float32), ("rank4", (3, 3, 4, 8), torch.float32),
+                               ("bf16", (6, 5), torch.bfloat16)]:
+        state = {k: v.unsqueeze(0).repeat(2, *[1] * v.dim()) for k, v in init_tensor_state(shape, 3).items()}
+        g = torch.randn(2, *shape).to(dtype)
+        dims = factored_dims(shape)
+        made[name] = cpu_kernels.kernels(weights).factored_moments(
+            g, state, weights, dims, [slice(0, shape[0])], shape, None, cpu_kernels.update.factored_square_sums
+        )
+    assert isinstance(made["matrix"], cpu_kernels.FactoredMomentsInCpp)
+    assert type(made["rank4"]) is _FactoredMoments and type(made["bf16"]) is _FactoredMoments
+    state = {k: v.unsqueeze(0).repeat(2, *[1] * v.dim()) for k, v in init_tensor_state((6, 5), 3).items()}
+    with pytest.raises(ValueError, match=r"v_row of shape \(2, 3, 5\) does not fit gradients \(2, 6, 5\) factored with d0=1"):
+        cpu_kernels.FactoredMomentsInCpp(cpu_kernels.library(3, 4, 1), torch.randn(2, 6, 5), state, weights, 1)
