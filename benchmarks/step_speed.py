@@ -182,7 +182,7 @@ def celo_contender(net: celo_hf.CeloNet, backend: str) -> Contender:
         optimizer = celo_hf.Celo(params, total_steps=CELO_TOTAL_STEPS, weights=net, backend=backend)
         return lambda: optimizer.step(loss=loss)
 
-    return Contender("Celo" if backend == "eager" else f"Celo[{backend}]", make_step)
+    return Contender(f"Celo[{backend}]", make_step)
 
 
 def adamw_contender(name: str, **options: bool) -> Contender:

@@ -122,6 +122,11 @@ def prepare(net: CeloNet) -> None:
 
 def kernels(weights: update.UpdateWeights) -> Kernels:
     """The C++ kernels for ``weights``' configuration (compiled on first use)."""
+    if weights.first.device.type != "cpu":
+        raise ValueError(
+            f"backend='cpp' updates CPU tensors, got parameters on {weights.first.device}; "
+            "use backend='auto', 'eager' or 'triton' for them"
+        )
     return _kernels(weights.momentum_decays.numel(), weights.first.shape[2], len(weights.hidden_layers))
 
 

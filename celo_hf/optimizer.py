@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.lr_scheduler import LambdaLR
 
 from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
+from . import cpu_kernels
 from .hub import load_celo_net
 from .network import CeloNet
 from .update import (
@@ -32,8 +33,8 @@ from .update import (
     update_batch_,
 )
 
-Backend = Literal["eager", "compile", "triton", "cpp", "reference"]
-BACKENDS = ("eager", "compile", "triton", "cpp", "reference")
+Backend = Literal["auto", "eager", "compile", "triton", "cpp", "reference"]
+BACKENDS = ("auto", "eager", "compile", "triton", "cpp", "reference")
 LossLike = float | int | torch.Tensor
 
 _NO_LOSS = (
@@ -57,13 +58,15 @@ class Celo(torch.optim.Optimizer):
         lr: per-group multiplier of Celo's step (default 1.0: Celo's own schedule, untouched), so
             that external schedules compose.
         revision, token, cache_dir: Hub download options for ``weights``.
-        backend: how the per-element work runs: ``"eager"`` (default), ``"compile"`` (the same
-            kernels through ``torch.compile``: several times faster after a one-off compilation of
-            tens of seconds), ``"triton"`` (hand-written fused kernels for CUDA tensors; needs
-            ``triton``), ``"cpp"`` (hand-written C++ kernels for CPU tensors, the fastest on CPU:
-            about 5x eager; compiled for this machine when the optimizer is created, a few seconds
-            once, then cached; needs a C++ compiler), or ``"reference"`` (the literal
-            transcription of the specification, one tensor at a time; slow, for checking).
+        backend: how the per-element work runs: ``"auto"`` (default: ``"cpp"`` for CPU tensors
+            when the C++ kernels build on this machine, else ``"eager"``), ``"eager"`` (torch
+            operations), ``"cpp"`` (hand-written C++ kernels for CPU tensors, the fastest on CPU:
+            about 5x eager; compiled for this machine on first use, a few seconds once, then
+            cached; needs a C++ compiler), ``"compile"`` (the eager kernels through
+            ``torch.compile``, after a one-off compilation of tens of seconds), ``"triton"``
+            (hand-written fused kernels for CUDA tensors; needs ``triton``), or ``"reference"``
+            (the literal transcription of the specification, one tensor at a time; slow, for
+            checking).
         chunk_elements: parameter elements the batched update processes at once (bounds the
             temporary memory; ``None``: the backend's default).
         moment_dtype: storage dtype of the per-element accumulators (momenta and second moment):
@@ -85,7 +88,7 @@ class Celo(torch.optim.Optimizer):
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | Path | None = None,
-        backend: Backend = "eager",
+        backend: Backend = "auto",
         chunk_elements: int | None = None,
         moment_dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -104,10 +107,9 @@ class Celo(torch.optim.Optimizer):
         self.net = load_celo_net(weights, revision=revision, token=token, cache_dir=cache_dir)
         self.net.float().eval().requires_grad_(False)
         if backend == "cpp":
-            from . import cpu_kernels  # imported on demand: builds its library on first use
-
-            cpu_kernels.prepare(self.net)
+            cpu_kernels.prepare(self.net)  # a missing compiler shows here, not in the first step
         self.backend = backend
+        self._cpp_unavailable: str | None = None  # why "auto" cannot use the C++ kernels ("" if it can)
         self.chunk_elements = chunk_elements
         self.moment_dtype = moment_dtype
         self.total_steps = total_steps
@@ -186,7 +188,8 @@ class Celo(torch.optim.Optimizer):
                         item.local.shape, num_decays, item.local.device, item.param.shape, self.moment_dtype
                     )
                 )
-        if self.backend == "reference":
+        backend = self._backend_on(device)
+        if backend == "reference":
             for item in work:
                 if item.sharding is not None:
                     raise RuntimeError("backend='reference' does not support sharded (FSDP2) parameters; use 'eager'")
@@ -196,7 +199,7 @@ class Celo(torch.optim.Optimizer):
                 for key, value in new_state.items():
                     state[key].copy_(value)
         else:
-            for batch in _batches(work, self.chunk_elements or DEFAULT_CHUNK_ELEMENTS[self.backend]):
+            for batch in _batches(work, self.chunk_elements or DEFAULT_CHUNK_ELEMENTS[backend]):
                 self._update(batch, lr_mult)
         self.iteration += 1
         return closure_loss
@@ -213,17 +216,18 @@ class Celo(torch.optim.Optimizer):
         else:
             lr_scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
         weights = self._weights_on(device, len(batch))
+        backend = self._backend_on(device)
         if len(batch) == 1 and locals_[0].is_contiguous():
             item = batch[0]
             state = {key: value.unsqueeze(0) for key, value in self.state[item.param].items()}
             update_batch_(
                 item.local.view(1, *shape), item.grad.reshape(1, *shape), state, lr_scale, weights,
-                self.backend, self.chunk_elements, item.sharding,
+                backend, self.chunk_elements, item.sharding,
             )
             return
         p = torch.stack([t.reshape(shape) for t in locals_])
         g = torch.stack([item.grad.reshape(shape) for item in batch])
-        update_batch_(p, g, self._stacked_state(batch), lr_scale, weights, self.backend, self.chunk_elements)
+        update_batch_(p, g, self._stacked_state(batch), lr_scale, weights, backend, self.chunk_elements)
         torch._foreach_copy_(locals_, [row.view_as(t) for row, t in zip(p.unbind(0), locals_)])
 
     def _stacked_state(self, batch: list[_Work]) -> TensorState:
@@ -270,6 +274,26 @@ class Celo(torch.optim.Optimizer):
         inputs = scheduler_inputs(self._loss_buffer, fraction, decays)
         lr_mult, self._lstm_state = self.net.schedule(inputs[None], self._lstm_state)
         return lr_mult
+
+    def _backend_on(self, device: torch.device) -> str:
+        """The backend that updates tensors on ``device``: the one asked for, or for ``"auto"`` the
+        C++ kernels on CPU (if they build here; else a warning, once, and eager) and eager elsewhere."""
+        if self.backend != "auto":
+            return self.backend
+        if device.type != "cpu":
+            return "eager"
+        if self._cpp_unavailable is None:
+            try:
+                cpu_kernels.prepare(self.net)
+                self._cpp_unavailable = ""
+            except RuntimeError as err:
+                self._cpp_unavailable = str(err)
+                warnings.warn(
+                    f"Celo(backend='auto') falls back to the eager kernels, several times slower on CPU: {err}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return "eager" if self._cpp_unavailable else "cpp"
 
     def _weights_on(self, device: torch.device, batch: int) -> UpdateWeights:
         """The meta-model's weights on ``device`` for a batch of ``batch`` tensors (cached)."""

@@ -712,7 +712,7 @@ def update_batch_(
         state: the batch's float32 accumulators, each with a leading ``B`` axis (module docstring).
         lr_scale: ``(B,)`` multipliers of the step (scheduler ``lr_mult`` times the group ``lr``).
         w: meta-model weights with ``B`` rows.
-        backend: run the per-element kernels eagerly or compiled.
+        backend: which implementation of the per-element kernels runs (:func:`kernels`).
         chunk_elements: elements (over the whole batch) processed at once (``None``: the
             backend's default, ``DEFAULT_CHUNK_ELEMENTS``).
         sharding: set when ``p`` holds only this process's rows of the tensors (FSDP2); every

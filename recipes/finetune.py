@@ -91,7 +91,10 @@ class FinetuneArguments(TrainingArguments):
                           "pretrained weights want smaller steps: with the embedded weights the default fine-tune "
                           "learns at 0.03, not at 0.1 or above (recipes/results/compare_embedded)"},
     )
-    celo_backend: str = field(default="eager", metadata={"choices": ["eager", "compile", "reference"]})
+    celo_backend: str = field(
+        default="auto", metadata={"choices": ["auto", "eager", "cpp", "compile", "triton", "reference"],
+                                  "help": "how Celo's per-element work runs (celo_hf.Celo's backend)"},
+    )
     output_dir: str | None = field(default="runs/finetune")
     max_steps: int = field(default=100)
     per_device_train_batch_size: int = field(default=16)

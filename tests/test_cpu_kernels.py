@@ -171,3 +171,36 @@ def test_factored_moments_of_whole_float32_matrices_are_prepared_in_cpp(paper_ne
     state = {k: v.unsqueeze(0).repeat(2, *[1] * v.dim()) for k, v in init_tensor_state((6, 5), 3).items()}
     with pytest.raises(ValueError, match=r"v_row of shape \(2, 3, 5\) does not fit gradients \(2, 6, 5\) factored with d0=1"):
         cpu_kernels.FactoredMomentsInCpp(cpu_kernels.library(3, 4, 1), torch.randn(2, 6, 5), state, weights, 1)
+
+
+def test_auto_backend_takes_cpp_on_cpu_and_eager_without_a_compiler(tmp_path, monkeypatch, paper_net):
+    def stepped(**options):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 30).view(6, 5))
+        p.grad = torch.linspace(1, -2, 30).view(6, 5)
+        optimizer = Celo([p], total_steps=5, weights=copy.deepcopy(paper_net), **options)
+        optimizer.step(loss=1.0)
+        return p.detach(), optimizer
+
+    auto, optimizer = stepped()
+    assert optimizer.backend == "auto"
+    assert optimizer._backend_on(torch.device("cpu")) == "cpp"
+    assert optimizer._backend_on(torch.device("meta")) == "eager"  # any other device
+    assert torch.equal(auto, stepped(backend="cpp")[0])
+
+    monkeypatch.setenv("CELO_HF_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="falls back to the eager kernels.*needs a C\\+\\+ compiler"):
+            fallback, _ = stepped()
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert torch.equal(fallback, stepped(backend="eager")[0])
+
+
+def test_cpp_refuses_tensors_off_the_cpu(paper_net):
+    from celo_hf.update import UpdateWeights
+
+    with pytest.raises(ValueError, match="backend='cpp' updates CPU tensors, got parameters on meta"):
+        cpu_kernels.kernels(UpdateWeights.from_net(paper_net, "meta"))
