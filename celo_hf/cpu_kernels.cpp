@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX__)
@@ -256,9 +257,9 @@ inline void accumulate_at(const Row& row, const Decays& d, int64_t j, T* sum, T*
 // Pass 1 over tensor t, adding each channel's sum of squares to total (C, float64). Partial sums stay
 // in float32 SIMD lanes for about SEGMENT elements (across short rows) before they go to float64.
 template <bool SHARED_Q>
-void accumulate_tensor(
-    int64_t t, int64_t rows, int64_t cols, const float* p, const float* g, float* m, float* rms, const Strides& s,
-    const Factors& f, const Decays& d, double* total
+void accumulate_rows(
+    int64_t t, int64_t first_row, int64_t last_row, int64_t rows, int64_t cols, const float* p, const float* g,
+    float* m, float* rms, const Strides& s, const Factors& f, const Decays& d, double* total
 ) {
     Vec sum[C] = {};
     float sum_tail[C] = {};
@@ -273,7 +274,7 @@ void accumulate_tensor(
         }
         pending = 0;
     };
-    for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t i = first_row; i < last_row; ++i) {
         const Row row = row_at(t, i, rows, cols, p, g, m, rms, s, f);
         for (int64_t start = 0; start < cols; start += SEGMENT) {
             const int64_t stop = start + SEGMENT < cols ? start + SEGMENT : cols;
@@ -294,6 +295,43 @@ void accumulate_tensor(
         }
     }
     flush();
+}
+
+// ---- work split over threads ----
+
+// A call's work in blocks of whole rows of about BLOCK_ELEMENTS elements (the split does not depend on
+// the number of threads, and partial sums are combined in block order, so results do not either).
+constexpr int64_t BLOCK_ELEMENTS = 1 << 16;
+
+struct Blocks {
+    int64_t rows_per_block, per_tensor, count;
+    Blocks(int64_t batch, int64_t rows, int64_t cols)
+        : rows_per_block(cols >= BLOCK_ELEMENTS ? 1 : BLOCK_ELEMENTS / (cols > 0 ? cols : 1)),
+          per_tensor((rows + rows_per_block - 1) / rows_per_block), count(batch * per_tensor) {}
+    int64_t tensor(int64_t block) const { return block / per_tensor; }
+    int64_t first_row(int64_t block) const { return (block % per_tensor) * rows_per_block; }
+    int64_t last_row(int64_t block, int64_t rows) const {
+        const int64_t last = first_row(block) + rows_per_block;
+        return last < rows ? last : rows;
+    }
+};
+
+// body(block) for every block, on up to `threads` threads (the caller's one included), each taking a
+// contiguous range of blocks.
+template <typename Body>
+void parallel_for(int64_t count, int threads, const Body& body) {
+    const int64_t workers = threads < count ? threads : count;
+    if (workers <= 1) {
+        for (int64_t block = 0; block < count; ++block) body(block);
+        return;
+    }
+    auto run = [&](int64_t w) {
+        for (int64_t block = count * w / workers; block < count * (w + 1) / workers; ++block) body(block);
+    };
+    std::vector<std::thread> pool;
+    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(run, w);
+    run(0);
+    for (std::thread& thread : pool) thread.join();
 }
 
 struct Mlp {
@@ -513,7 +551,7 @@ void celo_factored_moments(
 void celo_accumulate(
     int64_t batch, int64_t rows, int64_t cols, const float* p, const float* g, float* m, float* rms,
     const int64_t* strides, const float* qg_row, const float* qg_col, const float* qm_row, const float* qm_col,
-    const float* momentum_decays, float rms_beta, float rms_keep, double* sums
+    const float* momentum_decays, float rms_beta, float rms_keep, double* sums, int threads
 ) {
     Strides s;
     std::memcpy(&s, strides, sizeof s);
@@ -526,12 +564,18 @@ void celo_accumulate(
     d.rms_beta = rms_beta;
     d.rms_keep = rms_keep;
     const bool shared_q = qg_row == qm_row && qg_col == qm_col;
-    for (int64_t t = 0; t < batch; ++t) {
+    const Blocks blocks(batch, rows, cols);
+    std::vector<double> partial(blocks.count * C, 0.0);
+    parallel_for(blocks.count, threads, [&](int64_t block) {
+        const int64_t t = blocks.tensor(block), first = blocks.first_row(block), last = blocks.last_row(block, rows);
+        double* total = partial.data() + block * C;
         if (shared_q)
-            accumulate_tensor<true>(t, rows, cols, p, g, m, rms, s, f, d, sums + t * C);
+            accumulate_rows<true>(t, first, last, rows, cols, p, g, m, rms, s, f, d, total);
         else
-            accumulate_tensor<false>(t, rows, cols, p, g, m, rms, s, f, d, sums + t * C);
-    }
+            accumulate_rows<false>(t, first, last, rows, cols, p, g, m, rms, s, f, d, total);
+    });
+    for (int64_t block = 0; block < blocks.count; ++block)
+        for (int c = 0; c < C; ++c) sums[blocks.tensor(block) * C + c] += partial[block * C + c];
 }
 
 // Pass 2: features from the stored accumulators, the MLP, and p <- p - direction * exp(exp_mult *
@@ -542,13 +586,14 @@ void celo_mlp_step(
     int64_t batch, int64_t rows, int64_t cols, float* p, const float* g, const float* m, const float* rms,
     const int64_t* strides, const float* qg_row, const float* qg_col, const float* qm_row, const float* qm_col,
     const float* h_row, const float* h_col, const float* first, const float* hidden_w, const float* hidden_b,
-    const float* last_w, const float* last_b, float exp_mult, const float* step_scale
+    const float* last_w, const float* last_b, float exp_mult, const float* step_scale, int threads
 ) {
     Strides s;
     std::memcpy(&s, strides, sizeof s);
     const Factors f{qg_row, qg_col, qm_row, qm_col, h_row, h_col};
+    std::vector<Mlp> mlps(batch);
     for (int64_t t = 0; t < batch; ++t) {
-        Mlp mlp;
+        Mlp& mlp = mlps[t];
         for (int c = 0; c < C; ++c)
             for (int u = 0; u < H; ++u) mlp.first[c][u] = first[(t * C + c) * H + u];
         for (int layer = 0; layer < L; ++layer)
@@ -563,8 +608,13 @@ void celo_mlp_step(
         }
         mlp.direction_bias = last_b[t * 2 + 0] * scale;
         mlp.magnitude_bias = last_b[t * 2 + 1] * exp_mult;
+    }
+    const Blocks blocks(batch, rows, cols);
+    parallel_for(blocks.count, threads, [&](int64_t block) {
+        const int64_t t = blocks.tensor(block);
+        const Mlp& mlp = mlps[t];
         Mlp on_row = mlp;
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = blocks.first_row(block); i < blocks.last_row(block, rows); ++i) {
             const Row row = row_at(t, i, rows, cols, p, g, m, rms, s, f);
             for (int k = 0; k < K; ++k)
                 for (int u = 0; u < H; ++u) {
@@ -575,7 +625,7 @@ void celo_mlp_step(
             for (; j + W <= cols; j += W) step_at<Vec>(row, on_row, j);
             for (; j < cols; ++j) step_at<float>(row, on_row, j);
         }
-    }
+    });
 }
 
 }  // extern "C"

@@ -1,10 +1,14 @@
 """Hand-written C++ versions of the per-element kernels of :mod:`celo_hf.update` (``backend="cpp"``).
 
 Same contracts and maths as :func:`celo_hf.update.factored_square_sums`,
-:func:`~celo_hf.update.accumulate_and_square_sums_` and :func:`~celo_hf.update.mlp_step_`. The
+:func:`~celo_hf.update.accumulate_and_square_sums_` and :func:`~celo_hf.update.mlp_step_`, and the
+preparation of a matrix batch's factored moments (:class:`FactoredMomentsInCpp`). The
 source (``cpu_kernels.cpp``) writes each pass as one loop over a chunk's elements in SIMD registers
 (AVX-512, AVX or plain 128-bit vectors, whichever the compiling machine has): every element is read
 once per pass and nothing of full size is allocated. A matrix's row and column factors stay factors.
+Passes 1 and 2 split large tensors into fixed blocks of rows over ``torch.get_num_threads()``
+threads; the blocks' partial sums are added in block order, so results do not depend on the number
+of threads.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``; ``torch.compile`` on CPU needs one too), for this machine's CPU and the
@@ -34,7 +38,7 @@ from .network import CeloNet
 from .update import Factors, Kernels
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-pthread")
 
 _Pointer = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -44,8 +48,8 @@ _FACTORS = [_Pointer] * 4  # qg_row, qg_col, qm_row, qm_col
 _SIGNATURES = {
     "celo_config": ([ctypes.POINTER(ctypes.c_int)] * 3, ctypes.c_int),
     "celo_square_sums": ([*_GRID, _Pointer, _I64, _I64, _Pointer, _Pointer], None),
-    "celo_accumulate": ([*_GRID, *[_Pointer] * 5, *_FACTORS, _Pointer, _F32, _F32, _Pointer], None),
-    "celo_mlp_step": ([*_GRID, *[_Pointer] * 5, *_FACTORS, *[_Pointer] * 7, _F32, _Pointer], None),
+    "celo_accumulate": ([*_GRID, *[_Pointer] * 5, *_FACTORS, _Pointer, _F32, _F32, _Pointer, ctypes.c_int], None),
+    "celo_mlp_step": ([*_GRID, *[_Pointer] * 5, *_FACTORS, *[_Pointer] * 7, _F32, _Pointer, ctypes.c_int], None),
     "celo_factored_moments": (
         [*_GRID, _I64, _Pointer, _I64, _I64, _Pointer, _Pointer, _Pointer, _Pointer, _I64, _Pointer, _Pointer, _I64,
          *[_Pointer] * 4],
@@ -231,7 +235,7 @@ def accumulate_and_square_sums_(
     def run(m32: torch.Tensor, rms32: torch.Tensor) -> None:
         lib.celo_accumulate(
             batch, rows, cols, _ptr(p), _ptr(g), _ptr(m32), _ptr(rms32), _strides(p, g, m32, rms32), *factors,
-            _ptr(decays), rms_decay, 1 - rms_decay, _ptr(sums),
+            _ptr(decays), rms_decay, 1 - rms_decay, _ptr(sums), torch.get_num_threads(),
         )
 
     _in_place(run, (m, rms))
@@ -259,7 +263,7 @@ def mlp_step_(
     def run(p32: torch.Tensor) -> None:
         lib.celo_mlp_step(
             batch, rows, cols, _ptr(p32), _ptr(g), _ptr(m), _ptr(rms), _strides(p32, g, m, rms), *factors,
-            *(_ptr(t) for t in hidden), *(_ptr(t) for t in dense[:5]), exp_mult, _ptr(dense[5]),
+            *(_ptr(t) for t in hidden), *(_ptr(t) for t in dense[:5]), exp_mult, _ptr(dense[5]), torch.get_num_threads(),
         )
 
     _in_place(run, (p,))

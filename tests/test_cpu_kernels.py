@@ -204,3 +204,25 @@ def test_cpp_refuses_tensors_off_the_cpu(paper_net):
 
     with pytest.raises(ValueError, match="backend='cpp' updates CPU tensors, got parameters on meta"):
         cpu_kernels.kernels(UpdateWeights.from_net(paper_net, "meta"))
+
+
+def test_cpp_results_do_not_depend_on_the_number_of_threads(paper_net):
+    """The C++ kernels split large tensors into fixed blocks of rows over torch's CPU threads and add
+    the blocks' partial sums in block order: one thread and two give the same bits."""
+    def run(threads: int) -> list[torch.Tensor]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            generator = torch.Generator().manual_seed(2)
+            params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in [(700, 300), (90, 2000), (70000,)]]
+            optimizer = Celo(params, total_steps=10, weights=copy.deepcopy(paper_net), backend="cpp")
+            for t in range(2):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=generator)
+                optimizer.step(loss=1.0 - 0.1 * t)
+            return [p.detach() for p in params] + [v for p in params for v in optimizer.state[p].values()]
+        finally:
+            torch.set_num_threads(previous)
+
+    for one, two in zip(run(1), run(2)):
+        assert torch.equal(one, two)
