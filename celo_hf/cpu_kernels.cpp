@@ -4,7 +4,9 @@
 // accumulate_and_square_sums_, pass 2 mlp_step_), hand-written so that each pass is one loop over the
 // elements in SIMD registers: every element is read once per pass, intermediate values never leave
 // registers, nothing of full size is allocated. The maths of one element is written once, as
-// templates over `float` (a row's last few elements) and `Vec` (W elements at a time).
+// templates over `float` (a row's last few elements) and `Vec` (W elements at a time). Pass 0 also
+// comes as celo_factored_moments, which goes on to prepare everything the factored moments give the
+// other passes. Passes 1 and 2 split their rows over threads in fixed blocks (see Blocks).
 //
 // Layout. A call covers B same-shaped tensors, each a grid of `a` rows by `b` columns (a matrix keeps
 // its rows; anything else arrives as one row). Per-element arrays are float32 with unit stride along a

@@ -110,10 +110,12 @@ def library(decays: int, hidden: int, hidden_layers: int) -> ctypes.CDLL:
     for name, (argtypes, restype) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, restype
-    built = [ctypes.c_int() for _ in range(3)]
-    lib.celo_config(*(ctypes.byref(v) for v in built))
-    if [v.value for v in built] != [decays, hidden, hidden_layers]:
-        raise RuntimeError(f"{path} was built for {[v.value for v in built]}, not {[decays, hidden, hidden_layers]}")
+    configuration = [ctypes.c_int() for _ in range(3)]
+    lib.celo_config(*(ctypes.byref(v) for v in configuration))
+    if [v.value for v in configuration] != [decays, hidden, hidden_layers]:
+        raise RuntimeError(
+            f"{path} was built for {[v.value for v in configuration]}, not {[decays, hidden, hidden_layers]}"
+        )
     return lib
 
 

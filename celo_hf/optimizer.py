@@ -286,8 +286,8 @@ class Celo(torch.optim.Optimizer):
             try:
                 cpu_kernels.prepare(self.net)
                 self._cpp_unavailable = ""
-            except RuntimeError as err:
-                self._cpp_unavailable = str(err)
+            except (RuntimeError, OSError) as err:  # no compiler, a failed build, an unwritable cache
+                self._cpp_unavailable = str(err) or type(err).__name__
                 warnings.warn(
                     f"Celo(backend='auto') falls back to the eager kernels, several times slower on CPU: {err}",
                     RuntimeWarning,

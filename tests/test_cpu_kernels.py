@@ -173,7 +173,8 @@ def test_factored_moments_of_whole_float32_matrices_are_prepared_in_cpp(paper_ne
         cpu_kernels.FactoredMomentsInCpp(cpu_kernels.library(3, 4, 1), torch.randn(2, 6, 5), state, weights, 1)
 
 
-def test_auto_backend_takes_cpp_on_cpu_and_eager_without_a_compiler(tmp_path, monkeypatch, paper_net):
+@pytest.mark.parametrize("broken", ["no-compiler", "cache-not-writable"])
+def test_auto_backend_takes_cpp_on_cpu_and_eager_when_it_cannot_build(tmp_path, monkeypatch, paper_net, broken):
     def stepped(**options):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 30).view(6, 5))
         p.grad = torch.linspace(1, -2, 30).view(6, 5)
@@ -187,12 +188,18 @@ def test_auto_backend_takes_cpp_on_cpu_and_eager_without_a_compiler(tmp_path, mo
     assert optimizer._backend_on(torch.device("meta")) == "eager"  # any other device
     assert torch.equal(auto, stepped(backend="cpp")[0])
 
-    monkeypatch.setenv("CELO_HF_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setenv("PATH", str(tmp_path))
+    if broken == "no-compiler":
+        monkeypatch.setenv("CELO_HF_KERNEL_CACHE", str(tmp_path))
+        monkeypatch.setenv("CXX", "no-such-compiler")
+        monkeypatch.setenv("PATH", str(tmp_path))
+        reason = "needs a C\\+\\+ compiler"
+    else:
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("CELO_HF_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+        reason = "a-file"
     cpu_kernels.library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="falls back to the eager kernels.*needs a C\\+\\+ compiler"):
+        with pytest.warns(RuntimeWarning, match=f"falls back to the eager kernels.*{reason}"):
             fallback, _ = stepped()
     finally:
         cpu_kernels.library.cache_clear()
