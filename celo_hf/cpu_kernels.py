@@ -230,7 +230,7 @@ def accumulate_and_square_sums_(
     """Pass 1 (contract of :func:`celo_hf.update.accumulate_and_square_sums_`)."""
     batch, rows, cols = p.shape
     sums = torch.zeros(batch, 6 + 4 * m.shape[1], dtype=torch.float64)  # the kernels' channels
-    parts, factors = _factor_pointers(q_g, q_m, m)
+    keep_alive, factors = _factor_pointers(q_g, q_m, m)  # noqa: F841 (the pointers point into them)
     p, g = _float32(p), _float32(g)
     decays = momentum_decays.float().contiguous()
 
@@ -252,7 +252,7 @@ def mlp_step_(
     """Pass 2 (contract of :func:`celo_hf.update.mlp_step_`)."""
     batch, rows, cols = p.shape
     width = first.shape[2]
-    parts, factors = _factor_pointers(q_g, q_m, m)
+    keep_alive, factors = _factor_pointers(q_g, q_m, m)  # noqa: F841 (the pointers point into them)
     hidden = _row_and_column(hidden_in, update._total, 0.0, batch, width, rows, cols)
     g, m, rms = _float32(g), _float32(m), _float32(rms)
     if hidden_layers:
