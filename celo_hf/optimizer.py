@@ -17,8 +17,8 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.lr_scheduler import LambdaLR
 
-from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
 from . import cpu_kernels
+from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
 from .hub import load_celo_net
 from .network import CeloNet
 from .update import (
@@ -61,7 +61,7 @@ class Celo(torch.optim.Optimizer):
         backend: how the per-element work runs: ``"auto"`` (default: ``"cpp"`` for CPU tensors
             when the C++ kernels build on this machine, else ``"eager"``), ``"eager"`` (torch
             operations), ``"cpp"`` (hand-written C++ kernels for CPU tensors, the fastest on CPU:
-            about 5x eager; compiled for this machine on first use, a few seconds once, then
+            about 6x eager; compiled for this machine on first use, a few seconds once, then
             cached; needs a C++ compiler), ``"compile"`` (the eager kernels through
             ``torch.compile``, after a one-off compilation of tens of seconds), ``"triton"``
             (hand-written fused kernels for CUDA tensors; needs ``triton``), or ``"reference"``
