@@ -7,7 +7,7 @@ and the ratios of the medians::
     python benchmarks/step_speed.py                      # 1M/10M/50M plain, transformer-like, 40 tiny tensors
     python benchmarks/step_speed.py --quick              # tiny models, a few seconds (smoke test)
     python benchmarks/step_speed.py --markdown --json step_speed.json
-    python benchmarks/step_speed.py --models plain --sizes 10M --celo-backends eager compile
+    python benchmarks/step_speed.py --models plain --sizes 10M --celo-backends eager compile cpp
 
 Models (only their parameter shapes matter to an optimizer):
 
@@ -407,8 +407,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--weights", help="Celo weights (file, folder, Hub id); default: a random CeloNet()")
     parser.add_argument(
-        "--celo-backends", nargs="+", choices=[b for b in BACKENDS if b != "reference"], default=["eager"],
-        help="one Celo contender per backend (default eager)",
+        "--celo-backends", nargs="+", choices=[b for b in BACKENDS if b != "reference"], default=["eager", "cpp"],
+        help="one Celo contender per backend (default: eager, and cpp, which the default 'auto' runs on CPU)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 rounds: a smoke test of a few seconds")
     parser.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
