@@ -58,7 +58,8 @@ def main() -> None:
         (p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), reference.parameters())
     ]
     if dist.get_rank() == 0:
-        print("max_abs_diff", max(diffs))
+        print("max_abs_diff", max(diffs), flush=True)
+    dist.barrier()  # no rank tears its gloo group down while the other may still be using it
     dist.destroy_process_group()
 
 
