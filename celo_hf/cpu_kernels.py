@@ -140,10 +140,9 @@ def kernels(weights: update.UpdateWeights) -> Kernels:
 def _kernels(decays: int, hidden: int, hidden_layers: int) -> Kernels:
     lib = library(decays, hidden, hidden_layers)
     return Kernels(
-        functools.partial(factored_square_sums, lib),
+        functools.partial(factored_moments, lib),
         functools.partial(accumulate_and_square_sums_, lib),
         functools.partial(mlp_step_, lib),
-        functools.partial(factored_moments, lib),
     )
 
 
@@ -311,7 +310,6 @@ def _whole_float32(t: torch.Tensor) -> bool:
 def factored_moments(
     lib: ctypes.CDLL, g: torch.Tensor, state: update.TensorState, w: update.UpdateWeights, dims: tuple[int, int],
     chunks: list[slice], full: tuple[int, ...], sharding: update.RowSharding | None,
-    square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]],
 ) -> update._FactoredMoments:
     """A batch's factored moments: in C++ for a float32 matrix batch held whole, else as
     :class:`celo_hf.update._FactoredMoments` computes them."""
@@ -322,4 +320,5 @@ def factored_moments(
         and w.factored_decays.dtype == torch.float32 and w.factored_decays.is_contiguous()
     ):
         return FactoredMomentsInCpp(lib, g, state, w, dims[0])
+    square_sums = functools.partial(factored_square_sums, lib)
     return update._FactoredMoments(g, state, w, dims, chunks, full, sharding, square_sums)

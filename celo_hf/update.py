@@ -27,6 +27,7 @@ contiguous: ``m`` ``(k, *S)`` momenta, ``rms`` ``S`` second moment; for rank >= 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -435,14 +436,13 @@ def _mlp_step_unrolled_(*args: object) -> None:
 
 
 class Kernels(NamedTuple):
-    """The per-element kernels of one backend (same contracts as the eager functions), and how it
-    prepares a matrix batch's factored moments (the constructor of :class:`_FactoredMoments` or an
-    equivalent)."""
+    """One backend's three passes: the preparation of a matrix batch's factored moments (pass 0
+    included: :class:`_FactoredMoments` with that backend's :func:`factored_square_sums`, or an
+    equivalent), then the two per-element kernels (same contracts as the eager functions)."""
 
-    factored_square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    factored_moments: Callable[..., _FactoredMoments]
     accumulate_and_square_sums_: Callable[..., torch.Tensor]
     mlp_step_: Callable[..., None]
-    factored_moments: Callable[..., _FactoredMoments]
 
 
 _compiled_kernels: Kernels | None = None
@@ -478,19 +478,17 @@ def kernels(backend: Backend, weights: UpdateWeights) -> Kernels:
     ``weights``' configuration)."""
     global _compiled_kernels
     if backend == "eager":
-        return Kernels(factored_square_sums, accumulate_and_square_sums_, mlp_step_, _FactoredMoments)
+        return Kernels(_FactoredMoments, accumulate_and_square_sums_, mlp_step_)
     if backend == "triton":
         from . import triton_kernels  # imported on demand: triton ships with CUDA builds of torch
 
-        return Kernels(
-            factored_square_sums, triton_kernels.accumulate_and_square_sums_, triton_kernels.mlp_step_, _FactoredMoments
-        )
+        return Kernels(_FactoredMoments, triton_kernels.accumulate_and_square_sums_, triton_kernels.mlp_step_)
     if backend == "compile":
         if _compiled_kernels is None:
             compiled = lambda f: _without_view_bases(torch.compile(f, dynamic=True, options=_FUSE_EVERYTHING))  # noqa: E731
             _compiled_kernels = Kernels(
-                compiled(factored_square_sums), compiled(_accumulate_unrolled_), compiled(_mlp_step_unrolled_),
-                _FactoredMoments,
+                functools.partial(_FactoredMoments, square_sums=compiled(factored_square_sums)),
+                compiled(_accumulate_unrolled_), compiled(_mlp_step_unrolled_),
             )
         return _compiled_kernels
     if backend == "cpp":
@@ -583,7 +581,7 @@ class _FactoredMoments:
     def __init__(
         self, g: torch.Tensor, state: TensorState, w: UpdateWeights, dims: tuple[int, int],
         chunks: list[slice], full: tuple[int, ...], sharding: RowSharding | None,
-        square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        square_sums: Callable[..., tuple[torch.Tensor, torch.Tensor]] = factored_square_sums,
     ):
         d0, d1 = dims
         batch, shape = g.shape[0], tuple(g.shape[1:])
@@ -729,7 +727,7 @@ def update_batch_(
     dims = factored_dims(full)
     moments = (
         _DiagonalMoments(g, state, w, numel, sharding) if dims is None
-        else kernel.factored_moments(g, state, w, dims, chunks, full, sharding, kernel.factored_square_sums)
+        else kernel.factored_moments(g, state, w, dims, chunks, full, sharding)
     )
     matrix = len(shape) == 2
 

@@ -164,7 +164,7 @@ def test_factored_moments_of_whole_float32_matrices_are_prepared_in_cpp(paper_ne
         g = torch.randn(2, *shape).to(dtype)
         dims = factored_dims(shape)
         made[name] = cpu_kernels.kernels(weights).factored_moments(
-            g, state, weights, dims, [slice(0, shape[0])], shape, None, cpu_kernels.update.factored_square_sums
+            g, state, weights, dims, [slice(0, shape[0])], shape, None
         )
     assert isinstance(made["matrix"], cpu_kernels.FactoredMomentsInCpp)
     assert type(made["rank4"]) is _FactoredMoments and type(made["bf16"]) is _FactoredMoments
