@@ -1,11 +1,14 @@
 """Celo weights by Hub model id, in both formats, against the loopback Hub server (tests/hub_server.py)."""
 
+import json
+import socket
+import time
+
 import pytest
 import torch
 from helpers import PAPER_WEIGHTS
 
 from celo_hf import Celo, CeloNet, CeloWeightsError, load_celo_net
-
 
 
 def _same_weights(a: CeloNet, b: CeloNet) -> bool:
@@ -83,8 +86,56 @@ except celo_hf.CeloWeightsError as err:
     hub.clear_log()
     result = run_python(code, {"HF_HUB_OFFLINE": "1"})
     assert "loaded 36064" in result.stdout
-    assert "'amoudgl/never-downloaded' (revision main) is not in the local cache" in result.stdout
+    assert ("'amoudgl/never-downloaded' (revision main) is not in the local cache and HF_HUB_OFFLINE=1 forbids "
+            "downloading it: unset HF_HUB_OFFLINE to download it once, or pass weights= a local path") in result.stdout
     assert hub.requests == []
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once by this process, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+#: Load each of ``repos`` from ``cache``; print one JSON line each: the error (or None) and the seconds it took.
+TIMED_LOADS = """
+import json, time, celo_hf
+for repo in {repos!r}:
+    start, error = time.perf_counter(), None
+    try:
+        celo_hf.load_celo_net(repo, cache_dir={cache!r})
+    except celo_hf.CeloWeightsError as err:
+        error = str(err)
+    print(json.dumps({{"error": error, "seconds": time.perf_counter() - start}}))
+"""
+
+
+def test_unreachable_hub_is_one_clear_sentence_within_seconds(hub, hf_cache, run_python):
+    """No network and HF_HUB_OFFLINE unset: a model missing from the cache fails at once (huggingface_hub
+    alone retries each file for about 25 s), saying how to get it; a cached one still loads."""
+    CeloNet(mlp_hidden_size=5).push_to_hub("celo-org/cached-before")
+    load_celo_net("celo-org/cached-before", cache_dir=hf_cache)
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    code = TIMED_LOADS.format(repos=["celo-org/never-downloaded", "celo-org/cached-before"], cache=hf_cache)
+    missing, cached = map(json.loads, run_python(code, {"HF_ENDPOINT": endpoint}).stdout.splitlines())
+    assert missing["error"].startswith(
+        f"Hub model 'celo-org/never-downloaded' (revision main) is not in the local cache and the Hub at {endpoint} "
+        f"cannot be reached ("
+    ), missing
+    assert missing["error"].endswith(
+        "download it once with network access (HF_HUB_OFFLINE=1 then loads it from the cache, trying no Hub), "
+        "or pass weights= a local path (a theta.state file, or a folder with config.json + model.safetensors)"
+    ), missing
+    assert "\n" not in missing["error"] and missing["seconds"] < 3, missing
+    assert cached["error"] is None and cached["seconds"] < 3, cached
+
+
+def test_unknown_repo_on_a_live_hub_is_named_within_seconds(hf_cache):
+    start = time.perf_counter()
+    with pytest.raises(CeloWeightsError, match="^Hub model 'nobody/no-such-celo' was not found \\(or is private"):
+        load_celo_net("nobody/no-such-celo", cache_dir=hf_cache)
+    assert time.perf_counter() - start < 3
 
 
 def test_a_string_that_is_neither_a_path_nor_an_id_is_refused():
