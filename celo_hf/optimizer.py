@@ -156,9 +156,15 @@ class Celo(torch.optim.Optimizer):
     # ---- copies and pickles ----------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but torch's hooks and the caches (torch's own keeps only ``defaults``,
-        ``state`` and ``param_groups``, and a copy of Celo could not step)."""
-        return {k: v for k, v in self.__dict__.items() if k not in _HOOKS and k not in _CACHES}
+        """Everything but torch's hooks, the caches and wrappers other code installed over the
+        class's methods (an LR scheduler's around ``step``, which calls the original optimizer).
+        torch's own keeps only ``defaults``, ``state`` and ``param_groups``: a copy of Celo could
+        not step."""
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in _HOOKS and k not in _CACHES and not hasattr(type(self), k)
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling, and torch's ``load_state_dict`` (which passes ``state`` and ``param_groups``):

@@ -36,6 +36,8 @@ from optimizer_setup import (
     toy_loss,
 )
 
+from torch.optim.lr_scheduler import LambdaLR
+
 from celo_hf import Celo
 
 
@@ -282,9 +284,11 @@ def _torch_saved(optimizer: Celo) -> Celo:
 @pytest.mark.parametrize("duplicate", [copy.deepcopy, _pickled, _torch_saved], ids=["deepcopy", "pickle", "torch.save"])
 def test_a_copy_steps_exactly_as_the_original(duplicate: Callable[[Celo], Celo]):
     """A copy mid-run (stacked small tensors, scheduler state) continues bit for bit as the original
-    does, independently of it; torch's hooks are not copied (as for torch's optimizers)."""
+    does, independently of it; torch's hooks are not copied (as for torch's optimizers), nor is the
+    wrapper an LR scheduler puts around the original's ``step``."""
     params = make_params() + _same_shape_params(3)
     optimizer = paper_celo(params)
+    LambdaLR(optimizer, lambda _: 1.0)
     run_steps(optimizer, params, range(3))
     optimizer.register_step_post_hook(lambda opt, args, kwargs: None)
     clone = duplicate(optimizer)
