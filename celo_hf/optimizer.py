@@ -6,9 +6,12 @@ the per-tensor update of :mod:`celo_hf.update` for every parameter that has a gr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -43,6 +46,22 @@ _NO_LOSS = (
     "optimizer.set_loss(loss) before step(). With transformers.Trainer, build it as celo_hf.CeloTrainer(...) "
     "or call celo_hf.attach(trainer) before trainer.train()."
 )
+_STALE_LOSS = (
+    " (A loss handed over with set_loss() was dropped: the gradients present then have been replaced since, "
+    "e.g. after a step that GradScaler or Accelerate skipped; hand over the loss that goes with these gradients.)"
+)
+#: torch's hook registries: a copy or pickle of an optimizer leaves them out, as torch's own does.
+_HOOKS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+#: Attributes rebuilt on first use, and so not copied or pickled: per-device weights, stacked state,
+#: and a pending ``set_loss()`` value (it belongs to the original's gradients).
+_CACHES = {"_update_weights": dict, "_stacks": dict, "_pending_loss": lambda: None}
 
 
 class Celo(torch.optim.Optimizer):
@@ -56,7 +75,11 @@ class Celo(torch.optim.Optimizer):
         weights: the learned weights: ``None`` (embedded default), a ``CeloNet``, a local file or
             folder, or a Hub model id; see :func:`celo_hf.hub.load_celo_net`.
         lr: per-group multiplier of Celo's step (default 1.0: Celo's own schedule, untouched), so
-            that external schedules compose.
+            that external schedules compose: a number or a 1-element tensor.
+        weight_decay: per-group L2 coefficient ``wd`` (default 0.0: none), the original's optional
+            wrapper: the update sees the gradient ``g + wd * p`` and the scheduler the loss
+            ``loss + wd * sum(p**2)`` (summed over the tensors the step updates, of each group with
+            its own ``wd``).
         revision, token, cache_dir: Hub download options for ``weights``.
         backend: how the per-element work runs: ``"auto"`` (default: ``"cpp"`` for CPU tensors
             when the C++ kernels build on this machine, else ``"eager"``), ``"eager"`` (torch
@@ -76,6 +99,11 @@ class Celo(torch.optim.Optimizer):
     The training loss must reach every step: ``step(loss=...)``, a closure, or ``set_loss()``.
     Parameters whose ``.grad`` is ``None`` are left alone (the reference fed zeros instead). A step
     whose loss or gradients are not finite is skipped entirely and counted in ``skipped_steps``.
+
+    The ``torch.optim`` contract holds (tests/test_optim_contract.py): hooks, ``state_dict`` round
+    trips, ``copy.deepcopy`` / pickling, ``torch.compile``d training steps (``step`` runs eagerly, a
+    graph break). Parameters are updated with float32 arithmetic whatever their dtype; complex
+    parameters are refused; a zero gradient still moves a parameter (as in the original).
     """
 
     def __init__(
@@ -83,7 +111,8 @@ class Celo(torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         total_steps: int | None = None,
         weights: CeloNet | str | Path | None = None,
-        lr: float = 1.0,
+        lr: float | torch.Tensor = 1.0,
+        weight_decay: float = 0.0,
         *,
         revision: str | None = None,
         token: str | bool | None = None,
@@ -92,15 +121,16 @@ class Celo(torch.optim.Optimizer):
         chunk_elements: int | None = None,
         moment_dtype: torch.dtype = torch.float32,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        _check_lr(lr)
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (expected a finite number >= 0)")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
         if chunk_elements is not None and not (isinstance(chunk_elements, int) and chunk_elements > 0):
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, {"lr": lr, "weight_decay": float(weight_decay)})
         for p in chain.from_iterable(g["params"] for g in self.param_groups):
             if not p.is_floating_point():
                 raise TypeError(f"Celo optimizes floating-point parameters, got one of dtype {p.dtype}")
@@ -115,13 +145,36 @@ class Celo(torch.optim.Optimizer):
         self.total_steps = total_steps
         self.iteration = 0
         self.skipped_steps = 0
-        self._pending_loss: LossLike | None = None
+        self._pending_loss: _PendingLoss | None = None
         self._loss_buffer: LossBuffer | None = None
         self._lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._decays: tuple[int, torch.Tensor] | None = None
         self._update_weights: dict[tuple[torch.device, int], UpdateWeights] = {}
         self._stacks: dict[tuple[int, ...], tuple[TensorState, list[TensorState]]] = {}
         self._warned_past_end = False
+
+    # ---- copies and pickles ----------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but torch's hooks, the caches and wrappers other code installed over the
+        class's methods (an LR scheduler's around ``step``, which calls the original optimizer).
+        torch's own keeps only ``defaults``, ``state`` and ``param_groups``: a copy of Celo could
+        not step."""
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in _HOOKS and k not in _CACHES and not hasattr(type(self), k)
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, and torch's ``load_state_dict`` (which passes ``state`` and ``param_groups``):
+        empty hooks and caches where absent, and param groups saved before ``weight_decay``
+        existed get the default."""
+        super().__setstate__(state)
+        for name, empty in _CACHES.items():
+            self.__dict__.setdefault(name, empty())
+        for group in self.param_groups:
+            group.setdefault("weight_decay", self.defaults["weight_decay"])
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -136,12 +189,31 @@ class Celo(torch.optim.Optimizer):
             raise ValueError(f"total_steps must be a positive int (the planned number of optimizer steps), got {value!r}")
         self._total_steps = value
 
+    @torch.compiler.disable
     def set_loss(self, loss: LossLike) -> None:
-        """Hand over the training loss for the next ``step()`` (used once, then forgotten)."""
-        self._pending_loss = _check_loss(loss)
+        """Hand over the training loss for the step about to be taken on the current gradients.
+
+        The next ``step()`` uses it once. It is dropped by :meth:`zero_grad` and when the
+        parameters' gradients are replaced (set to ``None`` or recomputed into new tensors), so that
+        a step which GradScaler or Accelerate skipped (``step()`` never called) cannot hand its
+        loss to a later step.
+        """
+        self._pending_loss = _PendingLoss(_check_loss(loss), _grad_refs(self._params()))
+
+    @torch.compiler.disable
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; it also drops a :meth:`set_loss` value (it went with those gradients)."""
+        self._pending_loss = None
+        super().zero_grad(set_to_none)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     # ---- the step ------------------------------------------------------------------------------
 
+    # Under torch.compile the step runs eagerly (a graph break): dynamo would drop the scheduler
+    # state the step assigns, and the step synchronises with the host once anyway.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, loss: LossLike | None = None) -> Any:  # type: ignore[override]
         """One Celo step. The loss is taken from ``loss``, else the closure's return value, else
@@ -150,8 +222,12 @@ class Celo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
-        fed = loss if loss is not None else closure_loss if closure_loss is not None else self._pending_loss
-        self._pending_loss = None
+        pending, self._pending_loss = self._pending_loss, None
+        fed = loss if loss is not None else closure_loss
+        if fed is None and pending is not None:
+            if not _same_grads(pending.grads, self._params()):
+                raise RuntimeError(_NO_LOSS + _STALE_LOSS)
+            fed = pending.value
         if fed is None:
             raise RuntimeError(_NO_LOSS)
         fed = _check_loss(fed)
@@ -161,14 +237,21 @@ class Celo(torch.optim.Optimizer):
                 "(the planned number of optimizer steps) before the first step"
             )
 
-        work = [
-            _work_item(p, group["lr"]) for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-        work = [item for item in work if item.param.numel() > 0]
+        work: list[_Work] = []
+        for group in self.param_groups:
+            lr = float(group["lr"])  # a tensor lr (torch's convention) is read once per group and step
+            work += [
+                _work_item(p, lr, group["weight_decay"])
+                for p in group["params"]
+                if p.grad is not None and p.numel() > 0
+            ]
         if not work:
             return closure_loss
         device = work[0].local.device
         loss_t = torch.as_tensor(fed, dtype=torch.float32).to(device).reshape(())
+        decayed = [item for item in work if item.weight_decay != 0]
+        if decayed:
+            loss_t = loss_t + _weight_decay_penalty(decayed, device)
         if not _all_finite([item.grad for item in work], loss_t, _process_group(work)):
             self.skipped_steps += 1
             warnings.warn(
@@ -194,7 +277,9 @@ class Celo(torch.optim.Optimizer):
                 if item.sharding is not None:
                     raise RuntimeError("backend='reference' does not support sharded (FSDP2) parameters; use 'eager'")
                 state = self.state[item.param]
-                new_p, new_state = reference_update(item.local, item.grad, state, lr_mult.to(device) * item.lr, self.net)
+                new_p, new_state = reference_update(
+                    item.local, _gradient(item), state, lr_mult.to(device) * item.lr, self.net
+                )
                 item.local.copy_(new_p)
                 for key, value in new_state.items():
                     state[key].copy_(value)
@@ -221,12 +306,12 @@ class Celo(torch.optim.Optimizer):
             item = batch[0]
             state = {key: value.unsqueeze(0) for key, value in self.state[item.param].items()}
             update_batch_(
-                item.local.view(1, *shape), item.grad.reshape(1, *shape), state, lr_scale, weights,
+                item.local.view(1, *shape), _gradient(item).reshape(1, *shape), state, lr_scale, weights,
                 backend, self.chunk_elements, item.sharding,
             )
             return
         p = torch.stack([t.reshape(shape) for t in locals_])
-        g = torch.stack([item.grad.reshape(shape) for item in batch])
+        g = torch.stack([_gradient(item).reshape(shape) for item in batch])
         update_batch_(p, g, self._stacked_state(batch), lr_scale, weights, backend, self.chunk_elements)
         torch._foreach_copy_(locals_, [row.view_as(t) for row, t in zip(p.unbind(0), locals_)])
 
@@ -304,17 +389,68 @@ class Celo(torch.optim.Optimizer):
 
     # ---- checkpointing -------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict plus a ``"celo"`` entry with the global state.
 
-        Only tensors, ints and lists: it loads with ``torch.load(weights_only=True)``.
+        Only tensors, ints and lists: it loads with ``torch.load(weights_only=True)``. State-dict
+        post-hooks see (and may change) the ``"celo"`` entry.
         """
-        state = super().state_dict()
-        # Small tensors' entries are views of a shared stacked buffer (_stacked_state): save copies.
-        state["state"] = {
-            index: {k: v.clone() if v._base is not None else v for k, v in entries.items()}
-            for index, entries in state["state"].items()
-        }
+        with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
+            state_dict = super().state_dict()  # runs the pre-hooks
+        state_dict["state"] = {index: _independent(entries) for index, entries in state_dict["state"].items()}
+        state_dict["celo"] = self._global_state()
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    @torch.compiler.disable
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the one a load-state-dict pre-hook returns, if any; the
+        post-hooks run once everything is restored). Per-parameter state keeps Celo's dtypes
+        (float32, or ``moment_dtype`` for the momenta) whatever the parameter dtype (torch's loader
+        would cast it to bf16 / fp16 parameters)."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        celo = state_dict.get("celo")
+        if not isinstance(celo, dict):
+            raise ValueError("not a Celo optimizer state dict: it has no 'celo' entry")
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        saved = {p: state_dict["state"][i] for i, p in zip(saved_ids, self._params()) if i in state_dict["state"]}
+        dtypes = {p: self._saved_state_dtypes(p, entries) for p, entries in saved.items()}
+        hooks = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+        with _hooks_set_aside(self, *hooks) as (_, post_hooks):
+            super().load_state_dict(state_dict)
+        for p, entries in saved.items():
+            device = (p.to_local() if isinstance(p, DTensor) else p).device
+            self.state[p] = {k: v.to(device=device, dtype=dtypes[p][k]) for k, v in entries.items()}
+        self._restore_global_state(celo)
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _saved_state_dtypes(self, p: torch.Tensor, saved: Any) -> dict[str, torch.dtype]:
+        """The dtype of each entry of Celo's state for ``p``; raises unless ``saved`` has exactly
+        those entries with their shapes (or none: no step taken yet)."""
+        if isinstance(saved, dict) and not saved:
+            return {}
+        local = p.to_local() if isinstance(p, DTensor) else p
+        expected = init_tensor_state(local.shape, len(self.net.momentum_decays), "meta", p.shape, self.moment_dtype)
+        want = {k: tuple(v.shape) for k, v in expected.items()}
+        got = {k: tuple(v.shape) for k, v in saved.items()} if isinstance(saved, dict) else saved
+        if got != want:
+            raise ValueError(
+                f"saved Celo state for a parameter of shape {tuple(p.shape)} has entries {got}, "
+                f"expected {{{', '.join(f'{k!r}: {v}' for k, v in want.items())}}}"
+            )
+        return {k: v.dtype for k, v in expected.items()}
+
+    def _global_state(self) -> dict[str, Any]:
+        """The state dict's ``"celo"`` entry: step counts, and the scheduler's state once it has one."""
         celo: dict[str, Any] = {
             "iteration": self.iteration,
             "total_steps": self.total_steps,
@@ -328,39 +464,15 @@ class Celo(torch.optim.Optimizer):
                 lstm_hidden=self._lstm_state[0].clone(),
                 lstm_cell=self._lstm_state[1].clone(),
             )
-        state["celo"] = celo
-        return state
+        return celo
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. Per-parameter state keeps Celo's dtypes (float32, or
-        ``moment_dtype`` for the momenta) whatever the parameter dtype (torch's loader would cast it
-        to bf16 / fp16 parameters)."""
-        celo = state_dict.get("celo")
-        if not isinstance(celo, dict):
-            raise ValueError("not a Celo optimizer state dict: it has no 'celo' entry")
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        num_decays = len(self.net.momentum_decays)
-        for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id)
-            if not saved:
-                continue
-            local = p.to_local() if isinstance(p, DTensor) else p
-            expected = init_tensor_state(local.shape, num_decays, "meta", p.shape, self.moment_dtype)
-            got = {k: tuple(v.shape) for k, v in saved.items()}
-            if got != {k: tuple(v.shape) for k, v in expected.items()}:
-                raise ValueError(
-                    f"saved Celo state for a parameter of shape {tuple(p.shape)} has entries {got}, "
-                    f"expected {{{', '.join(f'{k!r}: {tuple(v.shape)}' for k, v in expected.items())}}}"
-                )
-            self.state[p] = {k: v.to(device=local.device, dtype=expected[k].dtype) for k, v in saved.items()}
+    def _restore_global_state(self, celo: dict[str, Any]) -> None:
         self.total_steps = celo["total_steps"]
         self.iteration = int(celo["iteration"])
         self.skipped_steps = int(celo["skipped_steps"])
         self._warned_past_end = False
         if "lstm_hidden" in celo:
-            device = next(chain.from_iterable(g["params"] for g in self.param_groups)).device
+            device = self._params()[0].device
             f32 = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
             count = torch.as_tensor(celo["loss_count"], dtype=torch.int64, device=device)
             self._loss_buffer = LossBuffer(f32(celo["loss_means"]), f32(celo["loss_running_min"]), count)
@@ -373,33 +485,57 @@ class Celo(torch.optim.Optimizer):
 
 class _Work(NamedTuple):
     """One parameter to update: ``param`` (the state key; a DTensor under FSDP2), the tensors to
-    compute with (``local``, ``grad``: this process's rows when sharded), its group ``lr``."""
+    compute with (``local``, ``grad``: this process's rows when sharded), its group's ``lr`` and
+    ``weight_decay``."""
 
     param: torch.Tensor
     local: torch.Tensor
     grad: torch.Tensor
     lr: float
+    weight_decay: float
     sharding: RowSharding | None
 
 
-def _work_item(param: torch.Tensor, lr: float) -> _Work:
+def _work_item(param: torch.Tensor, lr: float, weight_decay: float) -> _Work:
     """Unwrap a parameter for the update; FSDP2's row-sharded DTensors become their local rows."""
     grad = param.grad
     assert grad is not None
     if grad.is_sparse:
         raise RuntimeError("Celo does not support sparse gradients")
     if not isinstance(param, DTensor):
-        return _Work(param, param, grad, lr, None)
+        return _Work(param, param, grad, lr, weight_decay, None)
     local_grad = grad.to_local() if isinstance(grad, DTensor) else grad
     mesh, placements = param.device_mesh, tuple(param.placements)
     if all(isinstance(pl, Replicate) for pl in placements):
-        return _Work(param, param.to_local(), local_grad, lr, None)
+        return _Work(param, param.to_local(), local_grad, lr, weight_decay, None)
     if mesh.ndim != 1 or placements != (Shard(0),):
         raise RuntimeError(
             f"Celo supports DTensor parameters sharded on their first axis over a 1-D mesh (FSDP2's default), "
             f"got placements {placements} on a {mesh.ndim}-D mesh for a parameter of shape {tuple(param.shape)}"
         )
-    return _Work(param, param.to_local(), local_grad, lr, RowSharding(param.shape[0], mesh.get_group()))
+    return _Work(param, param.to_local(), local_grad, lr, weight_decay, RowSharding(param.shape[0], mesh.get_group()))
+
+
+def _gradient(item: _Work) -> torch.Tensor:
+    """The gradient the update sees: ``grad + weight_decay * param`` (the original's L2 wrapper)."""
+    return item.grad if item.weight_decay == 0 else torch.add(item.grad, item.local, alpha=item.weight_decay)
+
+
+def _weight_decay_penalty(work: list[_Work], device: torch.device) -> torch.Tensor:
+    """``sum(weight_decay * sum(p**2))`` over ``work`` (float32 scalar on ``device``), the L2 term
+    the original's wrapper adds to the loss; row-sharded tensors' sums are completed across
+    processes (one all-reduce), so that every process feeds its scheduler the same loss."""
+
+    def penalty(items: list[_Work]) -> torch.Tensor:
+        terms = [item.weight_decay * item.local.detach().float().square().sum().to(device) for item in items]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
+
+    sharded = [item for item in work if item.sharding is not None]
+    if not sharded:
+        return penalty(work)
+    shards = penalty(sharded)
+    torch.distributed.all_reduce(shards, group=sharded[0].sharding.group)
+    return penalty([item for item in work if item.sharding is None]) + shards
 
 
 def _process_group(work: list[_Work]) -> object | None:
@@ -424,6 +560,65 @@ def _batches(work: list[_Work], chunk_elements: int) -> list[list[_Work]]:
             batches.append(batch)
         batch.append(item)
     return batches
+
+
+class _PendingLoss(NamedTuple):
+    """A loss handed over with ``set_loss()``, and the parameters' gradients at that moment (weak
+    references, ``None`` where a parameter had none): it is for a step on those gradients only."""
+
+    value: LossLike
+    grads: tuple[weakref.ref[torch.Tensor] | None, ...]
+
+
+def _grad_refs(params: list[torch.Tensor]) -> tuple[weakref.ref[torch.Tensor] | None, ...]:
+    return tuple(None if p.grad is None else weakref.ref(p.grad) for p in params)
+
+
+def _same_grads(refs: tuple[weakref.ref[torch.Tensor] | None, ...], params: list[torch.Tensor]) -> bool:
+    """Whether every gradient recorded in ``refs`` is still its parameter's ``.grad`` (new gradients
+    where there were none are fine: a loss may be handed over before ``backward()``)."""
+    return len(refs) == len(params) and all(ref is None or ref() is p.grad for ref, p in zip(refs, params))
+
+
+@contextlib.contextmanager
+def _hooks_set_aside(optimizer: torch.optim.Optimizer, *names: str) -> Iterator[tuple[OrderedDict, ...]]:
+    """Run torch's own state-dict code without the hooks registered under ``names``; yields them,
+    for :class:`Celo` to run itself once its own entries are in place."""
+    held = tuple(getattr(optimizer, name) for name in names)
+    for name in names:
+        setattr(optimizer, name, OrderedDict())
+    try:
+        yield held
+    finally:
+        for name, hooks in zip(names, held):
+            setattr(optimizer, name, hooks)
+
+
+def _independent(entries: Any) -> Any:
+    """A parameter's state entries as independent tensors: small tensors' entries are views of a
+    shared stacked buffer (``Celo._stacked_state``), saved as copies. Other values (torch allows
+    any in ``optimizer.state``) pass through."""
+    if not isinstance(entries, dict):
+        return entries
+    return {k: v.clone() if isinstance(v, torch.Tensor) and v._base is not None else v for k, v in entries.items()}
+
+
+def _check_lr(lr: Any) -> None:
+    """torch's checks of ``lr``, with its wording (``torch.optim.Adam``)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise TypeError(f"Tensor lr must be floating point, got dtype {lr.dtype}")
+        value = float(lr)
+    elif isinstance(lr, (int, float)):
+        value = float(lr)
+    else:
+        raise TypeError(f"lr must be a number or a 1-element tensor, got {type(lr).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"Invalid learning rate: {lr} (Celo's lr multiplies its learned step: expected a finite number >= 0)"
+        )
 
 
 def _check_loss(loss: Any) -> LossLike:

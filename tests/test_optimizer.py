@@ -11,66 +11,19 @@ from collections.abc import Callable
 import pytest
 import torch
 from helpers import PAPER_WEIGHTS
+from optimizer_setup import SHAPES
+from optimizer_setup import assert_identical as _assert_identical
+from optimizer_setup import make_params as _params
+from optimizer_setup import paper_celo as _celo
+from optimizer_setup import run_steps as _run
+from optimizer_setup import set_grads as _set_grads
+from optimizer_setup import snapshot as _snapshot
+from optimizer_setup import toy_loss as _loss
 from torch.optim.lr_scheduler import LambdaLR
 
 from celo_hf import Celo, create
 
 pytestmark = pytest.mark.reference  # every test reads the paper's checkpoint
-SHAPES = {"w": (4, 6), "b": (6,), "scale": (), "kernel": (2, 3, 1, 4)}
-
-
-def _params(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype)) for s in SHAPES.values()]
-
-
-def _set_grads(params: list[torch.Tensor], seed: int) -> None:
-    """Deterministic gradients that depend on the parameters' current values (as real ones do)."""
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        noise = torch.randn(p.shape, generator=generator)
-        p.grad = (p.detach().float() + noise).to(p.dtype)
-
-
-def _loss(t: int) -> float:
-    return 3.0 / (1.0 + 0.3 * t)
-
-
-def _run(optimizer: Celo, params: list[torch.Tensor], steps: range) -> None:
-    for t in steps:
-        _set_grads(params, seed=100 + t)
-        optimizer.step(loss=_loss(t))
-
-
-def _snapshot(params: list[torch.Tensor], optimizer: Celo) -> tuple[list[torch.Tensor], dict]:
-    state = {
-        i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(params) if p in optimizer.state
-    }
-    celo = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state_dict()["celo"].items()}
-    return [p.detach().clone() for p in params], {"state": state, "celo": celo}
-
-
-def _assert_identical(a, b, where: str = "") -> None:
-    """Bitwise equality of nested lists / dicts of tensors and numbers."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where}: max difference {(a.float() - b.float()).abs().max()}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_identical(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def _celo(params, **kwargs) -> Celo:
-    kwargs.setdefault("total_steps", 10)
-    return Celo(params, weights=PAPER_WEIGHTS, **kwargs)
-
 
 # ---- where the loss comes from ---------------------------------------------------------------------
 
@@ -252,10 +205,12 @@ def test_lr_zero_leaves_parameters_unchanged_but_advances_the_state():
     assert optimizer.iteration == 3
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), torch.tensor(-0.5)])
 def test_lr_must_be_a_finite_non_negative_number(bad):
-    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"Invalid learning rate: .*expected a finite number >= 0"):
         _celo(_params(), lr=bad)
+    with pytest.raises(TypeError, match="lr must be a number or a 1-element tensor, got str"):
+        _celo(_params(), lr="1")
 
 
 def test_invalid_constructor_arguments_are_named():

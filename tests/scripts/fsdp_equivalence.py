@@ -1,7 +1,8 @@
 """Run Celo on a FSDP2-sharded model and on the same model unsharded; the results must agree.
 
 Launched by tests/test_fsdp.py as ``torchrun --standalone --nproc_per_node 2 fsdp_equivalence.py WEIGHTS``.
-Prints one line ``max_abs_diff <value>`` on rank 0.
+Without and with weight decay; prints one line ``max_abs_diff <value>`` on rank 0 (over the
+parameters and the losses the scheduler took in).
 """
 
 import copy
@@ -27,8 +28,9 @@ def make_model() -> torch.nn.Module:
     )
 
 
-def run(model: torch.nn.Module, weights, steps: int = 6) -> None:
-    optimizer = Celo(model.parameters(), total_steps=steps, weights=weights)
+def run(model: torch.nn.Module, weights, weight_decay: float, steps: int = 6) -> torch.Tensor:
+    """Train ``model``; returns the loss buffer's means (the losses Celo's scheduler took in)."""
+    optimizer = Celo(model.parameters(), total_steps=steps, weights=weights, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(32, 6, generator=generator)
@@ -37,26 +39,30 @@ def run(model: torch.nn.Module, weights, steps: int = 6) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(loss=loss.detach())
+    return optimizer.state_dict()["celo"]["loss_means"]
 
 
 def main() -> None:
     dist.init_process_group("gloo")
     assert dist.get_world_size() == 2, f"expected 2 processes, got {dist.get_world_size()}"
     net = load_celo_net(sys.argv[1])
-    reference = make_model()
-    sharded = copy.deepcopy(reference)
-    for layer in sharded:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer)
-    fully_shard(sharded)
-    local_rows = [p.to_local().shape[0] for p in sharded.parameters()]
-    assert local_rows[0] == (3 if dist.get_rank() == 0 else 2), local_rows  # the 5-row weight is split
-    assert 0 in local_rows or dist.get_rank() == 0, local_rows  # rank 1 holds no row of the 1-row weight
-    run(reference, copy.deepcopy(net))
-    run(sharded, copy.deepcopy(net))
-    diffs = [
-        (p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), reference.parameters())
-    ]
+    diffs = []
+    for weight_decay in (0.0, 0.1):  # with weight decay, the loss's L2 term sums over every shard
+        reference = make_model()
+        sharded = copy.deepcopy(reference)
+        for layer in sharded:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+        fully_shard(sharded)
+        local_rows = [p.to_local().shape[0] for p in sharded.parameters()]
+        assert local_rows[0] == (3 if dist.get_rank() == 0 else 2), local_rows  # the 5-row weight is split
+        assert 0 in local_rows or dist.get_rank() == 0, local_rows  # rank 1 holds no row of the 1-row weight
+        reference_losses = run(reference, copy.deepcopy(net), weight_decay)
+        sharded_losses = run(sharded, copy.deepcopy(net), weight_decay)
+        diffs.append((sharded_losses - reference_losses).abs().max().item())
+        diffs += [
+            (p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), reference.parameters())
+        ]
     if dist.get_rank() == 0:
         print("max_abs_diff", max(diffs), flush=True)
     dist.barrier()  # no rank tears its gloo group down while the other may still be using it
