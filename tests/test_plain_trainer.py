@@ -127,6 +127,23 @@ def test_compiled_model_does_not_double_count(tmp_path, callback):
 
 
 @pytest.mark.parametrize("callback", [True, False])
+def test_resume_continues_exactly(tmp_path, callback):
+    def run(resume: bool) -> tuple[torch.Tensor, list[float]]:
+        model = tiny_model("gpt2")
+        optimizer, scheduler = recording_create(model, total_steps=None if callback else 6)
+        trainer = plain_trainer(model, "gpt2", (optimizer, scheduler), tmp_path, callback, max_steps=6,
+                                gradient_accumulation_steps=2, save_strategy="steps", save_steps=3)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3") if resume else None)
+        assert optimizer.iteration == 6
+        return parameter_vector(model), optimizer.fed
+
+    straight, straight_fed = run(resume=False)
+    resumed, resumed_fed = run(resume=True)
+    assert resumed_fed == straight_fed[3:]
+    assert torch.equal(resumed, straight)
+
+
+@pytest.mark.parametrize("callback", [True, False])
 @pytest.mark.parametrize("outside_the_model", ["compute_loss_func", "label_smoothing"])
 def test_loss_computed_outside_the_model_fails_at_the_first_step(tmp_path, callback, outside_the_model):
     model = tiny_model("gpt2")
