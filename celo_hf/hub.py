@@ -22,9 +22,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    FileMetadataError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -183,31 +184,79 @@ def _load_local(path: Path) -> CeloNet:
     )
 
 
+def _unreachable_hub(repo_id: str, revision: str | None, token: str | bool | None) -> Exception | None:
+    """One quick look-up (a HEAD of ``config.json``, no retries, ``HF_HUB_ETAG_TIMEOUT`` seconds at most):
+    ``None`` when the Hub answers (whatever the answer), else the error that came instead (connection
+    refused, unknown host, timeout, a 5xx status). ``hf_hub_download`` would retry such errors with backoff
+    (about 25 s per file) before falling back to the cache."""
+    try:
+        get_hf_file_metadata(
+            hf_hub_url(repo_id, CONFIG_FILE, revision=revision), token=token, timeout=constants.HF_HUB_ETAG_TIMEOUT
+        )
+    except HfHubHTTPError as err:  # the Hub answered with an HTTP error status
+        return err if err.response.status_code >= 500 else None
+    except (EntryNotFoundError, FileMetadataError):  # the Hub answered
+        return None
+    except Exception as err:  # noqa: BLE001 -- no answer: the HTTP client's transport error, whatever its class
+        return err
+    return None
+
+
+def _why_not_downloadable(
+    repo_id: str, revision: str | None, token: str | bool | None, local_files_only: bool
+) -> str | None:
+    """Why files of ``repo_id`` cannot come from the Hub now (an offline setting, or the Hub not answering
+    one quick look-up), or ``None`` when they can."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 forbids downloading it"
+    if local_files_only:
+        return "local_files_only=True forbids downloading it"
+    error = _unreachable_hub(repo_id, revision, token)
+    if error is None:
+        return None
+    return f"the Hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {error})"
+
+
 def _load_from_hub(repo_id: str, **download: Any) -> CeloNet:
+    where = f"Hub model {repo_id!r} (revision {download.get('revision') or 'main'})"
+    offline = _why_not_downloadable(repo_id, download["revision"], download["token"], download["local_files_only"])
+    if offline is not None:
+        if download["force_download"]:
+            raise CeloWeightsError(f"{where} cannot be downloaded again (force_download=True): {offline}")
+        download = download | {"local_files_only": True}  # only the cache can serve it: no retries, no waiting
+
     def fetch(filename: str) -> str:
         return hf_hub_download(repo_id, filename, **download)
 
     try:
         try:
             config_path = fetch(CONFIG_FILE)
-        except (EntryNotFoundError, LocalEntryNotFoundError) as no_config:
+        except EntryNotFoundError as no_config:  # no config.json, or (LocalEntryNotFoundError) none in the cache
             try:
                 return celo_net_from_paper_checkpoint(fetch(PAPER_FILE))
-            except (EntryNotFoundError, LocalEntryNotFoundError):
-                offline = isinstance(no_config, LocalEntryNotFoundError)
-                why = "is not in the local cache and the Hub cannot be reached" if offline else "has neither"
+            except LocalEntryNotFoundError:
+                raise
+            except EntryNotFoundError:
                 raise CeloWeightsError(
-                    f"Hub model {repo_id!r} (revision {download.get('revision') or 'main'}) {why} "
-                    f"{CONFIG_FILE} + {WEIGHTS_FILE} nor {PAPER_FILE}"
+                    f"{where} has neither {CONFIG_FILE} + {WEIGHTS_FILE} nor {PAPER_FILE}"
                 ) from no_config
         return celo_net_from_folder_files(config_path, fetch(WEIGHTS_FILE))
+    except LocalEntryNotFoundError as err:
+        download_once = (
+            "unset HF_HUB_OFFLINE to download it once" if constants.HF_HUB_OFFLINE else
+            "download it once with network access (HF_HUB_OFFLINE=1 then loads it from the cache, trying no Hub)"
+        )
+        raise CeloWeightsError(
+            f"{where} is not in the local cache and {offline or 'the Hub cannot be reached'}: {download_once}, or "
+            f"pass weights= a local path (a {PAPER_FILE} file, or a folder with {CONFIG_FILE} + {WEIGHTS_FILE})"
+        ) from err
     except RepositoryNotFoundError as err:
         raise CeloWeightsError(
             f"Hub model {repo_id!r} was not found (or is private and no valid token was given)"
         ) from err
     except RevisionNotFoundError as err:
         raise CeloWeightsError(f"Hub model {repo_id!r} has no revision {download.get('revision')!r}") from err
-    except (EntryNotFoundError, LocalEntryNotFoundError) as err:
+    except EntryNotFoundError as err:
         raise CeloWeightsError(f"Hub model {repo_id!r} has {CONFIG_FILE} but not {WEIGHTS_FILE}") from err
     except (OfflineModeIsEnabled, HfHubHTTPError) as err:
         raise CeloWeightsError(f"could not fetch Hub model {repo_id!r}: {err}") from err

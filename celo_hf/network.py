@@ -37,6 +37,28 @@ def feature_group_widths(num_decays: int) -> tuple[int, ...]:
     return (1, 1, 1, k, 1, k, 1, k, 1, k, k, k, k, k)
 
 
+#: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights (a Jinja template of
+#: huggingface_hub's ``ModelCard``).
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# Celo meta-model (celo_hf format)
+
+Weights of the learned optimizer Celo: its per-parameter update MLP and its LSTM learned scheduler,
+as `config.json` + `model.safetensors`, written by `celo_hf.CeloNet`. Use them with celo_hf:
+
+```python
+import celo_hf
+optimizer = celo_hf.Celo(model.parameters(), total_steps=1000, weights="<this folder or Hub id>")
+```
+
+- Paper: {{ paper_url }}
+- Original (JAX) implementation: {{ repo_url }}
+- The update rule these weights drive: `docs/celo-algorithm.md` in celo_hf
+"""
+
+
 class CeloNet(
     nn.Module,
     PyTorchModelHubMixin,
@@ -44,6 +66,7 @@ class CeloNet(
     repo_url="https://github.com/amoudgl/celo",
     paper_url="https://arxiv.org/abs/2501.12670",
     tags=["learned-optimizer", "celo"],
+    model_card_template=MODEL_CARD_TEMPLATE,
 ):
     """Celo's learned weights plus the hyper-parameters of the update rule they were trained with.
 

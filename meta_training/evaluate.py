@@ -32,6 +32,7 @@ from celo_hf import Celo, CeloNet
 from celo_hf.hub import load_celo_net
 
 from . import eval_metrics as metrics
+from .extras import require_meta_extra
 from .eval_tasks import TASKS, EvalTask, Problem
 
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override every task's number of steps")
     parser.add_argument("--tiny", action="store_true", help=f"smoke test: tasks {TINY_TASKS}, {TINY_STEPS} steps, 1 seed")
     args = parser.parse_args(argv)
+    require_meta_extra("python -m meta_training.evaluate")
     torch.set_num_threads(1)
     if args.tiny:
         tasks, steps, seeds = args.tasks or TINY_TASKS, args.steps or TINY_STEPS, 1

@@ -17,8 +17,9 @@ tags:
 ---
 # Celo meta-model trained with celo_hf
 
-Learned optimizer weights for [celo_hf](https://github.com/amoudgl/celo) (Celo: Moudgil et al.,
-TMLR 2025, arXiv 2501.12670), meta-trained with truncated PES by `meta_training/`.
+Learned optimizer weights for celo_hf, a PyTorch port of Celo (Moudgil et al., TMLR 2025,
+arXiv 2501.12670; original JAX code: https://github.com/amoudgl/celo), meta-trained with truncated
+PES by celo_hf's `meta_training/` (see its `docs/meta-training.md`).
 
 ```python
 import celo_hf

@@ -33,6 +33,7 @@ from celo_hf import CeloNet, population
 from celo_hf.hub import load_celo_net
 
 from . import inner, report
+from .extras import require_meta_extra
 from .pes import antithetic_population, pes_gradient, sample_perturbations
 from .held_in import held_in_loss
 from .tasks import families_by_name, sample_scales
@@ -404,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push_to_hub", default=None, metavar="REPO",
                         help="upload the best meta-model with a model card (command, budget, curves, evaluation)")
     args = vars(parser.parse_args(argv))
+    require_meta_extra("python -m meta_training.train")
     out, init, repo = args.pop("out"), args.pop("init"), args.pop("push_to_hub")
     torch.set_num_threads(1)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:

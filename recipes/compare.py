@@ -9,11 +9,16 @@ Every optimizer runs once per learning rate of its grid (for Celo: multipliers o
 to ``--output_dir`` (default ``runs/compare``): ``compare.png`` (every Celo run and each other
 optimizer's tuned run),
 ``compare.md`` (a table of every run) and each run's own folder (finetune.py's outputs).
+
+In the table a run's final loss is the mean of its last ``FINAL_WINDOW`` losses, and its "steps to
+reach" the tuned AdamW's final loss is the first step at which the mean of its last ``FINAL_WINDOW``
+losses is at most that (``steps_to_reach``; full windows only, so one lucky early mini-batch never counts).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +27,30 @@ from transformers import HfArgumentParser
 import finetune
 from loss_curve import LossCurve, plot_curves
 
-#: Steps averaged for a run's "final loss" (its training loss is per mini-batch, hence noisy).
+#: Steps averaged for a run's "final loss" and for "steps to reach" (per mini-batch losses are noisy).
 FINAL_WINDOW = 10
+
+
+def window_means(losses: Sequence[float], window: int) -> list[float]:
+    """Mean of every full run of ``window`` consecutive losses: entry ``i`` averages ``losses[i : i + window]``
+    (``len(losses) - window + 1`` entries; a curve shorter than ``window`` gives the one mean of all of it)."""
+    if not losses or window < 1:
+        raise ValueError(f"window_means needs at least one loss and a window of at least 1, got {len(losses)} "
+                         f"losses and window {window}")
+    window = min(window, len(losses))
+    return [sum(losses[i : i + window]) / window for i in range(len(losses) - window + 1)]
+
+
+def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float,
+                   window: int = FINAL_WINDOW) -> int | None:
+    """The first step at which the mean of the last ``window`` losses (full windows only, so never one noisy
+    early loss) is at most ``target``, e.g. another run's final loss; ``None`` if it never is. ``steps`` and
+    ``losses`` are parallel (one loss per logged step); a curve shorter than ``window`` is one window."""
+    if len(steps) != len(losses):
+        raise ValueError(f"steps and losses must be parallel, got {len(steps)} steps and {len(losses)} losses")
+    means = window_means(losses, window)
+    ends = steps[len(steps) - len(means):]  # the step that closes each window
+    return next((step for step, mean in zip(ends, means) if mean <= target), None)
 
 
 @dataclass
@@ -47,13 +74,8 @@ class Run:
 
     @property
     def final_loss(self) -> float:
-        tail = self.curve.losses[-FINAL_WINDOW:]
-        return sum(tail) / len(tail)
-
-
-def steps_to_reach(curve: LossCurve, target: float) -> int | None:
-    """First step at which the ``FINAL_WINDOW``-step trailing mean loss is at most ``target``."""
-    return next((step for step, loss in zip(curve.steps, curve.smoothed(FINAL_WINDOW)) if loss <= target), None)
+        """Mean of the last ``FINAL_WINDOW`` losses."""
+        return window_means(self.curve.losses, FINAL_WINDOW)[-1]
 
 
 def tuned(runs: list[Run]) -> list[Run]:
@@ -66,14 +88,16 @@ def tuned(runs: list[Run]) -> list[Run]:
 
 
 def markdown_table(runs: list[Run], reference: Run | None) -> str:
-    """One row per run; "steps to reach" counts against ``reference``'s final loss (tuned AdamW)."""
+    """One row per run; "steps to reach" is ``steps_to_reach`` against ``reference``'s final loss (tuned AdamW):
+    the first step at which the run's mean loss over the last ``FINAL_WINDOW`` steps is at most it."""
     target = f"{reference.name}'s final loss" if reference else "the reference's final loss"
     metric_names = sorted({k for run in runs for k in run.metrics if k in ("eval_loss", "eval_accuracy")})
-    header = ["optimizer", f"final loss (last {FINAL_WINDOW} steps)", f"steps to reach {target}", "seconds / step",
-              *metric_names]
+    header = ["optimizer", f"final loss (last {FINAL_WINDOW} steps)",
+              f"steps to reach {target} (first step whose last-{FINAL_WINDOW}-step mean is at most it)",
+              "seconds / step", *metric_names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        reached = steps_to_reach(run.curve, reference.final_loss) if reference else None
+        reached = steps_to_reach(run.curve.steps, run.curve.losses, reference.final_loss) if reference else None
         cells = [run.name, f"{run.final_loss:.4f}", "never" if reached is None else str(reached),
                  f"{run.curve.seconds_per_step():.2f}", *(f"{run.metrics.get(m, float('nan')):.4f}" for m in metric_names)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -11,18 +11,48 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from celo_hf.update import state_shape
 
 #: The root of this checkout (its ``celo_hf`` is the one under test).
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: The shared reference folder (never copied into the repository).
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+#: The shared reference folder (never copied into the repository): ``$CELO_HF_REFERENCE``, by default
+#: ``../shared/reference`` from the repository root.
+REFERENCE = Path(os.environ.get("CELO_HF_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")
 #: The paper's released meta-parameters (flax msgpack).
 PAPER_WEIGHTS = REFERENCE / "celo_theta.state"
 #: Golden vectors recorded from the original JAX Celo (format in ``REFERENCE / "README.md"``).
 GOLDEN = REFERENCE / "celo_golden.npz"
+#: What the reference folder must hold, and what each file is.
+REFERENCE_FILES = {
+    PAPER_WEIGHTS: "the paper's released Celo meta-parameters (flax msgpack)",
+    GOLDEN: "golden vectors recorded from the original JAX Celo",
+}
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run (``CI=true``, as CI services set it), where missing reference data is an error."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def require_reference() -> None:
+    """Skip the calling test, fixture or (at import) module when the reference folder lacks a file; under
+    ``CI=true`` fail instead. Reached through ``@pytest.mark.reference`` (tests/conftest.py), the
+    ``paper_net`` fixture and ``golden_archive()``."""
+    missing = [path for path in REFERENCE_FILES if not path.is_file()]
+    if not missing:
+        return
+    contents = "; ".join(f"{path.name}: {what}" for path, what in REFERENCE_FILES.items())
+    message = (
+        f"reference data not found: {', '.join(str(path) for path in missing)}. The folder {REFERENCE} "
+        f"(set CELO_HF_REFERENCE to move it; default ../shared/reference from the repository root) should hold "
+        f"{contents}"
+    )
+    if in_ci():
+        pytest.fail(f"{message}. CI=true: the reference data is required here.", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
 
 #: Golden accumulator key -> key of the same accumulator in ``Celo.state[p]``.
 GOLDEN_ACCUMULATORS = {"mom": "m", "rms": "rms", "fac_v_row": "v_row", "fac_v_col": "v_col", "fac_v_diag": "v_diag"}
@@ -30,7 +60,9 @@ GOLDEN_ACCUMULATORS = {"mom": "m", "rms": "rms", "fac_v_row": "v_row", "fac_v_co
 
 @functools.cache
 def golden_archive() -> dict[str, np.ndarray]:
-    """Every array of ``celo_golden.npz``, read once per test session."""
+    """Every array of ``celo_golden.npz``, read once per test session (skips or fails as
+    ``require_reference`` does when it is missing, also at collection)."""
+    require_reference()
     with np.load(GOLDEN) as archive:
         return {key: archive[key] for key in archive.files}
 

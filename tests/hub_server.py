@@ -1,7 +1,7 @@
 """A tiny, stdlib-only loopback implementation of the Hugging Face Hub HTTP API, for tests.
 
 It implements just what ``huggingface_hub`` 2.4 needs for model repos (see
-``/work/shared/docs/hf-integration-notes.md`` section 5): ``hf_hub_download``, ``snapshot_download``,
+``huggingface_hub/file_download.py`` and ``hf_api.py``): ``hf_hub_download``, ``snapshot_download``,
 ``HfApi.model_info / repo_info / list_repo_files / list_repo_tree / file_exists / list_repo_refs``,
 ``create_repo``, ``create_branch``, ``create_commit`` / ``upload_file`` / ``upload_folder`` and
 ``PyTorchModelHubMixin.push_to_hub / from_pretrained``. Files are always stored "regular" (no LFS, no Xet).

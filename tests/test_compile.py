@@ -1,15 +1,15 @@
 """backend="compile": the same kernels through torch.compile compute what eager computes."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import PAPER_WEIGHTS
 
 from celo_hf import Celo
 from celo_hf.hub import load_celo_net
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+pytestmark = pytest.mark.reference  # every test reads the paper's checkpoint
 SHAPES = [(), (7,), (7,), (3, 4), (20000,), (150, 130), (60, 5, 40)]
 
 
@@ -17,7 +17,7 @@ def _run(backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
     """Parameters after three steps from the same start and gradients."""
     torch.manual_seed(3)
     params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in SHAPES]
-    optimizer = Celo(params, total_steps=8, weights=load_celo_net(PAPER), backend=backend, chunk_elements=5000)
+    optimizer = Celo(params, total_steps=8, weights=load_celo_net(PAPER_WEIGHTS), backend=backend, chunk_elements=5000)
     for t in range(3):
         for p in params:
             p.grad = (torch.randn(p.shape) * 10.0 ** (t - 1)).to(dtype)

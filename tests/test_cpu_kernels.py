@@ -3,17 +3,14 @@ dtype and layout the optimizer hands them; their build is cached and fails clear
 
 import copy
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from celo_hf import Celo, CeloNet, cpu_kernels, population
-from celo_hf.hub import load_celo_net
 from meta_training.pes import antithetic_population
 from meta_training.train import flatten, unflatten
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
 #: Stacked small tensors, a scalar, matrices factored either way round and with a size-1 axis, a
 #: rank-4 tensor, a long vector and matrices whose rows are not a multiple of the SIMD width.
 SHAPES = [(), (5,), (5,), (3, 4), (3, 4), (4, 4), (16, 1), (1, 8), (3, 3, 4, 8), (2100,), (70, 40), (37, 53)]
@@ -47,11 +44,6 @@ def _assert_same_run(net: CeloNet, rtol: float = 1e-5, atol: float = 1e-7, **opt
             state_rtol = 1e-5 if value.dtype == torch.float32 else 2 ** -7
             torch.testing.assert_close(got.float(), value.float(), rtol=state_rtol, atol=1e-12,
                                        msg=lambda m, s=shape, k=key: f"{s} {k}: {m}")
-
-
-@pytest.fixture(scope="module")
-def paper_net() -> CeloNet:
-    return load_celo_net(PAPER)
 
 
 @pytest.mark.parametrize("chunk", [None, 1500], ids=["one-chunk", "chunks-of-1500"])

@@ -17,7 +17,7 @@ def _tensors(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=generator) * 0.1 for shape in shapes]
 
 
-@pytest.mark.parametrize("weights", ["embedded", "paper", "random"])
+@pytest.mark.parametrize("weights", ["embedded", pytest.param("paper", marks=pytest.mark.reference), "random"])
 def test_calibration_removes_zero_gradient_drift(weights):
     net = {"embedded": lambda: load_celo_net(None), "paper": lambda: load_celo_net(PAPER_WEIGHTS),
            "random": lambda: CeloNet()}[weights]()

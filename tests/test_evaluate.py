@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import PAPER_WEIGHTS
 
 from meta_training import eval_metrics as metrics
 from meta_training.eval_tasks import TASKS
@@ -17,7 +18,6 @@ from celo_hf import CeloNet, load_celo_net
 from meta_training.evaluate import adamw, celo, evaluate, run_task
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
@@ -101,13 +101,14 @@ def test_every_task_learns_and_is_deterministic_from_its_seed(name):
     assert first.held_out_loss < held_out_at_init
 
 
+@pytest.mark.reference
 def test_hf_model_task_gives_the_same_curve_through_trainer_as_in_the_plain_loop():
     """CeloTrainer feeds Celo the logged loss and max_steps; with the same batches the two paths
     must agree exactly, for AdamW and for Celo."""
     torch.set_num_threads(1)
     plain = TASKS["llama_lm"]
     through_trainer = dataclasses.replace(plain, through_trainer=True)
-    for make_optimizer in (adamw(3e-3), celo(load_celo_net(PAPER_CHECKPOINT))):
+    for make_optimizer in (adamw(3e-3), celo(load_celo_net(PAPER_WEIGHTS))):
         expected = run_task(plain, make_optimizer, seed=0, steps=4)
         got = run_task(through_trainer, make_optimizer, seed=0, steps=4)
         assert got.losses == expected.losses and got.held_out_loss == expected.held_out_loss
@@ -131,9 +132,10 @@ def test_evaluate_takes_a_celonet_reuses_the_tuning_run_and_runs_every_seed(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.reference
 def test_tiny_evaluation_writes_table_png_and_json_with_finite_numbers(tmp_path):
     out = tmp_path / "eval"
-    command = [sys.executable, "-m", "meta_training.evaluate", "--tiny", "--weights", str(PAPER_CHECKPOINT), "--out", str(out)]
+    command = [sys.executable, "-m", "meta_training.evaluate", "--tiny", "--weights", str(PAPER_WEIGHTS), "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())

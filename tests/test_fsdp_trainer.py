@@ -21,6 +21,8 @@ SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_trainer.py"
 #: their initial values, and an update whose per-tensor statistics miss the other rank's rows is far off.
 PARAM_ATOL = 1e-5
 
+pytestmark = pytest.mark.reference  # tests/scripts/fsdp_trainer.py runs Celo with the paper's checkpoint
+
 
 @pytest.mark.slow
 def test_fsdp2_trainer_equals_one_process(tmp_path):

@@ -23,6 +23,7 @@ from celo_hf import Celo
 from celo_hf.features import LossBuffer, factored_dims, loss_buffer_decays, progress_features, scheduler_inputs
 from celo_hf.hub import load_celo_net
 
+pytestmark = pytest.mark.reference  # every test replays the golden vectors with the paper's checkpoint
 SCENARIOS = scenario_names()
 #: (backend, chunk_elements): the batched update with its default chunks (small same-shaped tensors
 #: stacked), with 7-element chunks (every tensor split into several chunks), the same with the C++

@@ -1,13 +1,14 @@
 """Celo weights by Hub model id, in both formats, against the loopback Hub server (tests/hub_server.py)."""
 
-from pathlib import Path
+import json
+import socket
+import time
 
 import pytest
 import torch
+from helpers import PAPER_WEIGHTS
 
 from celo_hf import Celo, CeloNet, CeloWeightsError, load_celo_net
-
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
 
 
 def _same_weights(a: CeloNet, b: CeloNet) -> bool:
@@ -15,13 +16,8 @@ def _same_weights(a: CeloNet, b: CeloNet) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.fixture(scope="module")
-def paper_net() -> CeloNet:
-    return load_celo_net(PAPER)
-
-
 def test_paper_checkpoint_by_model_id_is_downloaded_once_then_cached(hub, hf_cache, paper_net):
-    hub.add_files("amoudgl/celo-paper", {"theta.state": PAPER.read_bytes()})
+    hub.add_files("amoudgl/celo-paper", {"theta.state": PAPER_WEIGHTS.read_bytes()})
     net = load_celo_net("amoudgl/celo-paper", cache_dir=hf_cache)
     assert _same_weights(net, paper_net)
     hub.clear_log()
@@ -41,7 +37,7 @@ def test_push_to_hub_then_optimizer_loads_by_model_id(hub, hf_cache):
     assert optimizer.net.mlp[0].out_features == 6
 
 
-def test_revision_selects_the_commit(hub, hf_cache, paper_net):
+def test_revision_selects_the_commit(hub, hf_cache):
     repo = "celo-org/revisions"
     torch.manual_seed(1)
     first = CeloNet()
@@ -57,7 +53,7 @@ def test_revision_selects_the_commit(hub, hf_cache, paper_net):
 
 def test_private_repo_needs_the_token(hub, hf_cache, paper_net):
     hub.create_repo("celo-org/private", private=True)
-    hub.add_files("celo-org/private", {"theta.state": PAPER.read_bytes()})
+    hub.add_files("celo-org/private", {"theta.state": PAPER_WEIGHTS.read_bytes()})
     with pytest.raises(CeloWeightsError, match="'celo-org/private' was not found .*private"):
         load_celo_net("celo-org/private", token=False, cache_dir=hf_cache)
     assert _same_weights(load_celo_net("celo-org/private", token=hub.token, cache_dir=hf_cache), paper_net)
@@ -74,8 +70,9 @@ def test_unknown_repo_and_missing_files_name_the_id(hub, hf_cache):
         load_celo_net("celo-org/config-only", cache_dir=hf_cache)
 
 
+@pytest.mark.reference
 def test_offline_mode_serves_the_cache_and_explains_a_miss(hub, hf_cache, run_python):
-    hub.add_files("amoudgl/celo-offline", {"theta.state": PAPER.read_bytes()})
+    hub.add_files("amoudgl/celo-offline", {"theta.state": PAPER_WEIGHTS.read_bytes()})
     load_celo_net("amoudgl/celo-offline", cache_dir=hf_cache)
     code = f"""
 import celo_hf
@@ -89,8 +86,56 @@ except celo_hf.CeloWeightsError as err:
     hub.clear_log()
     result = run_python(code, {"HF_HUB_OFFLINE": "1"})
     assert "loaded 36064" in result.stdout
-    assert "'amoudgl/never-downloaded' (revision main) is not in the local cache" in result.stdout
+    assert ("'amoudgl/never-downloaded' (revision main) is not in the local cache and HF_HUB_OFFLINE=1 forbids "
+            "downloading it: unset HF_HUB_OFFLINE to download it once, or pass weights= a local path") in result.stdout
     assert hub.requests == []
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once by this process, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+#: Load each of ``repos`` from ``cache``; print one JSON line each: the error (or None) and the seconds it took.
+TIMED_LOADS = """
+import json, time, celo_hf
+for repo in {repos!r}:
+    start, error = time.perf_counter(), None
+    try:
+        celo_hf.load_celo_net(repo, cache_dir={cache!r})
+    except celo_hf.CeloWeightsError as err:
+        error = str(err)
+    print(json.dumps({{"error": error, "seconds": time.perf_counter() - start}}))
+"""
+
+
+def test_unreachable_hub_is_one_clear_sentence_within_seconds(hub, hf_cache, run_python):
+    """No network and HF_HUB_OFFLINE unset: a model missing from the cache fails at once (huggingface_hub
+    alone retries each file for about 25 s), saying how to get it; a cached one still loads."""
+    CeloNet(mlp_hidden_size=5).push_to_hub("celo-org/cached-before")
+    load_celo_net("celo-org/cached-before", cache_dir=hf_cache)
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    code = TIMED_LOADS.format(repos=["celo-org/never-downloaded", "celo-org/cached-before"], cache=hf_cache)
+    missing, cached = map(json.loads, run_python(code, {"HF_ENDPOINT": endpoint}).stdout.splitlines())
+    assert missing["error"].startswith(
+        f"Hub model 'celo-org/never-downloaded' (revision main) is not in the local cache and the Hub at {endpoint} "
+        f"cannot be reached ("
+    ), missing
+    assert missing["error"].endswith(
+        "download it once with network access (HF_HUB_OFFLINE=1 then loads it from the cache, trying no Hub), "
+        "or pass weights= a local path (a theta.state file, or a folder with config.json + model.safetensors)"
+    ), missing
+    assert "\n" not in missing["error"] and missing["seconds"] < 3, missing
+    assert cached["error"] is None and cached["seconds"] < 3, cached
+
+
+def test_unknown_repo_on_a_live_hub_is_named_within_seconds(hf_cache):
+    start = time.perf_counter()
+    with pytest.raises(CeloWeightsError, match="^Hub model 'nobody/no-such-celo' was not found \\(or is private"):
+        load_celo_net("nobody/no-such-celo", cache_dir=hf_cache)
+    assert time.perf_counter() - start < 3
 
 
 def test_a_string_that_is_neither_a_path_nor_an_id_is_refused():

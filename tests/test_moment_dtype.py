@@ -1,20 +1,20 @@
 """bfloat16 storage of Celo's momenta and second moment (``moment_dtype``)."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import PAPER_WEIGHTS
 
 from celo_hf import Celo
 from celo_hf.hub import load_celo_net
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+pytestmark = pytest.mark.reference  # every test reads the paper's checkpoint
 
 
 @pytest.fixture(scope="module")
 def net():
-    return load_celo_net(PAPER)
+    return load_celo_net(PAPER_WEIGHTS)
 
 
 def _train(net, moment_dtype, steps=60):
@@ -52,7 +52,7 @@ def test_bfloat16_moments_train_almost_like_float32(net):
 
 def test_other_moment_dtypes_are_refused():
     with pytest.raises(ValueError, match="moment_dtype must be torch.float32 or torch.bfloat16, got torch.float16"):
-        Celo([torch.nn.Parameter(torch.ones(2))], weights=PAPER, moment_dtype=torch.float16)
+        Celo([torch.nn.Parameter(torch.ones(2))], weights=PAPER_WEIGHTS, moment_dtype=torch.float16)
 
 
 def test_bfloat16_moments_give_the_same_step_whatever_the_chunking():
@@ -62,7 +62,7 @@ def test_bfloat16_moments_give_the_same_step_whatever_the_chunking():
     def run(chunk_elements):
         torch.manual_seed(4)
         params = [torch.nn.Parameter(torch.randn(s)) for s in [(5,), (5,), (3, 40), (64,)]]
-        optimizer = Celo(params, total_steps=10, weights=PAPER, moment_dtype=torch.bfloat16, chunk_elements=chunk_elements)
+        optimizer = Celo(params, total_steps=10, weights=PAPER_WEIGHTS, moment_dtype=torch.bfloat16, chunk_elements=chunk_elements)
         for t in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape) * 10.0 ** (t - 1)

@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from celo_hf import Celo, create
 
+pytestmark = pytest.mark.reference  # every test reads the paper's checkpoint
 SHAPES = {"w": (4, 6), "b": (6,), "scale": (), "kernel": (2, 3, 1, 4)}
 
 

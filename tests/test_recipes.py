@@ -127,7 +127,7 @@ def test_compare_draws_and_tabulates_every_run(tmp_path):
     assert "seconds / step" in table[2] and "eval_accuracy" in table[2]
     assert len(table) == 4 + len(runs)
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
-    assert compare.steps_to_reach(best_adamw.curve, best_adamw.final_loss) is not None
+    assert compare.steps_to_reach(best_adamw.curve.steps, best_adamw.curve.losses, best_adamw.final_loss) == 3
 
 
 @pytest.mark.slow

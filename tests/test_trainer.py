@@ -18,6 +18,7 @@ from trainer_setup import (
 
 import celo_hf
 
+pytestmark = pytest.mark.reference  # every Trainer here runs Celo with the paper's checkpoint
 
 def make_trainer(kind: str, output_dir, optimizers=(None, None), trainer_class=celo_hf.CeloTrainer, model=None, **args):
     model = model if model is not None else tiny_model(kind)

@@ -4,20 +4,18 @@ CI has no GPU: the kernels run on CPU tensors through Triton's interpreter (TRIT
 read when the kernels are defined, hence a fresh interpreter per check).
 """
 
-from pathlib import Path
-
 import pytest
+from helpers import PAPER_WEIGHTS
 
 pytest.importorskip("triton")
-
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+pytestmark = pytest.mark.reference  # every check reads the paper's checkpoint
 
 CHECK = f"""
 import copy
 import torch
 from celo_hf import Celo, CeloNet
 
-net = CeloNet.from_pretrained({str(PAPER)!r})
+net = CeloNet.from_pretrained({str(PAPER_WEIGHTS)!r})
 shapes = [(), (5,), (5,), (3, 4), (3, 4), (4, 4), (16, 1), (1, 8), (3, 3, 4, 8), (2100,), (70, 40)]
 
 

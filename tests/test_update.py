@@ -35,7 +35,7 @@ def _net(kind: str) -> CeloNet:
     return CeloNet()  # random meta-weights: larger MLP weights than the paper's, every feature matters
 
 
-@pytest.fixture(scope="module", params=["paper", "random"])
+@pytest.fixture(scope="module", params=[pytest.param("paper", marks=pytest.mark.reference), "random"])
 def net(request) -> CeloNet:
     return _net(request.param)
 

@@ -41,11 +41,6 @@ def _trajectory(weights: CeloNet | str | Path, steps: int = 4) -> list[torch.Ten
     return out
 
 
-@pytest.fixture(scope="module")
-def paper_net() -> CeloNet:
-    return load_celo_net(PAPER_WEIGHTS)
-
-
 @pytest.fixture
 def own_folder(tmp_path) -> Path:
     """A folder in this project's format, written by ``save_pretrained`` from a random CeloNet with a
@@ -142,6 +137,7 @@ def test_missing_file_is_named(tmp_path):
     _message(error, missing)
 
 
+@pytest.mark.reference
 def test_truncated_paper_checkpoint(tmp_path):
     path = tmp_path / "theta.state"
     path.write_bytes(PAPER_WEIGHTS.read_bytes()[: 149216 // 2])
@@ -167,6 +163,7 @@ def test_garbage_paper_checkpoint(tmp_path, content, problem):
     _message(error, path)
 
 
+@pytest.mark.reference
 def test_paper_checkpoint_with_a_missing_leaf(tmp_path):
     tree = _raw_tree()
     del tree["ff_mod_stack"]["~"]["w0__13"]
@@ -193,6 +190,7 @@ def test_paper_checkpoint_with_a_missing_leaf(tmp_path):
     ],
     ids=["lstm-weight", "mlp-weight", "not-an-array"],
 )
+@pytest.mark.reference
 def test_paper_checkpoint_with_a_wrong_leaf(tmp_path, keys, value, problem):
     tree = _raw_tree()
     node = tree

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from helpers import PAPER_WEIGHTS
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -26,7 +27,6 @@ from transformers import (
 
 import celo_hf
 
-PAPER_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
 VOCAB = 64
 PAD = 0
 
