@@ -31,6 +31,8 @@ from celo_hf.loss_recording import recorder_for
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "plain_loops.py"
 
+pytestmark = pytest.mark.reference  # every Celo here runs with the paper's checkpoint
+
 
 def plain_trainer(model: torch.nn.Module, kind: str, optimizers: Any, output_dir: Path, callback: bool = True,
                   trainer_class: type[Trainer] = Trainer, compute_loss_func: Any = None, **args: Any) -> Trainer:
