@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from . import cpu_kernels
 from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
 from .hub import load_celo_net
+from .loss_recording import recorder_for
 from .network import CeloNet
 from .update import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -657,16 +658,61 @@ def _all_finite(grads: list[torch.Tensor], loss: torch.Tensor, group: object | N
     return check(exact=False) or check(exact=True)
 
 
+#: A param-group key :func:`create` sets on the decay group when ``weight_decay`` is left to
+#: Trainer: ``CeloCallback`` then sets the group's ``weight_decay`` to ``TrainingArguments.weight_decay``.
+WEIGHT_DECAY_FROM_ARGS = "weight_decay_from_args"
+#: Parameter names ``transformers.Trainer`` (5.x) exempts from weight decay (with LayerNorm modules).
+_NO_DECAY_NAME_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
 def create(
-    model: torch.nn.Module, total_steps: int | None = None, weights: CeloNet | str | Path | None = None, **kwargs: Any
+    model: torch.nn.Module,
+    total_steps: int | None = None,
+    weights: CeloNet | str | Path | None = None,
+    weight_decay: float | None = None,
+    **kwargs: Any,
 ) -> tuple[Celo, LambdaLR]:
     """``(optimizer, scheduler)`` for ``transformers.Trainer(..., optimizers=create(model, total_steps))``.
 
-    The optimizer is :class:`Celo` over the model's trainable parameters (``kwargs`` go to it); the
-    scheduler is a constant ``LambdaLR`` so that nothing rescales Celo's own learned schedule.
+    The optimizer is :class:`Celo` over the model's trainable parameters (``kwargs`` go to it) in
+    Trainer's two groups: weights with ``weight_decay``, and biases and norm weights with none.
+    ``weight_decay=None`` means 0 unless :class:`celo_hf.CeloCallback` is in the Trainer, which then
+    applies ``TrainingArguments.weight_decay``; a number is used as given. The scheduler is a
+    constant ``LambdaLR`` so that nothing rescales Celo's own learned schedule.
+
+    The optimizer records the model's training losses itself (a forward hook,
+    :mod:`celo_hf.loss_recording`), so a training loop need not hand it the loss. When ``step()``
+    gets none (no ``loss=``, closure or ``set_loss()``), the step's loss is, on each process, the
+    sum over the training forwards since the previous step of their ``loss`` output: as it is for a
+    forward given ``num_items_in_batch`` (normalised over the accumulated batch), else divided by
+    the number of those forwards; then averaged over processes when ``torch.distributed`` is
+    initialised. That is Trainer's logged loss, divided by the world size for a model normalising by
+    ``num_items_in_batch`` with ``average_tokens_across_devices`` (Trainer's defaults for causal
+    LMs); Celo's scheduler reads ratios of loss differences, which one constant factor leaves
+    unchanged. With :class:`celo_hf.CeloCallback` in the Trainer the loss fed is exactly Trainer's
+    logged loss.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
-    optimizer = Celo(params, total_steps=total_steps, weights=weights, **kwargs)
+    optimizer = Celo(_trainer_parameter_groups(model, weight_decay), total_steps=total_steps, weights=weights, **kwargs)
+    recorder = recorder_for(model)
+    optimizer.register_step_pre_hook(recorder.feed)
+    optimizer.register_step_post_hook(recorder.clear_after_step)
     return optimizer, LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _trainer_parameter_groups(model: torch.nn.Module, weight_decay: float | None) -> list[dict[str, Any]]:
+    """The trainable parameters in ``Trainer.create_optimizer``'s groups: decay (``weight_decay``;
+    ``None``: 0 and marked :data:`WEIGHT_DECAY_FROM_ARGS`), then no decay; empty groups left out."""
+    from torch.nn import LayerNorm
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay_names = set(get_parameter_names(model, [LayerNorm], list(_NO_DECAY_NAME_PATTERNS)))
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
+    decay_group: dict[str, Any] = {"params": [p for name, p in named if name in decay_names]}
+    if weight_decay is None:
+        decay_group.update({"weight_decay": 0.0, WEIGHT_DECAY_FROM_ARGS: True})
+    else:
+        decay_group["weight_decay"] = weight_decay
+    no_decay_group = {"params": [p for name, p in named if name not in decay_names], "weight_decay": 0.0}
+    return [group for group in (decay_group, no_decay_group) if group["params"]]

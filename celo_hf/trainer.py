@@ -3,16 +3,21 @@
 Trainer hands an optimizer neither the loss nor the planned number of steps, and Celo's learned
 scheduler reads both every step. The pieces here close that gap:
 
-* :class:`CeloTrainerMixin` records, on every process, the loss ``training_step`` returns for each
-  micro-batch (already scaled for gradient accumulation, as Trainer logs it);
-* :class:`CeloCallback` sums those over the micro-batches of one optimizer step, averages the sum
-  over processes and hands it to Celo just before ``optimizer.step()``: exactly the loss Trainer
-  logs with ``logging_steps=1``, the same value on every rank. At train begin it sets Celo's
-  ``total_steps`` to Trainer's ``state.max_steps``.
+* :class:`CeloCallback`, added to any Trainer, hands Celo just before ``optimizer.step()`` exactly
+  the loss Trainer logs with ``logging_steps=1``, the same value on every rank: it reads each
+  training forward's ``loss`` (:mod:`celo_hf.loss_recording`) and reduces the step's micro-batches
+  and processes as Trainer does. At train begin it sets Celo's ``total_steps`` to Trainer's
+  ``state.max_steps`` and ``TrainingArguments.weight_decay`` on the decay group of
+  :func:`celo_hf.create`;
+* :class:`CeloTrainerMixin` records instead the loss ``training_step`` returns, whatever computed
+  it (``compute_loss_func``, label smoothing, a custom ``compute_loss``: losses the model's forward
+  does not return); it adds the callback.
 
-Three ways in, all running the same code::
+The ways in::
 
-    trainer = celo_hf.CeloTrainer(model, args, train_dataset=ds, optimizers=celo_hf.create(model))
+    trainer = Trainer(model, args, ..., optimizers=celo_hf.create(model, total_steps))  # loss up to a constant
+    trainer = Trainer(model, args, ..., optimizers=celo_hf.create(model), callbacks=[celo_hf.CeloCallback()])
+    trainer = celo_hf.CeloTrainer(model, args, ..., optimizers=celo_hf.create(model))  # any loss
     trainer = celo_hf.attach(SomeTrainer(model, args, ..., optimizers=celo_hf.create(model)))
     class MyTrainer(celo_hf.CeloTrainerMixin, SomeTrainer): ...
 
@@ -30,19 +35,22 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import reduce
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
-from .optimizer import Celo, create
+from .loss_recording import (
+    HOW_TO_FEED_ANY_LOSS,
+    NO_LOSS_IN_OUTPUT,
+    LossRecorder,
+    mean_over_processes,
+    recorder_for,
+    step_loss,
+)
+from .optimizer import WEIGHT_DECAY_FROM_ARGS, Celo, create
 
 TrainerT = TypeVar("TrainerT", bound=Trainer)
 
-_HOW_TO_RECORD = (
-    "build the Trainer as celo_hf.CeloTrainer(...), mix celo_hf.CeloTrainerMixin into your Trainer class, "
-    "or call celo_hf.attach(trainer) before trainer.train()"
-)
 _DEEPSPEED = (
     "Celo cannot run under DeepSpeed: ZeRO hands the optimizer flat 1-D partitions that cut across "
     "parameter tensors, and Celo's update is per tensor (tensor RMS, row/column moments). "
@@ -82,12 +90,25 @@ def set_total_steps(celo: Celo, max_steps: int) -> None:
     celo.total_steps = max_steps
 
 
-class CeloCallback(TrainerCallback):
-    """Hands Celo the step's loss (summed over micro-batches, mean over processes) and the step count.
+def set_weight_decay(celo: Celo, weight_decay: float) -> None:
+    """Give the param groups :func:`celo_hf.create` left to Trainer (``weight_decay=None``) Trainer's
+    ``weight_decay``; groups with an explicit value keep it."""
+    for group in celo.param_groups:
+        if group.get(WEIGHT_DECAY_FROM_ARGS):
+            group["weight_decay"] = weight_decay
 
-    The loss comes from :meth:`record`, called by :class:`CeloTrainerMixin` for every micro-batch;
-    added alone to a plain Trainer this callback receives nothing, and the first optimizer step
-    fails saying what to add. It does nothing when the optimizer is not Celo.
+
+class CeloCallback(TrainerCallback):
+    """Hands Celo the step's loss, exactly as Trainer logs it, and the planned number of steps.
+
+    The loss is, per process, the sum over the step's micro-batches of the loss ``training_step``
+    returns (scaled for gradient accumulation), then the mean over processes. It comes from
+    :meth:`record` when :class:`CeloTrainerMixin` calls it, else from the model's training forwards
+    (:func:`celo_hf.loss_recording.recorder_for`, hooked on the model at train begin), scaled as
+    ``Trainer.compute_loss`` and ``training_step`` scale them: a loss normalised by
+    ``num_items_in_batch`` times the world size when ``average_tokens_across_devices``, any other
+    divided by the step's number of micro-batches. When neither gives a loss (the model returns none)
+    the first optimizer step fails saying what works. It does nothing when the optimizer is not Celo.
 
     Trainer's ``logging_nan_inf_filter`` replaces a non-finite micro-batch loss in its *log*; Celo
     is handed the true value and skips that step (see ``Celo.skipped_steps``).
@@ -95,6 +116,8 @@ class CeloCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self._step_loss: torch.Tensor | None = None
+        self._recorder: LossRecorder | None = None
+        self._normalised_scale = 1
 
     def record(self, loss: torch.Tensor) -> None:
         """Add one micro-batch's loss (a scalar tensor, as ``training_step`` returns it).
@@ -109,13 +132,19 @@ class CeloCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         celo = find_celo(kwargs.get("optimizer"))
-        if celo is not None:
-            set_total_steps(celo, state.max_steps)
+        if celo is None:
+            return
+        set_total_steps(celo, state.max_steps)
+        set_weight_decay(celo, args.weight_decay)
+        self._recorder = recorder_for(kwargs["model"])
+        self._normalised_scale = args.world_size if args.average_tokens_across_devices else 1
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._step_loss = None
+        if self._recorder is not None:
+            self._recorder.clear()
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -123,21 +152,27 @@ class CeloCallback(TrainerCallback):
         celo = find_celo(kwargs.get("optimizer"))
         if celo is None:
             return
-        if self._step_loss is None:
-            raise RuntimeError(
-                f"CeloCallback received no training loss for optimizer step {state.global_step}: "
-                f"Trainer does not pass the loss to callbacks; to record it, {_HOW_TO_RECORD}"
-            )
-        celo.set_loss(reduce(self._step_loss, reduction="mean"))
+        assert self._recorder is not None, "on_train_begin found the Celo optimizer"
+        records = self._recorder.take()
+        loss = self._step_loss
         self._step_loss = None
+        if loss is None:
+            if not records:
+                raise RuntimeError(
+                    f"CeloCallback received no training loss for optimizer step {state.global_step}: "
+                    f"{NO_LOSS_IN_OUTPUT}; {HOW_TO_FEED_ANY_LOSS}"
+                )
+            loss = step_loss(records, self._normalised_scale)
+        celo.set_loss(mean_over_processes(loss))
 
 
 class CeloTrainerMixin:
     """Mix into any ``transformers.Trainer`` class (first among the bases) to train with Celo.
 
-    It records each micro-batch's loss for :class:`CeloCallback` (added if not already among the
-    callbacks), refuses DeepSpeed, and, when Trainer builds the scheduler for a Celo optimizer
-    (the :class:`CeloFactory` route), makes it constant: Celo learns its own schedule.
+    It records the loss ``training_step`` returns for each micro-batch, whatever computed it, for
+    :class:`CeloCallback` (added if not already among the callbacks), refuses DeepSpeed, and, when
+    Trainer builds the scheduler for a Celo optimizer (the :class:`CeloFactory` route), makes it
+    constant: Celo learns its own schedule.
     """
 
     celo_callback: CeloCallback
@@ -178,8 +213,9 @@ class CeloFactory:
 
     Trainer calls ``CeloFactory()(model, **kwargs)`` when it builds the optimizer, after wrapping
     or sharding the model (the only route under FSDP, where ``optimizers=`` is refused). ``kwargs``
-    are :func:`celo_hf.create`'s (``weights``, ``backend``, ...); ``total_steps`` may be left out.
-    The Trainer must still record the loss (:class:`CeloTrainer` or :func:`attach`).
+    are :func:`celo_hf.create`'s (``weights``, ``weight_decay``, ``backend``, ...); ``total_steps``
+    may be left out. Use it with :class:`CeloTrainer` or :func:`attach`: they keep Trainer's
+    learning-rate schedule, which this route builds, constant.
     """
 
     def __call__(self, model: torch.nn.Module, **kwargs: Any) -> Celo:

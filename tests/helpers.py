@@ -16,6 +16,8 @@ import torch
 
 from celo_hf.update import state_shape
 
+#: The root of this checkout (its ``celo_hf`` is the one under test).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The shared reference folder (never copied into the repository): ``$CELO_HF_REFERENCE``, by default
 #: ``../shared/reference`` from the repository root.
 REFERENCE = Path(os.environ.get("CELO_HF_REFERENCE") or Path(__file__).resolve().parents[2] / "shared" / "reference")
@@ -124,8 +126,10 @@ TWO_PROCESSES = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_nod
 
 
 def run_script(script: Path, launcher: tuple[str, ...], out_dir: Path) -> None:
-    """Run ``python [launcher] script out_dir`` on one thread per process; fail with its output."""
+    """Run ``python [launcher] script out_dir`` on one thread per process, importing this checkout's
+    ``celo_hf`` (not an installed copy); fail with its output."""
     command = [sys.executable, *launcher, str(script), str(out_dir)]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"

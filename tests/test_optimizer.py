@@ -454,7 +454,7 @@ def test_create_returns_celo_and_a_constant_scheduler_that_changes_nothing():
         optimizer.step(loss=_loss(t))
         scheduler.step()
         plain.step(loss=_loss(t))
-        assert [g["lr"] for g in optimizer.param_groups] == [1.0] and scheduler.get_last_lr() == [1.0]
+        assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0] and scheduler.get_last_lr() == [1.0, 1.0]
     _assert_identical([p.detach() for p in trainable], [p.detach() for p in plain_params])
 
     with pytest.raises(ValueError, match="Sequential has no trainable parameters"):

@@ -109,6 +109,15 @@ def recording_celo(model: torch.nn.Module, **kwargs: Any) -> tuple[RecordingCelo
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def recording_create(model: torch.nn.Module, **kwargs: Any) -> tuple[RecordingCelo, torch.optim.lr_scheduler.LambdaLR]:
+    """``celo_hf.create(model, weights=PAPER_WEIGHTS, **kwargs)``, its Celo made a :class:`RecordingCelo`
+    (the class swapped, keeping the param groups and the loss-recording hooks ``create`` installed)."""
+    optimizer, scheduler = celo_hf.create(model, weights=PAPER_WEIGHTS, **kwargs)
+    optimizer.__class__ = RecordingCelo
+    optimizer.fed = []
+    return optimizer, scheduler  # type: ignore[return-value]
+
+
 def logged_losses(trainer: Trainer) -> list[float]:
     """The per-step training losses Trainer logged (``logging_steps=1``)."""
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
