@@ -1,5 +1,5 @@
 """Shared helpers for the core tests: where the reference data lives, the golden scenarios, and the
-mapping from the golden accumulator layout to ``celo_hf.update``'s state layout."""
+mapping from the golden accumulator layout to ``celo_hf.layout``'s state layout."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from celo_hf.update import state_shape
+from celo_hf.layout import state_shape
 
 #: The shared reference folder (never copied into the repository).
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -61,7 +61,7 @@ class Scenario:
         return None if (d0, d1) == (-1, -1) else (d0, d1)
 
     def accumulators(self, param: str, step: int, num_decays: int) -> dict[str, torch.Tensor]:
-        """The golden accumulators of ``param`` after update ``step``, in ``celo_hf.update``'s layout:
+        """The golden accumulators of ``param`` after update ``step``, in ``celo_hf.layout``'s layout:
         decay axis first, ``rms`` without it, scalars as ``(1,)``; empty placeholders dropped."""
         shape = state_shape(self.shape(param))
         out = {}
