@@ -87,3 +87,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def paper_net():
+    """The paper's meta-model (``helpers.PAPER_WEIGHTS``), loaded once; copy it before changing it."""
+    from helpers import PAPER_WEIGHTS
+
+    from celo_hf.hub import load_celo_net
+
+    return load_celo_net(PAPER_WEIGHTS)

@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
+from helpers import PAPER_WEIGHTS
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_equivalence.py"
 
 
@@ -14,7 +13,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "fsdp_equivalence.py"
 def test_fsdp2_sharded_update_equals_unsharded():
     """Two gloo processes, uneven and empty shards, a square matrix: every per-tensor statistic
     (parameter RMS, feature normalisers, factored row / column means) is taken over the whole tensor."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(PAPER)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(PAPER_WEIGHTS)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     diff = float(result.stdout.split("max_abs_diff")[1].split()[0])

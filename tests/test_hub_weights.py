@@ -1,13 +1,10 @@
 """Celo weights by Hub model id, in both formats, against the loopback Hub server (tests/hub_server.py)."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import PAPER_WEIGHTS
 
 from celo_hf import Celo, CeloNet, CeloWeightsError, load_celo_net
-
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "celo_theta.state"
 
 
 def _same_weights(a: CeloNet, b: CeloNet) -> bool:
@@ -15,13 +12,8 @@ def _same_weights(a: CeloNet, b: CeloNet) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.fixture(scope="module")
-def paper_net() -> CeloNet:
-    return load_celo_net(PAPER)
-
-
 def test_paper_checkpoint_by_model_id_is_downloaded_once_then_cached(hub, hf_cache, paper_net):
-    hub.add_files("amoudgl/celo-paper", {"theta.state": PAPER.read_bytes()})
+    hub.add_files("amoudgl/celo-paper", {"theta.state": PAPER_WEIGHTS.read_bytes()})
     net = load_celo_net("amoudgl/celo-paper", cache_dir=hf_cache)
     assert _same_weights(net, paper_net)
     hub.clear_log()
@@ -57,7 +49,7 @@ def test_revision_selects_the_commit(hub, hf_cache, paper_net):
 
 def test_private_repo_needs_the_token(hub, hf_cache, paper_net):
     hub.create_repo("celo-org/private", private=True)
-    hub.add_files("celo-org/private", {"theta.state": PAPER.read_bytes()})
+    hub.add_files("celo-org/private", {"theta.state": PAPER_WEIGHTS.read_bytes()})
     with pytest.raises(CeloWeightsError, match="'celo-org/private' was not found .*private"):
         load_celo_net("celo-org/private", token=False, cache_dir=hf_cache)
     assert _same_weights(load_celo_net("celo-org/private", token=hub.token, cache_dir=hf_cache), paper_net)
@@ -75,7 +67,7 @@ def test_unknown_repo_and_missing_files_name_the_id(hub, hf_cache):
 
 
 def test_offline_mode_serves_the_cache_and_explains_a_miss(hub, hf_cache, run_python):
-    hub.add_files("amoudgl/celo-offline", {"theta.state": PAPER.read_bytes()})
+    hub.add_files("amoudgl/celo-offline", {"theta.state": PAPER_WEIGHTS.read_bytes()})
     load_celo_net("amoudgl/celo-offline", cache_dir=hf_cache)
     code = f"""
 import celo_hf
