@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -66,12 +67,15 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"celo_hf.{name}")
 
 
+#: Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are defined) runs them on CPU tensors.
+_TRITON_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
 REGISTRY: dict[str, Backend] = {
     backend.name: backend
     for backend in (
         Backend("eager", "backends.eager", devices=(), chunk_elements=1 << 16),
         Backend("compile", "backends.compiled", devices=(), chunk_elements=1 << 22),
-        Backend("triton", "backends.triton_kernels", devices=("cuda",), chunk_elements=1 << 20),
+        Backend("triton", "backends.triton_kernels", devices=_TRITON_DEVICES, chunk_elements=1 << 20),
         Backend("cpp", "backends.cpp", devices=("cpu",), chunk_elements=1 << 22),
         Backend("reference", "reference", devices=(), chunk_elements=1 << 16, per_tensor=True),
     )
