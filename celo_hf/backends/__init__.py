@@ -5,7 +5,8 @@ updates and how many elements it takes per chunk by default. A *kernel* backend'
 ``prepare(config)`` (build or check what it needs; raises ``RuntimeError``/``OSError`` if it cannot)
 and ``kernels(weights) -> layout.Kernels``; the per-tensor backend ``"reference"`` has ``prepare``
 and ``update_tensor_(p, g, state, lr_scale, w)``. Backend modules import only :mod:`celo_hf.layout`
-(``compiled`` also the ``eager`` source it compiles, ``cpp`` the eager pass 0 for rank > 2).
+(and the ``eager`` source where they reuse it: ``compiled`` compiles it, ``cpp`` and ``triton_kernels``
+take its pass 0).
 :func:`auto` is the one rule behind ``backend="auto"``.
 
 Adding a backend: one module with ``prepare`` and ``kernels`` plus one :class:`Backend` entry here.
