@@ -21,7 +21,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .network import FEATURE_GROUP_NAMES, CeloNet
+from .layout import group_slices
+from .network import CeloNet
 from .optimizer import Celo
 
 #: Feature groups that are constant 1 after normalisation when every gradient so far was zero:
@@ -32,9 +33,7 @@ _ONE_AT_ZERO_GRADIENT = ("rsqrt_rms", "rsqrt_row", "rsqrt_col")
 
 def _group_columns(net: CeloNet, name: str) -> slice:
     """The first-layer input columns of feature group ``name``."""
-    index = FEATURE_GROUP_NAMES.index(name)
-    start = sum(net.group_widths[:index])
-    return slice(start, start + net.group_widths[index])
+    return group_slices(len(net.momentum_decays))[name]
 
 
 def zero_gradient_features(net: CeloNet) -> torch.Tensor:

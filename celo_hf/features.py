@@ -22,19 +22,6 @@ RUNNING_MIN_INIT = 999999999999.0
 SCHEDULER_INPUT_SIZE = len(PROGRESS_CENTRES) + LOSS_BUFFER_SIZE - 1
 
 
-def factored_dims(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
-    """The axes ``(d0, d1)`` Celo's factored second moments reduce over, or ``None`` if rank < 2.
-
-    ``d0`` is the largest axis and ``d1`` the second largest. Ties go to the *later* axis (a stable
-    ascending sort of the sizes, take the last two), exactly as the reference: ``(n, n) -> (1, 0)``,
-    ``(16, 1) -> (0, 1)``. Size-1 axes are factored too.
-    """
-    if len(shape) < 2:
-        return None
-    order = sorted(range(len(shape)), key=lambda axis: shape[axis])
-    return order[-1], order[-2]
-
-
 def progress_features(fraction_trained: torch.Tensor) -> torch.Tensor:
     """Nine ``tanh(10 * (fraction_trained - tau))`` features: ``(...,)`` float32 -> ``(..., 9)``.
 

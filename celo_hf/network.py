@@ -2,7 +2,8 @@
 
 ``CeloNet`` holds Celo's learned weights (its "meta-parameters") and the hyper-parameters that go
 with them (accumulator decays, step multipliers). It does not hold optimizer state. The update maths
-that uses it lives in :mod:`celo_hf.update`; the loading of checkpoints in :mod:`celo_hf.hub`.
+that uses it lives in :mod:`celo_hf.reference` and :mod:`celo_hf.driver` (feature layout:
+:mod:`celo_hf.layout`); the loading of checkpoints in :mod:`celo_hf.hub`.
 
 Layout (``docs/celo-algorithm.md`` §6, §8), with ``H = lstm_hidden_size`` and ``F = num_features``:
 
@@ -22,19 +23,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .features import SCHEDULER_INPUT_SIZE
-
-#: Widths of the 14 per-parameter feature groups, in the order of ``docs/celo-algorithm.md`` §7, as
-#: functions of the number of momentum decays ``k`` (which equals the number of factored decays).
-FEATURE_GROUP_NAMES = (
-    "grad", "clipped_grad", "param", "momentum", "rms", "momentum_over_rms", "rsqrt_rms",
-    "factored_grad", "grad_over_rms", "row", "col", "rsqrt_row", "rsqrt_col", "factored_momentum",
-)
-
-
-def feature_group_widths(num_decays: int) -> tuple[int, ...]:
-    """Width of each of the 14 feature groups when there are ``num_decays`` momentum decays."""
-    k = num_decays
-    return (1, 1, 1, k, 1, k, 1, k, 1, k, k, k, k, k)
+from .layout import feature_group_widths
 
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights (a Jinja template of

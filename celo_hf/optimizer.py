@@ -1,7 +1,7 @@
 """``Celo``: the learned optimizer as a ``torch.optim.Optimizer``.
 
 A thin shell: it owns the state, picks the loss, runs the learned scheduler once per step and calls
-the per-tensor update of :mod:`celo_hf.update` for every parameter that has a gradient.
+the driver's per-tensor update (:mod:`celo_hf.driver`) for every parameter that has a gradient.
 """
 
 from __future__ import annotations
@@ -14,31 +14,22 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.lr_scheduler import LambdaLR
 
-from . import cpu_kernels
+from . import backends
+from .driver import SMALL_TENSOR_ELEMENTS, update_batch_
 from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
 from .hub import load_celo_net
 from .loss_recording import recorder_for
+from .layout import RowSharding, RuleConfig, TensorState, UpdateWeights, init_tensor_state, state_shape
 from .network import CeloNet
-from .update import (
-    DEFAULT_CHUNK_ELEMENTS,
-    SMALL_TENSOR_ELEMENTS,
-    RowSharding,
-    TensorState,
-    UpdateWeights,
-    init_tensor_state,
-    reference_update,
-    state_shape,
-    update_batch_,
-)
 
-Backend = Literal["auto", "eager", "compile", "triton", "cpp", "reference"]
-BACKENDS = ("auto", "eager", "compile", "triton", "cpp", "reference")
+Backend = str  #: one of BACKENDS
+BACKENDS = backends.NAMES
 LossLike = float | int | torch.Tensor
 
 _NO_LOSS = (
@@ -137,10 +128,10 @@ class Celo(torch.optim.Optimizer):
                 raise TypeError(f"Celo optimizes floating-point parameters, got one of dtype {p.dtype}")
         self.net = load_celo_net(weights, revision=revision, token=token, cache_dir=cache_dir)
         self.net.float().eval().requires_grad_(False)
-        if backend == "cpp":
-            cpu_kernels.prepare(self.net)  # a missing compiler shows here, not in the first step
+        if backend != "auto":
+            backends.get(backend).prepare(RuleConfig.of(self.net))  # a missing compiler shows here, not in the first step
         self.backend = backend
-        self._cpp_unavailable: str | None = None  # why "auto" cannot use the C++ kernels ("" if it can)
+        self._auto_backends: dict[str, str] = {}  # what "auto" runs, by device type
         self.chunk_elements = chunk_elements
         self.moment_dtype = moment_dtype
         self.total_steps = total_steps
@@ -272,21 +263,9 @@ class Celo(torch.optim.Optimizer):
                         item.local.shape, num_decays, item.local.device, item.param.shape, self.moment_dtype
                     )
                 )
-        backend = self._backend_on(device)
-        if backend == "reference":
-            for item in work:
-                if item.sharding is not None:
-                    raise RuntimeError("backend='reference' does not support sharded (FSDP2) parameters; use 'eager'")
-                state = self.state[item.param]
-                new_p, new_state = reference_update(
-                    item.local, _gradient(item), state, lr_mult.to(device) * item.lr, self.net
-                )
-                item.local.copy_(new_p)
-                for key, value in new_state.items():
-                    state[key].copy_(value)
-        else:
-            for batch in _batches(work, self.chunk_elements or DEFAULT_CHUNK_ELEMENTS[backend]):
-                self._update(batch, lr_mult)
+        backend = backends.get(self._backend_on(device))
+        for batch in _batches(work, self.chunk_elements or backend.chunk_elements):
+            self._update(batch, lr_mult)
         self.iteration += 1
         return closure_loss
 
@@ -362,24 +341,23 @@ class Celo(torch.optim.Optimizer):
         return lr_mult
 
     def _backend_on(self, device: torch.device) -> str:
-        """The backend that updates tensors on ``device``: the one asked for, or for ``"auto"`` the
-        C++ kernels on CPU (if they build here; else a warning, once, and eager) and eager elsewhere."""
+        """The backend that updates tensors on ``device``: the one asked for, or for ``"auto"``
+        :func:`celo_hf.backends.auto`'s choice (once per device type; a warning if it passed over
+        a faster one, e.g. the C++ kernels when they do not build here)."""
         if self.backend != "auto":
             return self.backend
-        if device.type != "cpu":
-            return "eager"
-        if self._cpp_unavailable is None:
-            try:
-                cpu_kernels.prepare(self.net)
-                self._cpp_unavailable = ""
-            except (RuntimeError, OSError) as err:  # no compiler, a failed build, an unwritable cache
-                self._cpp_unavailable = str(err) or type(err).__name__
+        chosen = self._auto_backends.get(device.type)
+        if chosen is None:
+            chosen, passed_over = backends.auto(device, RuleConfig.of(self.net))
+            if passed_over:
                 warnings.warn(
-                    f"Celo(backend='auto') falls back to the eager kernels, several times slower on CPU: {err}",
+                    f"Celo(backend='auto') falls back to the {chosen} kernels, several times slower on "
+                    f"{device.type}: {'; '.join(passed_over)}",
                     RuntimeWarning,
                     stacklevel=4,
                 )
-        return "eager" if self._cpp_unavailable else "cpp"
+            self._auto_backends[device.type] = chosen
+        return chosen
 
     def _weights_on(self, device: torch.device, batch: int) -> UpdateWeights:
         """The meta-model's weights on ``device`` for a batch of ``batch`` tensors (cached)."""

@@ -4,10 +4,11 @@ Each of ``P`` members has its own meta-weights (a perturbed ``CeloNet``), its ow
 parameters and optimizer state, its own step counter and planned length. One :func:`update` advances
 every member by one step. It runs exactly the code :class:`celo_hf.Celo` runs: the loss buffer and
 progress features of :mod:`celo_hf.features`, ``CeloNet.schedule`` (called per member with its own
-weights through ``torch.func.functional_call``), and :func:`celo_hf.update.update_batch_` with one row of weights per member.
+weights through ``torch.func.functional_call``), and the driver's :func:`celo_hf.driver.update_batch_`
+with one row of weights per member.
 
 Meta-weights are a "stacked state dict": ``CeloNet.state_dict()`` keys, each tensor with a leading
-``P`` axis (see :func:`stack_meta_weights`).
+``P`` axis.
 """
 
 from __future__ import annotations
@@ -20,15 +21,10 @@ from torch.func import functional_call
 
 from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
 from .network import CeloNet
-from .update import Backend, TensorState, UpdateWeights, init_tensor_state, state_shape, update_batch_
+from .driver import update_batch_
+from .layout import TensorState, UpdateWeights, init_tensor_state, state_shape
 
 MetaWeights = dict[str, torch.Tensor]
-
-
-def stack_meta_weights(nets: list[CeloNet]) -> MetaWeights:
-    """Stack the weights of several ``CeloNet`` of one configuration: each value ``(P, ...)``."""
-    states = [net.state_dict() for net in nets]
-    return {key: torch.stack([s[key].detach().float() for s in states]) for key in states[0]}
 
 
 @dataclass
@@ -117,13 +113,14 @@ def update(
     loss: torch.Tensor,
     meta_weights: MetaWeights,
     net: CeloNet,
-    backend: Backend = "eager",
+    backend: str = "eager",
 ) -> PopulationState:
     """One Celo step for every member: ``params`` (``name -> (P, *S)``) and the accumulators in
     ``state.tensors`` are updated in place; the new global state is returned.
 
     ``loss`` ``(P,)``: each member's training loss at the current parameters. ``net`` supplies the
-    configuration and serves as the template module for the members' meta-weights.
+    configuration and serves as the template module for the members' meta-weights. ``backend``:
+    a registered backend's name (:data:`celo_hf.backends.REGISTRY`).
     """
     decays = loss_buffer_decays(state.total_steps)
     loss_buffer = state.loss_buffer.update(loss.float(), decays)

@@ -1,5 +1,5 @@
 """Shared helpers for the core tests: where the reference data lives, the golden scenarios, and the
-mapping from the golden accumulator layout to ``celo_hf.update``'s state layout."""
+mapping from the golden accumulator layout to ``celo_hf.layout``'s state layout."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
 
-from celo_hf.update import state_shape
+from celo_hf.layout import state_shape
+
+if TYPE_CHECKING:
+    from celo_hf import Celo, CeloNet
 
 #: The root of this checkout (its ``celo_hf`` is the one under test).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +99,7 @@ class Scenario:
         return None if (d0, d1) == (-1, -1) else (d0, d1)
 
     def accumulators(self, param: str, step: int, num_decays: int) -> dict[str, torch.Tensor]:
-        """The golden accumulators of ``param`` after update ``step``, in ``celo_hf.update``'s layout:
+        """The golden accumulators of ``param`` after update ``step``, in ``celo_hf.layout``'s layout:
         decay axis first, ``rms`` without it, scalars as ``(1,)``; empty placeholders dropped."""
         shape = state_shape(self.shape(param))
         out = {}
@@ -133,3 +137,25 @@ def run_script(script: Path, launcher: tuple[str, ...], out_dir: Path) -> None:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+
+
+def run_celo(
+    net: "CeloNet", backend: str, shapes: list[tuple[int, ...]], *, steps: int = 3, dtype: torch.dtype = torch.float32,
+    moment_dtype: torch.dtype = torch.float32, chunk: int | None = None, grad_scale: float = 1.0,
+) -> tuple[list[torch.Tensor], "Celo"]:
+    """Parameters of ``shapes`` and their ``Celo(backend=...)`` after ``steps`` steps, from the same
+    start and gradients for every backend (gradients of scale 1e-2, 1, 1e2, ... times ``grad_scale``:
+    tiny, ordinary and beyond the +-1000 clip). ``net`` is copied."""
+    import copy
+
+    from celo_hf import Celo
+
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    optimizer = Celo(params, total_steps=10, weights=copy.deepcopy(net), backend=backend, chunk_elements=chunk,
+                     moment_dtype=moment_dtype)
+    for t in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape) * grad_scale * 10.0 ** (2 * t - 2)).to(dtype)
+        optimizer.step(loss=2.0 - 0.5 * t)
+    return params, optimizer

@@ -20,21 +20,19 @@ import torch
 from helpers import PAPER_WEIGHTS, Scenario, scenario, scenario_names
 
 from celo_hf import Celo
-from celo_hf.features import LossBuffer, factored_dims, loss_buffer_decays, progress_features, scheduler_inputs
-from celo_hf.hub import load_celo_net
+from celo_hf.backends import REGISTRY
+from celo_hf.features import LossBuffer, loss_buffer_decays, progress_features, scheduler_inputs
+from celo_hf.layout import factored_dims
 
 pytestmark = pytest.mark.reference  # every test replays the golden vectors with the paper's checkpoint
 SCENARIOS = scenario_names()
-#: (backend, chunk_elements): the batched update with its default chunks (small same-shaped tensors
-#: stacked), with 7-element chunks (every tensor split into several chunks), the same with the C++
-#: kernels, through torch.compile (about two minutes of compiling), and the reference.
+#: (backend, chunk_elements): every registered backend that runs on CPU (``"triton"``: in
+#: ``test_triton.py``) with its default chunks (small same-shaped tensors stacked), and those with
+#: their own kernels also with 7-element chunks (every tensor split into several chunks);
+#: ``"compile"`` costs about two minutes of compiling.
 IMPLEMENTATIONS = {
-    "eager": ("eager", None),
-    "eager-chunk7": ("eager", 7),
-    "cpp": ("cpp", None),
-    "cpp-chunk7": ("cpp", 7),
-    "compile": ("compile", None),
-    "reference": ("reference", None),
+    **{name: (name, None) for name, backend in REGISTRY.items() if backend.runs_on(torch.device("cpu"))},
+    **{f"{name}-chunk7": (name, 7) for name in ("eager", "cpp")},
 }
 
 # Tolerances of shared/reference/README.md (observed between two independent float32 ports).
@@ -147,7 +145,7 @@ def test_loss_buffer_matches_every_step(name, implementation):
 
 @scenarios
 @implementations
-def test_scheduler_matches_every_step(name, implementation):
+def test_scheduler_matches_every_step(name, implementation, paper_net):
     """Progress and loss features, the LSTM input and state, and ``lr_mult``.
 
     The optimizer keeps ``lr_mult`` internal, so it is recomputed from the optimizer's own pieces:
@@ -156,7 +154,7 @@ def test_scheduler_matches_every_step(name, implementation):
     exactly this computation.
     """
     golden, run = scenario(name), replay(name, implementation)
-    net = load_celo_net(PAPER_WEIGHTS)
+    net = paper_net
     decays = loss_buffer_decays(torch.tensor(golden.num_steps))
     for t, step in enumerate(run.steps):
         before, after = step.celo_before, step.celo_after

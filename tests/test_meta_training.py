@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from celo_hf import Celo, load_celo_net
+from celo_hf import Celo
 from meta_training.tasks import families_by_name
 from meta_training.train import MetaTrainConfig, publish, run
 

@@ -4,10 +4,8 @@ import copy
 
 import pytest
 import torch
-from helpers import PAPER_WEIGHTS
 
 from celo_hf import Celo, population
-from celo_hf.hub import load_celo_net
 from meta_training.pes import antithetic_population
 from meta_training.train import flatten, unflatten
 
@@ -16,9 +14,9 @@ SHAPES = {"w1": (8, 16), "b1": (16,), "w2": (16, 16), "scale": (), "kernel": (3,
 
 
 @pytest.mark.parametrize("learned_schedule", [True, False])
-def test_zero_noise_population_step_equals_celo(learned_schedule):
+def test_zero_noise_population_step_equals_celo(learned_schedule, paper_net):
     """A population of theta +/- 0 perturbations steps exactly as ``celo_hf.Celo`` does."""
-    net = load_celo_net(PAPER_WEIGHTS)
+    net = copy.deepcopy(paper_net)
     net.learned_schedule = learned_schedule
     generator = torch.Generator().manual_seed(0)
     init = {n: torch.randn(s, generator=generator) for n, s in SHAPES.items()}
@@ -46,8 +44,8 @@ def test_zero_noise_population_step_equals_celo(learned_schedule):
     assert torch.equal(state.iteration, torch.full((members,), len(steps)))
 
 
-def test_reset_members_restarts_only_the_selected_members():
-    net = load_celo_net(PAPER_WEIGHTS)
+def test_reset_members_restarts_only_the_selected_members(paper_net):
+    net = paper_net
     theta = flatten(net.state_dict())
     meta_weights = unflatten(theta.expand(3, -1), net.state_dict())
     params = {"w": torch.randn(3, 4, 5)}

@@ -1,23 +1,16 @@
-"""The batched, chunked update (``update_batch_``) computes what the literal ``reference_update`` does,
-for every kind of tensor shape, chunk size and batch, over several steps; and the factored-axes rule."""
+"""The driver's batched, chunked update (``update_batch_``) computes what the literal reference does,
+for every kind of tensor shape, chunk size and batch, over several steps, on each backend with its own
+kernels; and the factored-axes rule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PAPER_WEIGHTS
 
-from celo_hf import Celo, CeloNet
-from celo_hf.features import factored_dims
-from celo_hf.hub import load_celo_net
-from celo_hf.update import (
-    SMALL_TENSOR_ELEMENTS,
-    TensorState,
-    UpdateWeights,
-    init_tensor_state,
-    reference_update,
-    update_batch_,
-)
+from celo_hf import CeloNet
+from celo_hf.driver import update_batch_
+from celo_hf.layout import TensorState, UpdateWeights, factored_dims, init_tensor_state
+from celo_hf.reference import reference_update
 
 SHAPES = [(), (1,), (5,), (3, 4), (4, 4), (16, 1), (1, 8), (3, 3, 4, 8), (16, 3, 3, 16), (2, 3, 4, 5)]
 CHUNKS = [1, 7, 300, 1 << 18]
@@ -28,16 +21,12 @@ PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-7
 STATE_RTOL, STATE_ATOL = 1e-6, 1e-12
 
 
-def _net(kind: str) -> CeloNet:
-    if kind == "paper":
-        return load_celo_net(PAPER_WEIGHTS)
-    torch.manual_seed(0)
-    return CeloNet()  # random meta-weights: larger MLP weights than the paper's, every feature matters
-
-
 @pytest.fixture(scope="module", params=[pytest.param("paper", marks=pytest.mark.reference), "random"])
 def net(request) -> CeloNet:
-    return _net(request.param)
+    if request.param == "paper":
+        return request.getfixturevalue("paper_net")
+    torch.manual_seed(0)
+    return CeloNet()  # random meta-weights: larger MLP weights than the paper's, every feature matters
 
 
 def _gradients(shape: tuple[int, ...], steps: int, seed: int) -> list[torch.Tensor]:
@@ -54,14 +43,14 @@ def _gradients(shape: tuple[int, ...], steps: int, seed: int) -> list[torch.Tens
 
 
 def _fused_step(
-    p: torch.Tensor, g: torch.Tensor, state: TensorState, lr_mult: float, net: CeloNet, chunk: int
+    p: torch.Tensor, g: torch.Tensor, state: TensorState, lr_mult: float, net: CeloNet, chunk: int, backend: str
 ) -> None:
     """One in-place batched update of a single tensor (a batch of one)."""
     shape = p.shape or (1,)
     batch_state = {key: value.unsqueeze(0) for key, value in state.items()}
     weights = UpdateWeights.from_net(net, p.device).expand(1)
     lr_scale = torch.tensor([lr_mult])
-    update_batch_(p.view(1, *shape), g.reshape(1, *shape), batch_state, lr_scale, weights, "eager", chunk)
+    update_batch_(p.view(1, *shape), g.reshape(1, *shape), batch_state, lr_scale, weights, backend, chunk)
 
 
 def _assert_state_close(got: TensorState, expected: TensorState, where: str) -> None:
@@ -72,9 +61,10 @@ def _assert_state_close(got: TensorState, expected: TensorState, where: str) -> 
         )
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fused_update_equals_reference(net, shape, chunk):
+def test_fused_update_equals_reference(net, shape, chunk, backend):
     generator = torch.Generator().manual_seed(1)
     p_ref = torch.randn(shape, generator=generator)
     p_fused = p_ref.clone()
@@ -83,7 +73,7 @@ def test_fused_update_equals_reference(net, shape, chunk):
     for t, g in enumerate(_gradients(shape, STEPS, seed=2)):
         lr_mult = 0.3 + 0.2 * t
         p_ref, state_ref = reference_update(p_ref, g, state_ref, torch.tensor([lr_mult]), net)
-        _fused_step(p_fused, g, state_fused, lr_mult, net, chunk)
+        _fused_step(p_fused, g, state_fused, lr_mult, net, chunk, backend)
         torch.testing.assert_close(p_fused, p_ref, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=lambda m: f"step {t}: {m}")
         _assert_state_close(state_fused, state_ref, f"step {t}")
     assert p_fused.shape == torch.Size(shape)
@@ -116,34 +106,6 @@ def test_batch_rows_update_like_separate_tensors(net, shape, chunk):
             where = f"step {t} row {i}"
             torch.testing.assert_close(p[i], rp, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=lambda m: f"{where}: {m}")
             _assert_state_close({key: value[i] for key, value in state.items()}, rs, where)
-
-
-def test_optimizer_backends_agree_on_a_mixed_model(net):
-    """``Celo(backend="eager")`` and ``Celo(backend="cpp")`` (stacking, large tensors as views, a
-    non-contiguous parameter, empty and scalar parameters) equal ``Celo(backend="reference")`` step
-    after step."""
-    side = int(SMALL_TENSOR_ELEMENTS**0.5) + 2  # one tensor above the stacking threshold
-    generator = torch.Generator().manual_seed(4)
-    values = [torch.randn(s, generator=generator) for s in [*SHAPES, (6,), (5,), (side, side), (0,), (2, 0, 3)]]
-    values.append(torch.randn(16, 8, generator=generator).t())  # non-contiguous (8, 16)
-    runs = {}
-    for backend, chunk in (("reference", 1 << 18), ("eager", 1 << 18), ("eager", 100), ("cpp", 1 << 18), ("cpp", 100)):
-        params = [torch.nn.Parameter(v.clone()) for v in values]
-        optimizer = Celo(params, total_steps=10, weights=net, backend=backend, chunk_elements=chunk)
-        grad_generator = torch.Generator().manual_seed(5)
-        for t in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=grad_generator)
-            optimizer.step(loss=2.0 - 0.3 * t)
-        runs[(backend, chunk)] = (params, optimizer)
-    ref_params, ref_opt = runs.pop(("reference", 1 << 18))
-    for key, (params, optimizer) in runs.items():
-        for i, (p, rp) in enumerate(zip(params, ref_params)):
-            torch.testing.assert_close(p, rp, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=lambda m: f"{key} param {i}: {m}")
-            if p.numel() == 0:
-                assert p not in optimizer.state
-            else:
-                _assert_state_close(optimizer.state[p], ref_opt.state[rp], f"{key} param {i}")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
-// Celo's per-element CPU kernels (backend="cpp"), built and loaded by celo_hf/cpu_kernels.py.
+// Celo's per-element CPU kernels (backend="cpp"), built and loaded by celo_hf/backends/cpp.py.
 //
-// The three kernels of celo_hf/update.py (pass 0 factored_square_sums, pass 1
-// accumulate_and_square_sums_, pass 2 mlp_step_), hand-written so that each pass is one loop over the
+// The three kernels of celo_hf/backends/eager.py (pass 0 square_sums, pass 1 accumulate_, pass 2
+// mlp_step_), hand-written so that each pass is one loop over the
 // elements in SIMD registers: every element is read once per pass, intermediate values never leave
 // registers, nothing of full size is allocated. The maths of one element is written once, as
 // templates over `float` (a row's last few elements) and `Vec` (W elements at a time). Pass 0 also
@@ -15,8 +15,13 @@
 // factor (B, K, b); the first layer's extra input the sum row[i] + col[j] of (B, H, a) and (B, H, b)
 // parts. Small arrays are contiguous float32.
 //
-// The configuration is fixed when compiling: CELO_K decays, CELO_H hidden units, CELO_L hidden layers
-// after the first (the paper's Celo: 3, 4, 1).
+// Everything about the rule's layout comes from celo_hf/layout.py as compile-time defines
+// (layout.c_defines): the configuration (CELO_K decays, CELO_H hidden units, CELO_L hidden layers after
+// the first; the paper's Celo: 3, 4, 1), the constants (CELO_GRAD_CLIP, ...) and where each feature
+// group starts among the channels (CELO_CH_GRAD, ...). celo_layout reports them back for the tests.
+//
+// Arguments arrive as the structures GridArgs, Factors, MlpArgs and FactoredArgs below, mirrored field
+// by field by ctypes structures in cpp.py.
 
 #include <cmath>
 #include <cstdint>
@@ -29,7 +34,7 @@
 #endif
 
 #ifndef CELO_K
-#error "compile with -DCELO_K=<decays> -DCELO_H=<hidden units> -DCELO_L=<hidden layers after the first>"
+#error "compile with the defines of celo_hf.layout.c_defines(config)"
 #endif
 
 
@@ -79,16 +84,27 @@ constexpr int K = CELO_K;
 constexpr int H = CELO_H;
 constexpr int L = CELO_L;
 constexpr int L1 = L > 0 ? L : 1;  // array extent (zero-length arrays are not C++)
-// Channels: g, clip(g), p, m (K), rms, m * r (K), r, g * q_g (K), g * r, m * q_m (K).
-constexpr int C = 6 + 4 * K;
+// Channels: g, clip(g), p, m (K), rms, m * r (K), r, g * q_g (K), g * r, m * q_m (K), starting at:
+constexpr int CH_GRAD = CELO_CH_GRAD;
+constexpr int CH_CLIPPED_GRAD = CELO_CH_CLIPPED_GRAD;
+constexpr int CH_PARAM = CELO_CH_PARAM;
+constexpr int CH_MOMENTUM = CELO_CH_MOMENTUM;
+constexpr int CH_RMS = CELO_CH_RMS;
+constexpr int CH_MOMENTUM_OVER_RMS = CELO_CH_MOMENTUM_OVER_RMS;
+constexpr int CH_RSQRT_RMS = CELO_CH_RSQRT_RMS;
+constexpr int CH_FACTORED_GRAD = CELO_CH_FACTORED_GRAD;
+constexpr int CH_GRAD_OVER_RMS = CELO_CH_GRAD_OVER_RMS;
+constexpr int CH_FACTORED_MOMENTUM = CELO_CH_FACTORED_MOMENTUM;
+constexpr int C = CELO_CH_CHANNELS;
 
-constexpr float GRAD_CLIP = 1000.0f;
-constexpr float FEATURE_GRAD_CLIP = 0.1f;
-constexpr float RMS_EPS = 1e-6f;
-constexpr float FACTORED_EPS = 1e-30f;
-constexpr float FACTOR_FLOOR = 1e-9f;
-constexpr float ROW_COL_EPS = 1e-8f;
-constexpr float NORMALISER_EPS = 1e-5f;
+constexpr float GRAD_CLIP = CELO_GRAD_CLIP;
+constexpr float FEATURE_GRAD_CLIP = CELO_FEATURE_GRAD_CLIP;
+constexpr float RMS_EPS = CELO_RMS_EPS;
+constexpr float FACTORED_EPS = CELO_FACTORED_EPS;
+constexpr float FACTOR_FLOOR = CELO_FACTOR_FLOOR;
+constexpr float ROW_COL_EPS = CELO_ROW_COL_EPS;
+constexpr float NORMALISER_EPS = CELO_NORMALISER_EPS;
+constexpr float PARAM_SCALE_EPS = CELO_PARAM_SCALE_EPS;  // used by the caller; reported by celo_layout
 // Elements summed in float32 SIMD lanes before the partial sums are added to float64 totals (keeps
 // long rows about as accurate as a pairwise sum).
 constexpr int64_t SEGMENT = 1024;
@@ -178,24 +194,38 @@ struct Row {
     const float *qg_col[K], *qm_col[K], *h_col[H];
 };
 
-struct Strides {
+}  // namespace
+
+extern "C" {
+
+// A chunk of B tensors as grids of `rows` by `cols`: the per-element arrays and their strides.
+struct GridArgs {
+    int64_t batch, rows, cols;
+    float* p;
+    const float* g;
+    float* m;
+    float* rms;
     int64_t p_sb, p_sa, g_sb, g_sa, m_sb, m_sk, m_sa, rms_sb, rms_sa;
 };
 
+// The preconditioners' row (B, K, a) and column (B, K, b) factors, and the first layer's extra input
+// as row (B, H, a) and column (B, H, b) terms (null in pass 1).
 struct Factors {
     const float *qg_row, *qg_col, *qm_row, *qm_col, *h_row, *h_col;
 };
 
-Row row_at(
-    int64_t t, int64_t i, int64_t rows, int64_t cols, const float* p, const float* g, const float* m, const float* rms,
-    const Strides& s, const Factors& f
-) {
+}  // extern "C"
+
+namespace {
+
+Row row_at(int64_t t, int64_t i, const GridArgs& a, const Factors& f) {
+    const int64_t rows = a.rows, cols = a.cols;
     Row row;
-    row.p = p + t * s.p_sb + i * s.p_sa;
-    row.g = g + t * s.g_sb + i * s.g_sa;
-    row.rms = const_cast<float*>(rms) + t * s.rms_sb + i * s.rms_sa;
+    row.p = a.p + t * a.p_sb + i * a.p_sa;
+    row.g = a.g + t * a.g_sb + i * a.g_sa;
+    row.rms = a.rms + t * a.rms_sb + i * a.rms_sa;
     for (int k = 0; k < K; ++k) {
-        row.m[k] = const_cast<float*>(m) + t * s.m_sb + k * s.m_sk + i * s.m_sa;
+        row.m[k] = a.m + t * a.m_sb + k * a.m_sk + i * a.m_sa;
         row.qg_row[k] = f.qg_row[(t * K + k) * rows + i];
         row.qm_row[k] = f.qm_row[(t * K + k) * rows + i];
         row.qg_col[k] = f.qg_col + (t * K + k) * cols;
@@ -211,8 +241,8 @@ Row row_at(
 }
 
 // Channel indices of the preconditioned gradient and momentum for decay k.
-constexpr int precond_g(int k) { return 5 + 2 * K + k; }
-constexpr int precond_m(int k) { return 6 + 3 * K + k; }
+constexpr int precond_g(int k) { return CH_FACTORED_GRAD + k; }
+constexpr int precond_m(int k) { return CH_FACTORED_MOMENTUM + k; }
 
 struct Decays {
     float beta[K], keep[K], rms_beta, rms_keep;
@@ -231,19 +261,19 @@ inline void accumulate_at(const Row& row, const Decays& d, int64_t j, T* sum, T*
     const T rms = rounded(load<T>(row.rms + j) * d.rms_beta) + rounded(d.rms_keep * g2);
     store(row.rms + j, rms);
     const T r2 = 1.0f / (rms + RMS_EPS);
-    sum[0] += g2;
-    sum[1] += clipped * clipped;
-    sum[2] += p * p;
-    sum[3 + K] += rms * rms;
-    sum[4 + 2 * K] += r2;
-    sum[5 + 3 * K] += g2 * r2;
+    sum[CH_GRAD] += g2;
+    sum[CH_CLIPPED_GRAD] += clipped * clipped;
+    sum[CH_PARAM] += p * p;
+    sum[CH_RMS] += rms * rms;
+    sum[CH_RSQRT_RMS] += r2;
+    sum[CH_GRAD_OVER_RMS] += g2 * r2;
     UNROLL
     for (int k = 0; k < K; ++k) {
         const T m = rounded(load<T>(row.m[k] + j) * d.beta[k]) + rounded(d.keep[k] * g);
         store(row.m[k] + j, m);
         const T m2 = m * m;
-        sum[3 + k] += m2;
-        sum[4 + K + k] += m2 * r2;
+        sum[CH_MOMENTUM + k] += m2;
+        sum[CH_MOMENTUM_OVER_RMS + k] += m2 * r2;
         const T qg = load<T>(row.qg_col[k] + j);
         const T qg2 = qg * qg;
         row_part[k] += g2 * qg2;
@@ -260,9 +290,9 @@ inline void accumulate_at(const Row& row, const Decays& d, int64_t j, T* sum, T*
 // in float32 SIMD lanes for about SEGMENT elements (across short rows) before they go to float64.
 template <bool SHARED_Q>
 void accumulate_rows(
-    int64_t t, int64_t first_row, int64_t last_row, int64_t rows, int64_t cols, const float* p, const float* g,
-    float* m, float* rms, const Strides& s, const Factors& f, const Decays& d, double* total
+    int64_t t, int64_t first_row, int64_t last_row, const GridArgs& a, const Factors& f, const Decays& d, double* total
 ) {
+    const int64_t cols = a.cols;
     Vec sum[C] = {};
     float sum_tail[C] = {};
     int64_t pending = 0;
@@ -277,7 +307,7 @@ void accumulate_rows(
         pending = 0;
     };
     for (int64_t i = first_row; i < last_row; ++i) {
-        const Row row = row_at(t, i, rows, cols, p, g, m, rms, s, f);
+        const Row row = row_at(t, i, a, f);
         for (int64_t start = 0; start < cols; start += SEGMENT) {
             const int64_t stop = start + SEGMENT < cols ? start + SEGMENT : cols;
             Vec part[2 * K] = {};
@@ -364,12 +394,13 @@ inline void step_at(const Row& row, const Mlp& mlp, int64_t j) {
     UNROLL
     for (int u = 0; u < H; ++u) {
         T s = row.h_row[u] + load<T>(row.h_col[u] + j);
-        s += w[0][u] * g + w[1][u] * clipped + w[2][u] * p + w[3 + K][u] * rms + w[4 + 2 * K][u] * r
-             + w[5 + 3 * K][u] * gr;
+        s += w[CH_GRAD][u] * g + w[CH_CLIPPED_GRAD][u] * clipped + w[CH_PARAM][u] * p + w[CH_RMS][u] * rms
+             + w[CH_RSQRT_RMS][u] * r + w[CH_GRAD_OVER_RMS][u] * gr;
         UNROLL
         for (int k = 0; k < K; ++k) s += w[precond_g(k)][u] * gq[k];
         UNROLL
-        for (int k = 0; k < K; ++k) s += m[k] * (w[3 + k][u] + r * w[4 + K + k][u] + qm[k] * w[precond_m(k)][u]);
+        for (int k = 0; k < K; ++k)
+            s += m[k] * (w[CH_MOMENTUM + k][u] + r * w[CH_MOMENTUM_OVER_RMS + k][u] + qm[k] * w[precond_m(k)][u]);
         h[u] = relu(s);
     }
     UNROLL
@@ -482,12 +513,21 @@ void grid_hidden(const float* v, int64_t n, const float* value_w, const float* r
 
 extern "C" {
 
-// The configuration this library was built for; returns the number of channels.
-int celo_config(int* k, int* h, int* l) {
-    *k = K;
-    *h = H;
-    *l = L;
-    return C;
+// What this library was built with (celo_hf/layout.py's values, through the defines): the
+// configuration, the channel count and offsets (in the order of layout.ELEMENT_GROUPS) and the
+// constants (in the order of layout.CONSTANTS).
+struct LayoutReport {
+    int32_t k, h, l, channels;
+    int32_t offsets[10];
+    float constants[8];
+};
+
+void celo_layout(LayoutReport* out) {
+    *out = LayoutReport{K, H, L, C,
+                        {CH_GRAD, CH_CLIPPED_GRAD, CH_PARAM, CH_MOMENTUM, CH_RMS, CH_MOMENTUM_OVER_RMS, CH_RSQRT_RMS,
+                         CH_FACTORED_GRAD, CH_GRAD_OVER_RMS, CH_FACTORED_MOMENTUM},
+                        {GRAD_CLIP, FEATURE_GRAD_CLIP, RMS_EPS, FACTORED_EPS, FACTOR_FLOOR, ROW_COL_EPS, NORMALISER_EPS,
+                         PARAM_SCALE_EPS}};
 }
 
 // Pass 0: for each tensor t of a matrix batch g (B, a, b), sums of clip(g)^2 + 1e-30 along each row
@@ -500,18 +540,36 @@ void celo_square_sums(
         square_sums(rows, cols, g + t * g_sb, g_sa, row_sums + t * rows, col_sums + t * cols);
 }
 
-// Pass 0 and everything that follows from it for a batch of matrices (B, a, b), the factored axis of
+// Pass 0 and everything that follows from it for a batch of matrices g (B, a, b), the factored axis of
 // v_row being d0 (0: v_row (B, K, b) spans the columns, v_col (B, K, a) the rows; 1: the other way).
 // Updates v_row and v_col in place and writes, on the grid's rows and columns, the preconditioner's
 // factors q_rows (B, K, a) and q_cols (B, K, b), and the first layer's input from the row and column
 // features (normalised) plus its bias, h_rows (B, H, a) and h_cols (B, H, b). first (B, F, H) and
 // bias (B, H) may have a batch stride of 0; groups: the first rows in `first` of the row, column,
 // rsqrt-row and rsqrt-column feature groups.
-void celo_factored_moments(
-    int64_t batch, int64_t rows, int64_t cols, int64_t d0, const float* g, int64_t g_sb, int64_t g_sa, float* v_row,
-    float* v_col, const float* factored_decays, const float* first, int64_t first_sb, const int64_t* groups,
-    const float* bias, int64_t bias_sb, float* q_rows, float* q_cols, float* h_rows, float* h_cols
-) {
+struct FactoredArgs {
+    int64_t batch, rows, cols, d0;
+    const float* g;
+    int64_t g_sb, g_sa;
+    float *v_row, *v_col;
+    const float* factored_decays;
+    const float* first;
+    int64_t first_sb;
+    int64_t groups[4];
+    const float* bias;
+    int64_t bias_sb;
+    float *q_rows, *q_cols, *h_rows, *h_cols;
+};
+
+void celo_factored_moments(const FactoredArgs* args) {
+    const FactoredArgs& a = *args;
+    const int64_t batch = a.batch, rows = a.rows, cols = a.cols, g_sb = a.g_sb, g_sa = a.g_sa, first_sb = a.first_sb,
+                  bias_sb = a.bias_sb;
+    const float *g = a.g, *factored_decays = a.factored_decays, *first = a.first, *bias = a.bias;
+    const int64_t* groups = a.groups;
+    float *v_row = a.v_row, *v_col = a.v_col, *q_rows = a.q_rows, *q_cols = a.q_cols, *h_rows = a.h_rows,
+          *h_cols = a.h_cols;
+    const int64_t d0 = a.d0;
     std::vector<float> row_sums(rows), col_sums(cols);
     // v_row averages clip(g)^2 over axis d0, so it lies along the other axis; v_col the other way.
     const bool v_row_on_cols = d0 == 0;
@@ -551,13 +609,11 @@ void celo_factored_moments(
 // Pass 1: m <- beta m + (1 - beta) g and rms <- rms_beta rms + rms_keep g^2 in place (g clipped; keep
 // = 1 - beta), then each channel's sum of squares over the grid, added to sums (B, C) (float64).
 void celo_accumulate(
-    int64_t batch, int64_t rows, int64_t cols, const float* p, const float* g, float* m, float* rms,
-    const int64_t* strides, const float* qg_row, const float* qg_col, const float* qm_row, const float* qm_col,
-    const float* momentum_decays, float rms_beta, float rms_keep, double* sums, int threads
+    const GridArgs* grid, const Factors* factors, const float* momentum_decays, float rms_beta, float rms_keep,
+    double* sums, int threads
 ) {
-    Strides s;
-    std::memcpy(&s, strides, sizeof s);
-    const Factors f{qg_row, qg_col, qm_row, qm_col, nullptr, nullptr};
+    const GridArgs& a = *grid;
+    const Factors& f = *factors;
     Decays d;
     for (int k = 0; k < K; ++k) {
         d.beta[k] = momentum_decays[k];
@@ -565,34 +621,40 @@ void celo_accumulate(
     }
     d.rms_beta = rms_beta;
     d.rms_keep = rms_keep;
-    const bool shared_q = qg_row == qm_row && qg_col == qm_col;
-    const Blocks blocks(batch, rows, cols);
+    const bool shared_q = f.qg_row == f.qm_row && f.qg_col == f.qm_col;
+    const int64_t rows = a.rows;
+    const Blocks blocks(a.batch, rows, a.cols);
     std::vector<double> partial(blocks.count * C, 0.0);
     parallel_for(blocks.count, threads, [&](int64_t block) {
         const int64_t t = blocks.tensor(block), first = blocks.first_row(block), last = blocks.last_row(block, rows);
         double* total = partial.data() + block * C;
         if (shared_q)
-            accumulate_rows<true>(t, first, last, rows, cols, p, g, m, rms, s, f, d, total);
+            accumulate_rows<true>(t, first, last, a, f, d, total);
         else
-            accumulate_rows<false>(t, first, last, rows, cols, p, g, m, rms, s, f, d, total);
+            accumulate_rows<false>(t, first, last, a, f, d, total);
     });
     for (int64_t block = 0; block < blocks.count; ++block)
         for (int c = 0; c < C; ++c) sums[blocks.tensor(block) * C + c] += partial[block * C + c];
 }
 
+// Pass 2's MLP: first (B, C, H) holds the first layer's weights of the channels with the normalisers
+// folded in; hidden_w (B, L, H, H) as (out, in), hidden_b (B, L, H); last_w (B, 2, H), last_b (B, 2);
+// step_scale (B).
+struct MlpArgs {
+    const float *first, *hidden_w, *hidden_b, *last_w, *last_b, *step_scale;
+    float exp_mult;
+};
+
 // Pass 2: features from the stored accumulators, the MLP, and p <- p - direction * exp(exp_mult *
-// magnitude) * step_scale[t]. first (B, C, H) holds the first layer's weights of the channels with the
-// normalisers folded in; h_row (B, H, a) + h_col (B, H, b) the rest of its pre-activation; hidden_w
-// (B, L, H, H) as (out, in), hidden_b (B, L, H); last_w (B, 2, H), last_b (B, 2).
-void celo_mlp_step(
-    int64_t batch, int64_t rows, int64_t cols, float* p, const float* g, const float* m, const float* rms,
-    const int64_t* strides, const float* qg_row, const float* qg_col, const float* qm_row, const float* qm_col,
-    const float* h_row, const float* h_col, const float* first, const float* hidden_w, const float* hidden_b,
-    const float* last_w, const float* last_b, float exp_mult, const float* step_scale, int threads
-) {
-    Strides s;
-    std::memcpy(&s, strides, sizeof s);
-    const Factors f{qg_row, qg_col, qm_row, qm_col, h_row, h_col};
+// magnitude) * step_scale[t]; factors->h_row + factors->h_col is the rest of the first layer's
+// pre-activation.
+void celo_mlp_step(const GridArgs* grid, const Factors* factors, const MlpArgs* weights, int threads) {
+    const GridArgs& a = *grid;
+    const Factors& f = *factors;
+    const int64_t batch = a.batch, rows = a.rows, cols = a.cols;
+    const float *first = weights->first, *hidden_w = weights->hidden_w, *hidden_b = weights->hidden_b,
+                *last_w = weights->last_w, *last_b = weights->last_b, *step_scale = weights->step_scale;
+    const float exp_mult = weights->exp_mult;
     std::vector<Mlp> mlps(batch);
     for (int64_t t = 0; t < batch; ++t) {
         Mlp& mlp = mlps[t];
@@ -617,7 +679,7 @@ void celo_mlp_step(
         const Mlp& mlp = mlps[t];
         Mlp on_row = mlp;
         for (int64_t i = blocks.first_row(block); i < blocks.last_row(block, rows); ++i) {
-            const Row row = row_at(t, i, rows, cols, p, g, m, rms, s, f);
+            const Row row = row_at(t, i, a, f);
             for (int k = 0; k < K; ++k)
                 for (int u = 0; u < H; ++u) {
                     on_row.first[precond_g(k)][u] = mlp.first[precond_g(k)][u] * row.qg_row[k];
