@@ -70,6 +70,9 @@ class CeloNet(
         exp_mult: multiplier of the MLP's log-magnitude output before ``exp`` (0.001 in the paper).
         learned_schedule: multiply steps by the LSTM's ``lr_mult`` (the paper's phase 2). ``False`` is
             phase 1 of meta-training: the MLP alone sets the step.
+        gain_threshold, gain_power: the gradient-scale gain (:mod:`celo_hf.step_gain`): each tensor's
+            step times ``min(1, (||g|| / ||p||) / gain_threshold) ** gain_power``. ``None`` (the
+            paper's Celo v1) leaves every step as the MLP and scheduler set it.
     """
 
     def __init__(
@@ -83,6 +86,8 @@ class CeloNet(
         step_mult: float = 0.001,
         exp_mult: float = 0.001,
         learned_schedule: bool = True,
+        gain_threshold: float | None = None,
+        gain_power: float = 1.0,
     ) -> None:
         super().__init__()
         if len(momentum_decays) != len(factored_decays):
@@ -90,6 +95,10 @@ class CeloNet(
                 f"momentum_decays {tuple(momentum_decays)} and factored_decays {tuple(factored_decays)} "
                 "must have the same length: the factored-momentum feature pairs them up"
             )
+        if gain_threshold is not None and not gain_threshold > 0:
+            raise ValueError(f"gain_threshold must be a positive number or None, got {gain_threshold!r}")
+        if not gain_power >= 0:
+            raise ValueError(f"gain_power must be >= 0, got {gain_power!r}")
         if mlp_hidden_layers < 1:
             raise ValueError(f"mlp_hidden_layers must be >= 1, got {mlp_hidden_layers}")
         self.momentum_decays = tuple(float(d) for d in momentum_decays)
@@ -98,6 +107,8 @@ class CeloNet(
         self.step_mult = float(step_mult)
         self.exp_mult = float(exp_mult)
         self.learned_schedule = bool(learned_schedule)
+        self.gain_threshold = None if gain_threshold is None else float(gain_threshold)
+        self.gain_power = float(gain_power)
         self.group_widths = feature_group_widths(len(self.momentum_decays))
         self.num_features = sum(self.group_widths)
 

@@ -27,6 +27,7 @@ from .hub import load_celo_net
 from .loss_recording import recorder_for
 from .layout import RowSharding, RuleConfig, TensorState, UpdateWeights, init_tensor_state, state_shape
 from .network import CeloNet
+from .step_gain import row_norms, step_gain
 
 Backend = str  #: one of BACKENDS
 BACKENDS = backends.NAMES
@@ -263,15 +264,17 @@ class Celo(torch.optim.Optimizer):
                         item.local.shape, num_decays, item.local.device, item.param.shape, self.moment_dtype
                     )
                 )
+        gains = _gradient_scale_gains(work, self.net)
         backend = backends.get(self._backend_on(device))
         for batch in _batches(work, self.chunk_elements or backend.chunk_elements):
-            self._update(batch, lr_mult)
+            self._update(batch, lr_mult, gains)
         self.iteration += 1
         return closure_loss
 
-    def _update(self, batch: list[_Work], lr_mult: torch.Tensor) -> None:
+    def _update(self, batch: list[_Work], lr_mult: torch.Tensor, gains: dict[torch.Tensor, torch.Tensor] | None) -> None:
         """Update tensors of one shape together: a large contiguous (or sharded) tensor through views
-        of itself, small ones stacked (parameters copied in and back; their state stays stacked)."""
+        of itself, small ones stacked (parameters copied in and back; their state stays stacked).
+        ``gains``: each parameter's gradient-scale gain (0-d), if the meta-model has one."""
         locals_ = [item.local for item in batch]
         shape = state_shape(locals_[0].shape)
         device = locals_[0].device
@@ -280,6 +283,8 @@ class Celo(torch.optim.Optimizer):
             lr_scale = (lr_mult.to(device) * lrs.pop()).expand(len(batch))
         else:
             lr_scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
+        if gains is not None:
+            lr_scale = lr_scale * torch.stack([gains[item.param] for item in batch]).to(device)
         weights = self._weights_on(device, len(batch))
         backend = self._backend_on(device)
         if len(batch) == 1 and locals_[0].is_contiguous():
@@ -515,6 +520,22 @@ def _weight_decay_penalty(work: list[_Work], device: torch.device) -> torch.Tens
     shards = penalty(sharded)
     torch.distributed.all_reduce(shards, group=sharded[0].sharding.group)
     return penalty([item for item in work if item.sharding is None]) + shards
+
+
+def _gradient_scale_gains(work: list[_Work], net: CeloNet) -> dict[torch.Tensor, torch.Tensor] | None:
+    """Each parameter's gradient-scale gain (:mod:`celo_hf.step_gain`), 0-d float32 on its device,
+    or ``None`` when ``net`` has none. Sharded tensors' norms are completed across their group."""
+    if net.gain_threshold is None:
+        return None
+    squares = []
+    for item in work:
+        pair = torch.cat([row_norms(t.reshape(1, -1)) for t in (item.grad, item.local)]).square()
+        if item.sharding is not None:
+            torch.distributed.all_reduce(pair, group=item.sharding.group)
+        squares.append(pair)
+    norms = torch.stack([pair.to(work[0].local.device) for pair in squares]).sqrt()
+    gains = step_gain(norms[:, 0], norms[:, 1], net.gain_threshold, net.gain_power)
+    return {item.param: gain.to(item.local.device) for item, gain in zip(work, gains)}
 
 
 def _process_group(work: list[_Work]) -> object | None:

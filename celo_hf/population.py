@@ -23,6 +23,7 @@ from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
 from .network import CeloNet
 from .driver import update_batch_
 from .layout import TensorState, UpdateWeights, init_tensor_state, state_shape
+from .step_gain import row_norms, step_gain
 
 MetaWeights = dict[str, torch.Tensor]
 
@@ -147,5 +148,9 @@ def update(
     weights = UpdateWeights.from_mlp_layers(net, layers, loss.device)
     for name, p in params.items():
         shape = (p.shape[0], *state_shape(p.shape[1:]))
-        update_batch_(p.view(shape), grads[name].reshape(shape), state.tensors[name], lr_mult, weights, backend)
+        scale = lr_mult
+        if net.gain_threshold is not None:
+            norms = (row_norms(t.reshape(shape[0], -1)) for t in (grads[name], p))
+            scale = lr_mult * step_gain(*norms, net.gain_threshold, net.gain_power)
+        update_batch_(p.view(shape), grads[name].reshape(shape), state.tensors[name], scale, weights, backend)
     return PopulationState(state.iteration + 1, state.total_steps, loss_buffer, hidden, cell, state.tensors)
