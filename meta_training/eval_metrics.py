@@ -8,12 +8,14 @@ function here is defined for diverged runs too.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 #: Width of the trailing moving average, as a fraction of the run length ("lightly smoothed").
 SMOOTHING_FRACTION = 0.05
+#: The fewest trailing steps averaged for a run's final training loss (:func:`final_window`).
+FINAL_WINDOW_MIN = 10
 
 
 def as_losses(curves: np.ndarray) -> np.ndarray:
@@ -46,6 +48,27 @@ def summary_curve(runs: np.ndarray) -> np.ndarray:
     """Seed-averaged, lightly smoothed curve of ``runs`` ``(seeds, steps)``."""
     runs = as_losses(np.atleast_2d(runs))
     return smooth(runs.mean(0), smoothing_window(runs.shape[1]))
+
+
+def final_window(steps: int) -> int:
+    """How many trailing steps make a run's final training loss: 5% of the run, at least 10."""
+    return max(FINAL_WINDOW_MIN, smoothing_window(steps))
+
+
+def final_mean(run: np.ndarray, window: int) -> float:
+    """Mean training loss over the last ``window`` steps of ``run`` ``(steps,)`` (``+inf`` if any
+    of them is not finite)."""
+    if window < 1:
+        raise ValueError(f"final window must be >= 1 step, got {window}")
+    return float(as_losses(run)[-window:].mean())
+
+
+def best_learning_rate(final_losses: Mapping[float, float]) -> float:
+    """The grid's selection rule, fixed before any run: the learning rate with the lowest final
+    training loss (non-finite counts as ``+inf``); on a tie, the smaller learning rate."""
+    if not final_losses:
+        raise ValueError("no learning rates to choose from")
+    return min(final_losses, key=lambda lr: (float(as_losses(np.array(final_losses[lr]))), lr))
 
 
 def first_step_at_or_below(curve: np.ndarray, level: float) -> int | None:

@@ -34,6 +34,9 @@ from celo_hf.hub import load_celo_net
 from . import eval_metrics as metrics
 from .extras import require_meta_extra
 from .eval_tasks import TASKS, EvalTask, Problem
+from .trainer_eval import TrainerTaskResult, evaluate_trainer_task, trainer_markdown_table
+from .trainer_tasks import TINY_STEPS as TRAINER_TINY_STEPS
+from .trainer_tasks import TRAINER_TASKS
 
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 #: The ``--tiny`` configuration: a few fast tasks, few steps, one seed.
@@ -174,7 +177,7 @@ def evaluate_task(
         sweep[lr] = run_task(task, adamw(lr), 0, steps)
         bar.update()
     sweep_final = {lr: float(metrics.summary_curve(np.array(run.losses))[-1]) for lr, run in sweep.items()}
-    best_lr = min(learning_rates, key=lambda lr: (sweep_final[lr], lr))
+    best_lr = metrics.best_learning_rate(sweep_final)
     adam_runs = [sweep[best_lr]]
     for seed in range(1, seeds):
         bar.set_postfix_str(f"{task.name}: AdamW lr={best_lr:g} seed {seed}")
@@ -260,33 +263,47 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: Sequence[TaskResult], path: Path) -> None:
-    """One panel per task: every seed's training loss (thin) and the summary curve (thick)."""
+Panel = tuple[str, list[tuple[str, str, np.ndarray]]]
+"""A panel's title and its curves: ``(label, colour, runs (seeds, steps))`` each."""
+
+
+def plot_panels(panels: Sequence[Panel], path: Path) -> None:
+    """One panel per entry, log-scale loss: every run (thin) and the summary curve (thick)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    columns = min(4, len(results))
-    rows = -(-len(results) // columns)
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    for ax, r in zip(axes.flat, results):
-        for label, runs, color in ((f"AdamW lr={r.best_lr:g}", r.adamw, "tab:blue"), ("Celo", r.celo, "tab:red")):
-            curves = np.array([run.losses for run in runs])
-            steps = np.arange(1, curves.shape[1] + 1)
-            for curve in curves:
-                ax.plot(steps, curve, color=color, alpha=0.2, linewidth=0.6)
-            ax.plot(steps, metrics.summary_curve(curves), color=color, linewidth=1.6, label=label)
+    for ax, (title, curves) in zip(axes.flat, panels):
+        for label, color, runs in curves:
+            steps = np.arange(1, runs.shape[1] + 1)
+            for run in runs:
+                ax.plot(steps, run, color=color, alpha=0.2, linewidth=0.6)
+            ax.plot(steps, metrics.summary_curve(runs), color=color, linewidth=1.6, label=label)
         ax.set_yscale("log")
-        ax.set_title(f"{r.name}  FL {r.final_loss_ratio:.2f}", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    for ax in axes.flat[len(results):]:
+    for ax in axes.flat[len(panels):]:
         ax.axis("off")
     axes[0][0].set_ylabel("training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def comparison_panels(results: Sequence[TaskResult | TrainerTaskResult]) -> list[Panel]:
+    """Per task: tuned AdamW's and Celo's training-loss curves, FL in the title."""
+    return [
+        (f"{r.name}  FL {r.final_loss_ratio:.2f}", [
+            (f"AdamW lr={r.best_lr:g}", "tab:blue", np.array([run.losses for run in r.adamw])),
+            ("Celo", "tab:red", np.array([run.losses for run in r.celo])),
+        ])
+        for r in results
+    ]
 
 
 def evaluate(
@@ -296,64 +313,106 @@ def evaluate(
     task_names: Sequence[str] = tuple(TASKS),
     steps: int | None = None,
     learning_rates: Sequence[float] = LEARNING_RATES,
+    trainer_task_names: Sequence[str] = (),
+    trainer_seeds: int = 1,
+    trainer_steps: int | None = None,
+    tiny_trainer: bool = False,
 ) -> dict[str, object]:
-    """Run the suite and write ``results.json``, ``results.md`` and ``curves.png`` into ``out``.
+    """Run the suite and the Trainer tasks; write ``results.json``, ``results.md`` and the curves
+    (``curves.png`` for the suite, ``trainer_curves.png`` for the Trainer tasks) into ``out``.
 
     Args:
         weights: Celo weights as :class:`celo_hf.Celo` takes them (``None``, a path, a Hub id, a
             ``CeloNet``).
-        seeds: seeds per optimizer (AdamW's lr is tuned on seed 0 alone).
-        task_names: which tasks of :data:`meta_training.eval_tasks.TASKS`.
-        steps: override every task's step count (``None``: each task's own).
+        seeds: seeds per optimizer on the suite (AdamW's lr is tuned on seed 0 alone).
+        task_names: which tasks of :data:`meta_training.eval_tasks.TASKS` (may be empty).
+        steps: override every suite task's step count (``None``: each task's own).
+        trainer_task_names: which tasks of :data:`meta_training.trainer_tasks.TRAINER_TASKS`.
+        trainer_seeds: seeds per optimizer on the Trainer tasks.
+        trainer_steps: override every Trainer task's step count.
+        tiny_trainer: the Trainer tasks with their tiny models (tests).
 
     Returns the contents of ``results.json``.
     """
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if seeds < 1 or trainer_seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got seeds={seeds}, trainer_seeds={trainer_seeds}")
     unknown = [name for name in task_names if name not in TASKS]
+    unknown += [name for name in trainer_task_names if name not in TRAINER_TASKS]
     if unknown:
-        raise ValueError(f"unknown evaluation task(s) {unknown}; expected some of {list(TASKS)}")
+        raise ValueError(f"unknown evaluation task(s) {unknown}; expected some of {list(TASKS) + list(TRAINER_TASKS)}")
+    if not task_names and not trainer_task_names:
+        raise ValueError("no evaluation tasks given")
     net = load_celo_net(weights)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = []
-    with tqdm(total=len(task_names) * (len(learning_rates) + 2 * seeds - 1), desc="evaluate", unit="run") as bar:
-        for name in task_names:
-            task = TASKS[name]
-            results.append(evaluate_task(task, net, seeds, steps or task.steps, learning_rates, bar))
-    summary = aggregate(results)
-    report = {
-        "weights": str(weights),
-        "seeds": seeds,
-        "learning_rates": list(learning_rates),
-        "seconds": time.perf_counter() - start,
-        "summary": summary,
-        "tasks": [asdict(r) for r in results],
-    }
+    runs = len(task_names) * (len(learning_rates) + 2 * seeds - 1) + sum(
+        len(TRAINER_TASKS[name].learning_rates) + 2 * trainer_seeds - 1 for name in trainer_task_names
+    )
+    report: dict[str, object] = {"weights": str(weights)}
+    tables = []
+    with tqdm(total=runs, desc="evaluate", unit="run") as bar:
+        results = [evaluate_task(TASKS[name], net, seeds, steps or TASKS[name].steps, learning_rates, bar) for name in task_names]
+        trainer_results = [
+            evaluate_trainer_task(TRAINER_TASKS[name], net, trainer_seeds, trainer_steps, tiny_trainer, bar) for name in trainer_task_names
+        ]
+    if results:
+        summary = aggregate(results)
+        report |= {"seeds": seeds, "learning_rates": list(learning_rates), "summary": summary,
+                   "tasks": [asdict(r) for r in results]}
+        tables.append(markdown_table(results, summary, str(weights), seeds, learning_rates))
+        plot_panels(comparison_panels(results), out / "curves.png")
+    if trainer_results:
+        report["trainer"] = {"seeds": trainer_seeds, "tiny": tiny_trainer, "tasks": [asdict(r) for r in trainer_results]}
+        tables.append(trainer_markdown_table(trainer_results, str(weights), trainer_seeds, tiny_trainer))
+        plot_panels(comparison_panels(trainer_results), out / "trainer_curves.png")
+    report["seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(markdown_table(results, summary, str(weights), seeds, learning_rates))
-    plot_curves(results, out / "curves.png")
+    (out / "results.md").write_text("\n".join(tables))
     return report
+
+
+#: ``--tasks`` groups: the small-network suite, the Trainer tasks, both.
+TASK_GROUPS = {"suite": tuple(TASKS), "trainer": tuple(TRAINER_TASKS), "all": (*TASKS, *TRAINER_TASKS)}
+
+
+def resolve_tasks(names: Sequence[str], tiny: bool = False) -> tuple[list[str], list[str]]:
+    """``--tasks`` names (groups of :data:`TASK_GROUPS` or single tasks) -> ``(suite, trainer)``
+    task names in the order given (groups in their own order), without repeats. With ``tiny`` the
+    suite group is :data:`TINY_TASKS`."""
+    groups = TASK_GROUPS | ({"suite": TINY_TASKS, "all": (*TINY_TASKS, *TRAINER_TASKS)} if tiny else {})
+    chosen = list(dict.fromkeys(task for name in names for task in groups.get(name, (name,))))
+    unknown = [task for task in chosen if task not in TASKS and task not in TRAINER_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; expected {list(TASK_GROUPS)} or some of {list(TASK_GROUPS['all'])}")
+    return [t for t in chosen if t in TASKS], [t for t in chosen if t in TRAINER_TASKS]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="Celo weights: a file, folder or Hub id (default: the embedded default)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per optimizer (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per optimizer on the suite (default 3)")
+    parser.add_argument("--trainer_seeds", type=int, default=1,
+                        help="seeds per optimizer on the Trainer tasks (default 1: they are slow on CPU)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS), help="subset of tasks (default: all)")
+    parser.add_argument("--tasks", nargs="+", default=["all"], choices=[*TASK_GROUPS, *TASK_GROUPS["all"]],
+                        metavar="TASK", help=f"groups {list(TASK_GROUPS)} and/or task names (default: all); "
+                        f"suite: {list(TASKS)}; trainer: {list(TRAINER_TASKS)}")
     parser.add_argument("--steps", type=int, default=None, help="override every task's number of steps")
-    parser.add_argument("--tiny", action="store_true", help=f"smoke test: tasks {TINY_TASKS}, {TINY_STEPS} steps, 1 seed")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke test: suite tasks {TINY_TASKS} for {TINY_STEPS} steps, 1 seed; Trainer tasks with "
+                        f"tiny models for {TRAINER_TINY_STEPS} steps")
     args = parser.parse_args(argv)
     require_meta_extra("python -m meta_training.evaluate")
     torch.set_num_threads(1)
-    if args.tiny:
-        tasks, steps, seeds = args.tasks or TINY_TASKS, args.steps or TINY_STEPS, 1
-    else:
-        tasks, steps, seeds = args.tasks or tuple(TASKS), args.steps, args.seeds
-    report = evaluate(args.weights, args.out, seeds=seeds, task_names=tasks, steps=steps)
+    suite, trainer = resolve_tasks(args.tasks, tiny=args.tiny)
+    report = evaluate(
+        args.weights, args.out, seeds=1 if args.tiny else args.seeds, task_names=suite,
+        steps=args.steps or (TINY_STEPS if args.tiny else None), trainer_task_names=trainer,
+        trainer_seeds=1 if args.tiny else args.trainer_seeds,
+        trainer_steps=args.steps or (TRAINER_TINY_STEPS if args.tiny else None), tiny_trainer=args.tiny,
+    )
     print((args.out / "results.md").read_text())
-    print(f"wrote {args.out}/results.json, results.md, curves.png in {report['seconds']:.0f} s")
+    print(f"wrote {args.out}: results.json, results.md and the curves in {report['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
