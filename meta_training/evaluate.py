@@ -1,18 +1,28 @@
-"""Judge Celo weights on the held-out CPU suite against AdamW with a tuned learning rate.
+"""Judge Celo weights against AdamW with a tuned learning rate: the held-out CPU suite and the Trainer tasks.
 
     python -m meta_training.evaluate --weights ../shared/reference/celo_theta.state --seeds 3 --out eval/paper
-    python -m meta_training.evaluate --weights runs/phase2/final --out eval/ours
+    python -m meta_training.evaluate --weights runs/phase2/final --tasks suite --out eval/ours   # suite only
+    python -m meta_training.evaluate --tasks trainer --out eval/trainer   # Trainer tasks only, embedded weights
     python -m meta_training.evaluate --tiny --weights PATH --out /tmp/eval   # smoke test, < 1 min
 
-For every task of :mod:`meta_training.eval_tasks` (``docs/meta-training.md`` §7.5): AdamW (weight
-decay 0) runs once per learning rate of the grid; the lr with the lowest smoothed final training
-loss is re-run with every seed; Celo runs with every seed and ``total_steps`` = the task's steps.
-Seed ``s`` gives both optimizers the same initialisation and batches. Then the metrics of §6.3
-(:mod:`meta_training.eval_metrics`): final-loss ratio and speedup per task, their IQM over tasks
-with a stratified bootstrap CI over seeds, and divergence flags.
+``--tasks`` takes ``suite``, ``trainer``, ``all`` (default) and/or single task names.
 
-Writes ``results.json`` (everything, curves included), ``results.md`` (the table) and
-``curves.png`` (training loss per task, Celo vs tuned AdamW) to ``--out``.
+The suite: every task of :mod:`meta_training.eval_tasks` (``docs/meta-training.md`` §7.5): AdamW
+(weight decay 0) runs once per learning rate of the grid; the lr with the lowest smoothed final
+training loss is re-run with every seed; Celo runs with every seed and ``total_steps`` = the task's
+steps. Seed ``s`` gives both optimizers the same initialisation and batches. Then the metrics of
+§6.3 (:mod:`meta_training.eval_metrics`): final-loss ratio and speedup per task, their IQM over
+tasks with a stratified bootstrap CI over seeds, and divergence flags.
+
+The Trainer tasks (:mod:`meta_training.trainer_tasks`, judged by :mod:`meta_training.trainer_eval`):
+fine-tuning pretrained MiniLM-L6 (full and LoRA), a Llama from scratch with gradient accumulation
+and a 1000-step GPT-2, each through a real ``transformers.Trainer``: Trainer's AdamW with its
+default linear schedule and a grid-tuned lr against Celo at lr 1; one seed by default
+(``--trainer_seeds``), since they are slow on CPU.
+
+Writes ``results.json`` (everything, curves included), ``results.md`` (the tables),
+``curves.png`` (suite) and ``trainer_curves.png`` (Trainer tasks; training loss per task, Celo vs
+tuned AdamW) to ``--out``.
 """
 
 from __future__ import annotations

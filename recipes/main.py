@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments
+from transformers.utils import logging as transformers_logging
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the workloads live in meta_training/, next to the evaluation that tuned them
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> list[WorkloadResult]:
     parser.add_argument("--tiny", action="store_true", help="tiny models from config (a smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    transformers_logging.set_verbosity_error()  # one progress bar, not a load report per run
     tasks = [(title, TRAINER_TASKS[name], read_tuning(args.tuning, name)) for title, name in WORKLOADS]
     total = 3 * sum(args.max_steps or task.steps for _, task, _ in tasks)
     start = time.perf_counter()

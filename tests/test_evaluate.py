@@ -136,6 +136,7 @@ def test_evaluate_takes_a_celonet_reuses_the_tuning_run_and_runs_every_seed(tmp_
 def test_tiny_evaluation_writes_table_png_and_json_with_finite_numbers(tmp_path):
     out = tmp_path / "eval"
     command = [sys.executable, "-m", "meta_training.evaluate", "--tiny", "--weights", str(PAPER_WEIGHTS), "--out", str(out)]
+    command += ["--tasks", "suite"]  # the Trainer tasks' tiny configuration: tests/test_trainer_eval.py
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
