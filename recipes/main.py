@@ -153,8 +153,6 @@ def main(argv: list[str] | None = None) -> list[WorkloadResult]:
     parser.add_argument("--tiny", action="store_true", help="tiny models from config (a smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    transformers_logging.set_verbosity_error()  # one progress bar, not a load report and bar per run
-    transformers_logging.disable_progress_bar()
     tasks = [(title, TRAINER_TASKS[name], read_tuning(args.tuning, name)) for title, name in WORKLOADS]
     total = 3 * sum(args.max_steps or task.steps for _, task, _ in tasks)
     start = time.perf_counter()
@@ -175,4 +173,6 @@ def main(argv: list[str] | None = None) -> list[WorkloadResult]:
 
 
 if __name__ == "__main__":
+    transformers_logging.set_verbosity_error()  # one progress bar, not a load report and bar per run
+    transformers_logging.disable_progress_bar()
     main()
