@@ -2,9 +2,10 @@
 
 from typing import Any
 
-from .hub import CeloWeightsError, load_celo_net
+from .hub import load_celo_net
 from .network import CeloNet
 from .optimizer import Celo, create
+from .weight_files import CeloWeightsError
 
 #: Names from ``celo_hf.trainer``, imported on first use (it imports transformers, which is slow).
 _TRAINER_NAMES = ("CeloCallback", "CeloFactory", "CeloTrainer", "CeloTrainerMixin", "attach")

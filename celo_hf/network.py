@@ -3,7 +3,7 @@
 ``CeloNet`` holds Celo's learned weights (its "meta-parameters") and the hyper-parameters that go
 with them (accumulator decays, step multipliers). It does not hold optimizer state. The update maths
 that uses it lives in :mod:`celo_hf.reference` and :mod:`celo_hf.driver` (feature layout:
-:mod:`celo_hf.layout`); the loading of checkpoints in :mod:`celo_hf.hub`.
+:mod:`celo_hf.layout`); the reading of checkpoints in :mod:`celo_hf.weight_files`.
 
 Layout (``docs/celo-algorithm.md`` §6, §8), with ``H = lstm_hidden_size`` and ``F = num_features``:
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from .features import SCHEDULER_INPUT_SIZE
 from .layout import feature_group_widths
+from .weight_files import CeloWeightsError, WeightFiles, read_weights
 
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights (a Jinja template of
@@ -201,11 +202,9 @@ class CeloNet(
 
         Accepted: a folder or Hub repo with ``config.json`` + ``model.safetensors`` (this project's
         format), or the paper's flax ``theta.state`` (a file, a folder holding one, or a Hub repo
-        holding one). See :func:`celo_hf.hub.load_celo_net`.
+        holding one). See :func:`celo_hf.weight_files.read_weights`.
         """
-        from .hub import load_celo_net  # hub depends on this module; import at call time
-
-        return load_celo_net(
+        files = read_weights(
             pretrained,
             revision=revision,
             token=token,
@@ -213,3 +212,26 @@ class CeloNet(
             local_files_only=local_files_only,
             force_download=force_download,
         )
+        return cls.from_weight_files(files)
+
+    @classmethod
+    def from_weight_files(cls, files: WeightFiles) -> CeloNet:
+        """The meta-model a checkpoint holds, strictly: its configuration must be one ``CeloNet``
+        takes and its state dict must have exactly this configuration's entries and shapes; in eval mode."""
+        try:
+            net = cls(**files.config)
+        except TypeError as err:
+            raise CeloWeightsError(f"{files.config_source} has settings CeloNet does not take: {err}") from err
+        except ValueError as err:
+            raise CeloWeightsError(f"{files.config_source}: {err}") from err
+        expected, state = net.state_dict(), files.state
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            raise CeloWeightsError(
+                f"{files.state_source} does not match {files.config_source}: missing {missing}, unexpected "
+                f"{unexpected}, wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}"
+            )
+        net.load_state_dict(state)
+        return net.eval()

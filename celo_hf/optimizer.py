@@ -1,7 +1,9 @@
 """``Celo``: the learned optimizer as a ``torch.optim.Optimizer``.
 
-A thin shell: it owns the state, picks the loss, runs the learned scheduler once per step and calls
-the driver's per-tensor update (:mod:`celo_hf.driver`) for every parameter that has a gradient.
+A thin shell: it owns the state and calls the pieces that do the work: the step's loss and finite
+check (:mod:`celo_hf.loss_intake`), the learned scheduler once per step
+(:mod:`celo_hf.scheduler_state`), and the update of every parameter that has a gradient, in
+batches (:mod:`celo_hf.batching`, through the driver :mod:`celo_hf.driver`).
 """
 
 from __future__ import annotations
@@ -9,40 +11,40 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import backends
-from .driver import SMALL_TENSOR_ELEMENTS, update_batch_
-from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
+from .batching import (
+    StateStacks,
+    WorkItem,
+    batches,
+    gradient_scale_gains,
+    local_tensor,
+    process_group,
+    step_scales,
+    unshared,
+    update_work_,
+    weight_decay_penalty,
+    work_item,
+)
+from .features import loss_buffer_decays
 from .hub import load_celo_net
+from .layout import RuleConfig, UpdateWeights, init_tensor_state
+from .loss_intake import LossLike, PendingLoss, all_finite, step_loss
 from .loss_recording import recorder_for
-from .layout import RowSharding, RuleConfig, TensorState, UpdateWeights, init_tensor_state, state_shape
 from .network import CeloNet
-from .step_gain import row_norms, step_gain
+from .scheduler_state import SchedulerState
 
 Backend = str  #: one of BACKENDS
 BACKENDS = backends.NAMES
-LossLike = float | int | torch.Tensor
 
-_NO_LOSS = (
-    "Celo.step() needs the current training loss (its learned scheduler reads it every step). "
-    "Pass it as step(loss=loss), return it from the closure in step(closure), or call "
-    "optimizer.set_loss(loss) before step(). With transformers.Trainer, build it as celo_hf.CeloTrainer(...) "
-    "or call celo_hf.attach(trainer) before trainer.train()."
-)
-_STALE_LOSS = (
-    " (A loss handed over with set_loss() was dropped: the gradients present then have been replaced since, "
-    "e.g. after a step that GradScaler or Accelerate skipped; hand over the loss that goes with these gradients.)"
-)
 #: torch's hook registries: a copy or pickle of an optimizer leaves them out, as torch's own does.
 _HOOKS = (
     "_optimizer_step_pre_hooks",
@@ -54,7 +56,7 @@ _HOOKS = (
 )
 #: Attributes rebuilt on first use, and so not copied or pickled: per-device weights, stacked state,
 #: and a pending ``set_loss()`` value (it belongs to the original's gradients).
-_CACHES = {"_update_weights": dict, "_stacks": dict, "_pending_loss": lambda: None}
+_CACHES = {"_update_weights": dict, "_stacks": StateStacks, "_pending_loss": lambda: None}
 
 
 class Celo(torch.optim.Optimizer):
@@ -136,14 +138,12 @@ class Celo(torch.optim.Optimizer):
         self.chunk_elements = chunk_elements
         self.moment_dtype = moment_dtype
         self.total_steps = total_steps
-        self.iteration = 0
         self.skipped_steps = 0
-        self._pending_loss: _PendingLoss | None = None
-        self._loss_buffer: LossBuffer | None = None
-        self._lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._decays: tuple[int, torch.Tensor] | None = None
+        self._scheduler: SchedulerState | None = None  # from the first step on
+        self._decays: tuple[int, torch.Tensor] | None = None  # (total_steps, the loss buffer's decays)
+        self._pending_loss: PendingLoss | None = None
         self._update_weights: dict[tuple[torch.device, int], UpdateWeights] = {}
-        self._stacks: dict[tuple[int, ...], tuple[TensorState, list[TensorState]]] = {}
+        self._stacks = StateStacks()
         self._warned_past_end = False
 
     # ---- copies and pickles ----------------------------------------------------------------------
@@ -172,6 +172,11 @@ class Celo(torch.optim.Optimizer):
     # ---- configuration -------------------------------------------------------------------------
 
     @property
+    def iteration(self) -> int:
+        """Steps taken (skipped steps not counted)."""
+        return 0 if self._scheduler is None else self._scheduler.iteration
+
+    @property
     def total_steps(self) -> int | None:
         """The planned number of steps (``None`` until known)."""
         return self._total_steps
@@ -191,7 +196,7 @@ class Celo(torch.optim.Optimizer):
         a step which GradScaler or Accelerate skipped (``step()`` never called) cannot hand its
         loss to a later step.
         """
-        self._pending_loss = _PendingLoss(_check_loss(loss), _grad_refs(self._params()))
+        self._pending_loss = PendingLoss.of(loss, self._params())
 
     @torch.compiler.disable
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -216,25 +221,18 @@ class Celo(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure_loss = closure()
         pending, self._pending_loss = self._pending_loss, None
-        fed = loss if loss is not None else closure_loss
-        if fed is None and pending is not None:
-            if not _same_grads(pending.grads, self._params()):
-                raise RuntimeError(_NO_LOSS + _STALE_LOSS)
-            fed = pending.value
-        if fed is None:
-            raise RuntimeError(_NO_LOSS)
-        fed = _check_loss(fed)
+        fed = step_loss(loss, closure_loss, pending, self._params())
         if self.total_steps is None:
             raise RuntimeError(
                 "Celo.total_steps is not set: give Celo(..., total_steps=N) or set optimizer.total_steps = N "
                 "(the planned number of optimizer steps) before the first step"
             )
 
-        work: list[_Work] = []
+        work: list[WorkItem] = []
         for group in self.param_groups:
             lr = float(group["lr"])  # a tensor lr (torch's convention) is read once per group and step
             work += [
-                _work_item(p, lr, group["weight_decay"])
+                work_item(p, lr, group["weight_decay"])
                 for p in group["params"]
                 if p.grad is not None and p.numel() > 0
             ]
@@ -244,8 +242,8 @@ class Celo(torch.optim.Optimizer):
         loss_t = torch.as_tensor(fed, dtype=torch.float32).to(device).reshape(())
         decayed = [item for item in work if item.weight_decay != 0]
         if decayed:
-            loss_t = loss_t + _weight_decay_penalty(decayed, device)
-        if not _all_finite([item.grad for item in work], loss_t, _process_group(work)):
+            loss_t = loss_t + weight_decay_penalty(decayed, device)
+        if not all_finite([item.grad for item in work], loss_t, process_group(work)):
             self.skipped_steps += 1
             warnings.warn(
                 f"Celo skipped step {self.iteration}: the loss or a gradient is NaN or infinite "
@@ -264,63 +262,19 @@ class Celo(torch.optim.Optimizer):
                         item.local.shape, num_decays, item.local.device, item.param.shape, self.moment_dtype
                     )
                 )
-        gains = _gradient_scale_gains(work, self.net)
-        backend = backends.get(self._backend_on(device))
-        for batch in _batches(work, self.chunk_elements or backend.chunk_elements):
-            self._update(batch, lr_mult, gains)
-        self.iteration += 1
+        gains = gradient_scale_gains(work, self.net)
+        chunk_elements = self.chunk_elements or backends.get(self._backend_on(device)).chunk_elements
+        for batch in batches(work, chunk_elements):
+            on = batch[0].local.device
+            update_work_(
+                batch, [self.state[item.param] for item in batch], self._stacks, step_scales(batch, lr_mult, gains),
+                self._weights_on(on, len(batch)), self._backend_on(on), self.chunk_elements,
+            )
         return closure_loss
 
-    def _update(self, batch: list[_Work], lr_mult: torch.Tensor, gains: dict[torch.Tensor, torch.Tensor] | None) -> None:
-        """Update tensors of one shape together: a large contiguous (or sharded) tensor through views
-        of itself, small ones stacked (parameters copied in and back; their state stays stacked).
-        ``gains``: each parameter's gradient-scale gain (0-d), if the meta-model has one."""
-        locals_ = [item.local for item in batch]
-        shape = state_shape(locals_[0].shape)
-        device = locals_[0].device
-        lrs = {item.lr for item in batch}
-        if len(lrs) == 1:  # the usual case: one multiply, broadcast
-            lr_scale = (lr_mult.to(device) * lrs.pop()).expand(len(batch))
-        else:
-            lr_scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
-        if gains is not None:
-            lr_scale = lr_scale * torch.stack([gains[item.param] for item in batch]).to(device)
-        weights = self._weights_on(device, len(batch))
-        backend = self._backend_on(device)
-        if len(batch) == 1 and locals_[0].is_contiguous():
-            item = batch[0]
-            state = {key: value.unsqueeze(0) for key, value in self.state[item.param].items()}
-            update_batch_(
-                item.local.view(1, *shape), _gradient(item).reshape(1, *shape), state, lr_scale, weights,
-                backend, self.chunk_elements, item.sharding,
-            )
-            return
-        p = torch.stack([t.reshape(shape) for t in locals_])
-        g = torch.stack([_gradient(item).reshape(shape) for item in batch])
-        update_batch_(p, g, self._stacked_state(batch), lr_scale, weights, backend, self.chunk_elements)
-        torch._foreach_copy_(locals_, [row.view_as(t) for row, t in zip(p.unbind(0), locals_)])
-
-    def _stacked_state(self, batch: list[_Work]) -> TensorState:
-        """The state of a batch of small tensors, stacked ``(B, ...)``. It is kept from step to step
-        and each parameter's state entries are views of its rows, so the update writes them in
-        place; it is rebuilt (copying the entries in) when the batch or any entry changed, e.g.
-        after :meth:`load_state_dict`."""
-        key = tuple(id(item.param) for item in batch)
-        states = [self.state[item.param] for item in batch]
-        held = self._stacks.get(key)
-        if held is not None and all(s[k] is view for s, views in zip(states, held[1]) for k, view in views.items()):
-            return held[0]
-        stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
-        views = [{k: v[i] for k, v in stacked.items()} for i in range(len(batch))]
-        for s, row in zip(states, views):
-            s.update(row)
-        members = set(key)
-        self._stacks = {other: v for other, v in self._stacks.items() if members.isdisjoint(other)}
-        self._stacks[key] = (stacked, views)
-        return stacked
-
     def _schedule(self, loss: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Update the loss buffer and the LSTM; return ``lr_mult`` ``(1,)`` on ``device``."""
+        """Take in the step's loss (the scheduler state is created on the first step); return
+        ``lr_mult`` ``(1,)`` on ``device``."""
         total = self.total_steps
         assert total is not None
         if self.iteration >= total and not self._warned_past_end:
@@ -331,18 +285,12 @@ class Celo(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        if self._loss_buffer is None or self._lstm_state is None:
-            self._loss_buffer = LossBuffer.init((), device)
-            self._lstm_state = tuple(t.to(device) for t in self.net.to(device).initial_state())  # type: ignore[assignment]
+        if self._scheduler is None:
+            self._scheduler = SchedulerState.init(tuple(t.to(device) for t in self.net.to(device).initial_state()))
         if self._decays is None or self._decays[0] != total:
             self._decays = (total, loss_buffer_decays(torch.tensor(total)).to(device))
-        decays = self._decays[1]
-        self._loss_buffer = self._loss_buffer.update(loss, decays)
-        if not self.net.learned_schedule:
-            return torch.ones(1, device=device)
-        fraction = torch.tensor(self.iteration / total, dtype=torch.float32, device=device)
-        inputs = scheduler_inputs(self._loss_buffer, fraction, decays)
-        lr_mult, self._lstm_state = self.net.schedule(inputs[None], self._lstm_state)
+        schedule = self.net.schedule if self.net.learned_schedule else None
+        lr_mult, self._scheduler = self._scheduler.update(loss, total, schedule, self._decays[1])
         return lr_mult
 
     def _backend_on(self, device: torch.device) -> str:
@@ -382,7 +330,7 @@ class Celo(torch.optim.Optimizer):
         """
         with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
             state_dict = super().state_dict()  # runs the pre-hooks
-        state_dict["state"] = {index: _independent(entries) for index, entries in state_dict["state"].items()}
+        state_dict["state"] = {index: unshared(entries) for index, entries in state_dict["state"].items()}
         state_dict["celo"] = self._global_state()
         for hook in post_hooks.values():
             result = hook(self, state_dict)
@@ -411,7 +359,7 @@ class Celo(torch.optim.Optimizer):
         with _hooks_set_aside(self, *hooks) as (_, post_hooks):
             super().load_state_dict(state_dict)
         for p, entries in saved.items():
-            device = (p.to_local() if isinstance(p, DTensor) else p).device
+            device = local_tensor(p).device
             self.state[p] = {k: v.to(device=device, dtype=dtypes[p][k]) for k, v in entries.items()}
         self._restore_global_state(celo)
         for hook in post_hooks.values():
@@ -422,7 +370,7 @@ class Celo(torch.optim.Optimizer):
         those entries with their shapes (or none: no step taken yet)."""
         if isinstance(saved, dict) and not saved:
             return {}
-        local = p.to_local() if isinstance(p, DTensor) else p
+        local = local_tensor(p)
         expected = init_tensor_state(local.shape, len(self.net.momentum_decays), "meta", p.shape, self.moment_dtype)
         want = {k: tuple(v.shape) for k, v in expected.items()}
         got = {k: tuple(v.shape) for k, v in saved.items()} if isinstance(saved, dict) else saved
@@ -440,144 +388,25 @@ class Celo(torch.optim.Optimizer):
             "total_steps": self.total_steps,
             "skipped_steps": self.skipped_steps,
         }
-        if self._loss_buffer is not None and self._lstm_state is not None:
-            celo.update(
-                loss_means=self._loss_buffer.means.clone(),
-                loss_running_min=self._loss_buffer.running_min.clone(),
-                loss_count=self._loss_buffer.count.clone(),
-                lstm_hidden=self._lstm_state[0].clone(),
-                lstm_cell=self._lstm_state[1].clone(),
-            )
+        if self._scheduler is not None:
+            celo.update(self._scheduler.to_dict())
         return celo
 
     def _restore_global_state(self, celo: dict[str, Any]) -> None:
         self.total_steps = celo["total_steps"]
-        self.iteration = int(celo["iteration"])
         self.skipped_steps = int(celo["skipped_steps"])
         self._warned_past_end = False
         if "lstm_hidden" in celo:
             device = self._params()[0].device
-            f32 = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
-            count = torch.as_tensor(celo["loss_count"], dtype=torch.int64, device=device)
-            self._loss_buffer = LossBuffer(f32(celo["loss_means"]), f32(celo["loss_running_min"]), count)
-            self._lstm_state = (f32(celo["lstm_hidden"]), f32(celo["lstm_cell"]))
+            self._scheduler = SchedulerState.from_dict(celo, device)
             self.net.to(device)
+        elif int(celo["iteration"]) == 0:
+            self._scheduler = None
         else:
-            self._loss_buffer = None
-            self._lstm_state = None
-
-
-class _Work(NamedTuple):
-    """One parameter to update: ``param`` (the state key; a DTensor under FSDP2), the tensors to
-    compute with (``local``, ``grad``: this process's rows when sharded), its group's ``lr`` and
-    ``weight_decay``."""
-
-    param: torch.Tensor
-    local: torch.Tensor
-    grad: torch.Tensor
-    lr: float
-    weight_decay: float
-    sharding: RowSharding | None
-
-
-def _work_item(param: torch.Tensor, lr: float, weight_decay: float) -> _Work:
-    """Unwrap a parameter for the update; FSDP2's row-sharded DTensors become their local rows."""
-    grad = param.grad
-    assert grad is not None
-    if grad.is_sparse:
-        raise RuntimeError("Celo does not support sparse gradients")
-    if not isinstance(param, DTensor):
-        return _Work(param, param, grad, lr, weight_decay, None)
-    local_grad = grad.to_local() if isinstance(grad, DTensor) else grad
-    mesh, placements = param.device_mesh, tuple(param.placements)
-    if all(isinstance(pl, Replicate) for pl in placements):
-        return _Work(param, param.to_local(), local_grad, lr, weight_decay, None)
-    if mesh.ndim != 1 or placements != (Shard(0),):
-        raise RuntimeError(
-            f"Celo supports DTensor parameters sharded on their first axis over a 1-D mesh (FSDP2's default), "
-            f"got placements {placements} on a {mesh.ndim}-D mesh for a parameter of shape {tuple(param.shape)}"
-        )
-    return _Work(param, param.to_local(), local_grad, lr, weight_decay, RowSharding(param.shape[0], mesh.get_group()))
-
-
-def _gradient(item: _Work) -> torch.Tensor:
-    """The gradient the update sees: ``grad + weight_decay * param`` (the original's L2 wrapper)."""
-    return item.grad if item.weight_decay == 0 else torch.add(item.grad, item.local, alpha=item.weight_decay)
-
-
-def _weight_decay_penalty(work: list[_Work], device: torch.device) -> torch.Tensor:
-    """``sum(weight_decay * sum(p**2))`` over ``work`` (float32 scalar on ``device``), the L2 term
-    the original's wrapper adds to the loss; row-sharded tensors' sums are completed across
-    processes (one all-reduce), so that every process feeds its scheduler the same loss."""
-
-    def penalty(items: list[_Work]) -> torch.Tensor:
-        terms = [item.weight_decay * item.local.detach().float().square().sum().to(device) for item in items]
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
-
-    sharded = [item for item in work if item.sharding is not None]
-    if not sharded:
-        return penalty(work)
-    shards = penalty(sharded)
-    torch.distributed.all_reduce(shards, group=sharded[0].sharding.group)
-    return penalty([item for item in work if item.sharding is None]) + shards
-
-
-def _gradient_scale_gains(work: list[_Work], net: CeloNet) -> dict[torch.Tensor, torch.Tensor] | None:
-    """Each parameter's gradient-scale gain (:mod:`celo_hf.step_gain`), 0-d float32 on its device,
-    or ``None`` when ``net`` has none. Sharded tensors' norms are completed across their group."""
-    if net.gain_threshold is None:
-        return None
-    squares = []
-    for item in work:
-        pair = torch.cat([row_norms(t.reshape(1, -1)) for t in (item.grad, item.local)]).square()
-        if item.sharding is not None:
-            torch.distributed.all_reduce(pair, group=item.sharding.group)
-        squares.append(pair)
-    norms = torch.stack([pair.to(work[0].local.device) for pair in squares]).sqrt()
-    gains = step_gain(norms[:, 0], norms[:, 1], net.gain_threshold, net.gain_power)
-    return {item.param: gain.to(item.local.device) for item, gain in zip(work, gains)}
-
-
-def _process_group(work: list[_Work]) -> object | None:
-    """The group whose processes must agree on skipping a step: the sharding group, if any."""
-    return next((item.sharding.group for item in work if item.sharding is not None), None)
-
-
-def _batches(work: list[_Work], chunk_elements: int) -> list[list[_Work]]:
-    """Group work for :func:`update_batch_`: each large or sharded tensor alone, small ones with
-    others of the same shape, dtype and device (at most ``chunk_elements`` in all)."""
-    batches: list[list[_Work]] = []
-    open_batches: dict[tuple[Any, ...], list[_Work]] = {}
-    for item in work:
-        p = item.local
-        if item.sharding is not None or (p.numel() > SMALL_TENSOR_ELEMENTS and p.is_contiguous()):
-            batches.append([item])
-            continue
-        key = (tuple(p.shape), p.dtype, p.device)
-        batch = open_batches.get(key)
-        if batch is None or (len(batch) + 1) * p.numel() > max(chunk_elements, p.numel()):
-            batch = open_batches[key] = []
-            batches.append(batch)
-        batch.append(item)
-    return batches
-
-
-class _PendingLoss(NamedTuple):
-    """A loss handed over with ``set_loss()``, and the parameters' gradients at that moment (weak
-    references, ``None`` where a parameter had none): it is for a step on those gradients only."""
-
-    value: LossLike
-    grads: tuple[weakref.ref[torch.Tensor] | None, ...]
-
-
-def _grad_refs(params: list[torch.Tensor]) -> tuple[weakref.ref[torch.Tensor] | None, ...]:
-    return tuple(None if p.grad is None else weakref.ref(p.grad) for p in params)
-
-
-def _same_grads(refs: tuple[weakref.ref[torch.Tensor] | None, ...], params: list[torch.Tensor]) -> bool:
-    """Whether every gradient recorded in ``refs`` is still its parameter's ``.grad`` (new gradients
-    where there were none are fine: a loss may be handed over before ``backward()``)."""
-    return len(refs) == len(params) and all(ref is None or ref() is p.grad for ref, p in zip(refs, params))
+            raise ValueError(
+                f"Celo state dict at iteration {celo['iteration']} has no scheduler state "
+                "(loss_means, ..., lstm_cell): expected it after the first step"
+            )
 
 
 @contextlib.contextmanager
@@ -592,15 +421,6 @@ def _hooks_set_aside(optimizer: torch.optim.Optimizer, *names: str) -> Iterator[
     finally:
         for name, hooks in zip(names, held):
             setattr(optimizer, name, hooks)
-
-
-def _independent(entries: Any) -> Any:
-    """A parameter's state entries as independent tensors: small tensors' entries are views of a
-    shared stacked buffer (``Celo._stacked_state``), saved as copies. Other values (torch allows
-    any in ``optimizer.state``) pass through."""
-    if not isinstance(entries, dict):
-        return entries
-    return {k: v.clone() if isinstance(v, torch.Tensor) and v._base is not None else v for k, v in entries.items()}
 
 
 def _check_lr(lr: Any) -> None:
@@ -619,42 +439,6 @@ def _check_lr(lr: Any) -> None:
         raise ValueError(
             f"Invalid learning rate: {lr} (Celo's lr multiplies its learned step: expected a finite number >= 0)"
         )
-
-
-def _check_loss(loss: Any) -> LossLike:
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"Celo needs the scalar training loss, got a tensor of shape {tuple(loss.shape)}")
-        return loss.detach()
-    try:
-        return float(loss)
-    except (TypeError, ValueError):
-        raise TypeError(f"Celo needs the training loss as a number or a 1-element tensor, got {type(loss).__name__}") from None
-
-
-def _all_finite(grads: list[torch.Tensor], loss: torch.Tensor, group: object | None) -> bool:
-    """Whether the loss and every gradient are finite (on every process of ``group``): the step's
-    one host synchronisation.
-
-    A fast 2-norm per tensor decides; only when one is not finite (NaN, inf, or a finite gradient
-    so large its squares overflow) does an exact element-wise check run.
-    """
-    def check(exact: bool) -> bool:
-        flags = [torch.isfinite(loss)]
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        for group_grads in by_device.values():
-            if exact:
-                flags += [torch.isfinite(g).all().to(loss.device) for g in group_grads]
-            else:
-                flags.append(torch.isfinite(torch.stack(torch._foreach_norm(group_grads))).all().to(loss.device))
-        finite = torch.stack(flags).all().to(torch.int32)
-        if group is not None:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=group)
-        return bool(finite)
-
-    return check(exact=False) or check(exact=True)
 
 
 #: A param-group key :func:`create` sets on the decay group when ``weight_decay`` is left to

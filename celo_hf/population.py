@@ -2,10 +2,10 @@
 
 Each of ``P`` members has its own meta-weights (a perturbed ``CeloNet``), its own inner-model
 parameters and optimizer state, its own step counter and planned length. One :func:`update` advances
-every member by one step. It runs exactly the code :class:`celo_hf.Celo` runs: the loss buffer and
-progress features of :mod:`celo_hf.features`, ``CeloNet.schedule`` (called per member with its own
-weights through ``torch.func.functional_call``), and the driver's :func:`celo_hf.driver.update_batch_`
-with one row of weights per member.
+every member by one step. It runs exactly the code :class:`celo_hf.Celo` runs: the scheduler state's
+:meth:`celo_hf.scheduler_state.SchedulerState.update` (with ``CeloNet.schedule`` called per member
+with its own weights through ``torch.func.functional_call``), and the driver's
+:func:`celo_hf.driver.update_batch_` with one row of weights per member.
 
 Meta-weights are a "stacked state dict": ``CeloNet.state_dict()`` keys, each tensor with a leading
 ``P`` axis.
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .features import LossBuffer, loss_buffer_decays, scheduler_inputs
-from .network import CeloNet
 from .driver import update_batch_
 from .layout import TensorState, UpdateWeights, init_tensor_state, state_shape
+from .network import CeloNet
+from .scheduler_state import LstmState, Schedule, SchedulerState
 from .step_gain import row_norms, step_gain
 
 MetaWeights = dict[str, torch.Tensor]
@@ -32,16 +32,23 @@ MetaWeights = dict[str, torch.Tensor]
 class PopulationState:
     """Optimizer state of ``P`` members (state as data; every tensor has a leading ``P`` axis).
 
-    ``iteration`` and ``total_steps`` are ``(P,)`` int64; ``hidden``/``cell`` ``(P, 1, H)``;
-    ``tensors`` maps each inner-model tensor name to its stacked accumulators.
+    ``total_steps``: ``(P,)`` int64; ``scheduler``: the members' scheduler states (``iteration``
+    ``(P,)``, LSTM state ``(P, 1, H)``); ``tensors`` maps each inner-model tensor name to its stacked
+    accumulators.
     """
 
-    iteration: torch.Tensor
     total_steps: torch.Tensor
-    loss_buffer: LossBuffer
-    hidden: torch.Tensor
-    cell: torch.Tensor
+    scheduler: SchedulerState
     tensors: dict[str, TensorState]
+
+    def to_dict(self) -> dict[str, object]:
+        """The state as a flat dict (the scheduler's entries, ``total_steps``, ``tensors``) for a checkpoint."""
+        return self.scheduler.to_dict() | {"total_steps": self.total_steps, "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, object]) -> PopulationState:
+        """The state :meth:`to_dict` saved, or a meta-training checkpoint's state written before it."""
+        return cls(saved["total_steps"], SchedulerState.from_dict(saved), saved["tensors"])  # type: ignore[arg-type]
 
 
 class _Scheduler(nn.Module):
@@ -72,13 +79,15 @@ def init(
         for name, p in params.items()
     }
     return PopulationState(
-        iteration=torch.zeros(population, dtype=torch.int64, device=device),
         total_steps=total_steps.to(torch.int64),
-        loss_buffer=LossBuffer.init((population,), device),
-        hidden=meta_weights["init_hidden"].clone(),
-        cell=meta_weights["init_cell"].clone(),
+        scheduler=_fresh_scheduler(meta_weights, population, device),
         tensors=tensors,
     )
+
+
+def _fresh_scheduler(meta_weights: MetaWeights, population: int, device: torch.device) -> SchedulerState:
+    initial_lstm = (meta_weights["init_hidden"].clone(), meta_weights["init_cell"].clone())
+    return SchedulerState.init(initial_lstm, torch.zeros(population, dtype=torch.int64, device=device))
 
 
 def reset_members(
@@ -89,17 +98,11 @@ def reset_members(
     def pick(fresh: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         return torch.where(members.view(-1, *([1] * (old.dim() - 1))), fresh, old)
 
-    fresh_buffer = LossBuffer.init(tuple(members.shape), members.device)
+    fresh = _fresh_scheduler(meta_weights, members.shape[0], members.device).to_dict()
+    old = state.scheduler.to_dict()
     return PopulationState(
-        iteration=pick(torch.zeros_like(state.iteration), state.iteration),
         total_steps=pick(total_steps.to(torch.int64), state.total_steps),
-        loss_buffer=LossBuffer(
-            pick(fresh_buffer.means, state.loss_buffer.means),
-            pick(fresh_buffer.running_min, state.loss_buffer.running_min),
-            pick(fresh_buffer.count, state.loss_buffer.count),
-        ),
-        hidden=pick(meta_weights["init_hidden"], state.hidden),
-        cell=pick(meta_weights["init_cell"], state.cell),
+        scheduler=SchedulerState.from_dict({key: pick(fresh[key], old[key]) for key in old}),
         tensors={
             name: {key: pick(torch.zeros_like(value), value) for key, value in accumulators.items()}
             for name, accumulators in state.tensors.items()
@@ -123,23 +126,8 @@ def update(
     configuration and serves as the template module for the members' meta-weights. ``backend``:
     a registered backend's name (:data:`celo_hf.backends.REGISTRY`).
     """
-    decays = loss_buffer_decays(state.total_steps)
-    loss_buffer = state.loss_buffer.update(loss.float(), decays)
-    hidden, cell = state.hidden, state.cell
-    if net.learned_schedule:
-        fraction = (state.iteration.double() / state.total_steps.double()).float()
-        inputs = scheduler_inputs(loss_buffer, fraction, decays)[:, None]
-        # One call per member: nn.LSTMCell has no vmap batching rule.
-        scheduler = _Scheduler(net)
-        results = [
-            functional_call(scheduler, {f"net.{k}": v[i] for k, v in meta_weights.items()}, (inputs[i], hidden[i], cell[i]))
-            for i in range(loss.shape[0])
-        ]
-        lr_mult = torch.cat([r[0] for r in results])
-        hidden = torch.stack([r[1][0] for r in results])
-        cell = torch.stack([r[1][1] for r in results])
-    else:
-        lr_mult = torch.ones_like(loss, dtype=torch.float32)
+    schedule = _member_schedules(net, meta_weights) if net.learned_schedule else None
+    lr_mult, scheduler = state.scheduler.update(loss.float(), state.total_steps, schedule)
     layers = [
         (meta_weights[f"mlp.{i}.weight"], meta_weights[f"mlp.{i}.bias"])
         for i, module in enumerate(net.mlp)
@@ -153,4 +141,22 @@ def update(
             norms = (row_norms(t.reshape(shape[0], -1)) for t in (grads[name], p))
             scale = lr_mult * step_gain(*norms, net.gain_threshold, net.gain_power)
         update_batch_(p.view(shape), grads[name].reshape(shape), state.tensors[name], scale, weights, backend)
-    return PopulationState(state.iteration + 1, state.total_steps, loss_buffer, hidden, cell, state.tensors)
+    return PopulationState(state.total_steps, scheduler, state.tensors)
+
+
+def _member_schedules(net: CeloNet, meta_weights: MetaWeights) -> Schedule:
+    """The scheduler step of every member with its own meta-weights: ``(P, 1, 18)`` inputs and
+    ``(P, 1, H)`` LSTM states -> ``(P,)`` ``lr_mult`` and the new states."""
+    scheduler = _Scheduler(net)
+
+    def schedule(inputs: torch.Tensor, lstm: LstmState) -> tuple[torch.Tensor, LstmState]:
+        hidden, cell = lstm
+        # One call per member: nn.LSTMCell has no vmap batching rule.
+        results = [
+            functional_call(scheduler, {f"net.{k}": v[i] for k, v in meta_weights.items()}, (inputs[i], hidden[i], cell[i]))
+            for i in range(inputs.shape[0])
+        ]
+        lr_mult = torch.cat([r[0] for r in results])
+        return lr_mult, (torch.stack([r[1][0] for r in results]), torch.stack([r[1][1] for r in results]))
+
+    return schedule

@@ -260,12 +260,7 @@ class MetaTrainer:
             "length": self.length,
             "counter": self.counter,
             "done": self.done,
-            "state": {
-                "iteration": self.state.iteration, "total_steps": self.state.total_steps,
-                "loss_means": self.state.loss_buffer.means, "loss_running_min": self.state.loss_buffer.running_min,
-                "loss_count": self.state.loss_buffer.count, "hidden": self.state.hidden, "cell": self.state.cell,
-                "tensors": self.state.tensors,
-            },
+            "state": self.state.to_dict(),
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -288,12 +283,7 @@ class MetaTrainer:
             rng.generator.set_state(state)
         self.tasks, self.scales, self.params = saved["tasks"], saved["scales"], saved["params"]
         self.length, self.counter, self.done = saved["length"], saved["counter"], saved["done"]
-        s = saved["state"]
-        self.state = population.PopulationState(
-            s["iteration"], s["total_steps"],
-            population.LossBuffer(s["loss_means"], s["loss_running_min"], s["loss_count"]),
-            s["hidden"], s["cell"], s["tensors"],
-        )
+        self.state = population.PopulationState.from_dict(saved["state"])
 
 
 _RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "held_in_every")

@@ -115,19 +115,10 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-#: The one cycle left: ``CeloNet.from_pretrained`` calls ``hub.load_celo_net``, which builds
-#: ``CeloNet``s. It goes when ``hub.py``'s format readers move below ``network.py`` (issue 11, see
-#: NOTES_layers.md); this edge must then be deleted from here (the test fails while it is listed
-#: but gone).
-KNOWN_CYCLE_EDGE = ("celo_hf.network", "celo_hf.hub")
-
-
 def test_package_has_no_import_cycle():
     graph = _graph()
     assert "celo_hf.layout" in graph and graph["celo_hf.driver"] >= {"celo_hf.backends", "celo_hf.layout"}
-    source, target = KNOWN_CYCLE_EDGE
-    assert target in graph[source], f"{KNOWN_CYCLE_EDGE} is gone: delete KNOWN_CYCLE_EDGE"
-    graph[source].discard(target)
+    assert "celo_hf.hub" not in graph["celo_hf.network"]  # the reading of weights is below the network
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check finds one
 

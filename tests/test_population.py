@@ -43,7 +43,7 @@ def test_zero_noise_population_step_equals_celo(learned_schedule, gain_threshold
     for p, n in zip(params, SHAPES):
         for member in range(members):
             assert torch.equal(stacked[n][member], p.detach()), n
-    assert torch.equal(state.iteration, torch.full((members,), len(steps)))
+    assert torch.equal(state.scheduler.iteration, torch.full((members,), len(steps)))
 
 
 def test_reset_members_restarts_only_the_selected_members(paper_net):
@@ -54,11 +54,11 @@ def test_reset_members_restarts_only_the_selected_members(paper_net):
     state = population.init(params, torch.full((3,), 10), meta_weights, net)
     state = population.update(state, params, {"w": torch.randn(3, 4, 5)}, torch.ones(3), meta_weights, net)
     reset = population.reset_members(state, torch.tensor([False, True, False]), torch.tensor([7, 8, 9]), meta_weights)
-    assert reset.iteration.tolist() == [1, 0, 1]
+    assert reset.scheduler.iteration.tolist() == [1, 0, 1]
     assert reset.total_steps.tolist() == [10, 8, 10]
-    assert reset.loss_buffer.count.tolist() == [1, 0, 1]
-    assert torch.equal(reset.hidden[1], meta_weights["init_hidden"][1])
-    assert not torch.equal(reset.hidden[0], meta_weights["init_hidden"][0])
+    assert reset.scheduler.loss_buffer.count.tolist() == [1, 0, 1]
+    assert torch.equal(reset.scheduler.hidden[1], meta_weights["init_hidden"][1])
+    assert not torch.equal(reset.scheduler.hidden[0], meta_weights["init_hidden"][0])
     for key, value in reset.tensors["w"].items():
         assert torch.count_nonzero(value[1]) == 0, key
         assert torch.equal(value[0], state.tensors["w"][key][0]), key
