@@ -61,3 +61,12 @@ def test_gain_settings_round_trip_through_the_project_format(tmp_path):
 def test_bad_gain_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="gain_"):
         CeloNet(**kwargs)
+
+
+def test_selection_rule_takes_the_best_fine_tune_among_candidates_near_the_base_on_digits():
+    from meta_training.select_gain import choose
+
+    base = {"digits": 0.010, "finetune": 0.70}
+    assert choose({"none": base, "0.01": {"digits": 0.0105, "finetune": 0.65},
+                   "0.1": {"digits": 0.02, "finetune": 0.50}}) == "0.01"
+    assert choose({"none": base, "0.1": {"digits": 0.02, "finetune": 0.50}}) is None
