@@ -121,7 +121,6 @@ def test_two_processes_give_the_one_process_result(tmp_path):
 
 def test_decaying_schedule_phase_one_trains_the_mlp_under_a_frozen_linear_decay():
     from celo_hf.features import LossBuffer, loss_buffer_decays, scheduler_inputs
-    from meta_training.train import MetaTrainer
 
     config = replace(TINY, iterations=1, decaying_schedule=True)
     trainer = MetaTrainer(config, families_by_name(config.families))
