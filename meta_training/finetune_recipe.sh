@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Meta-training aimed at transformers.Trainer workloads (fine-tuning as well as from scratch), on ONE
-# CPU core in about 80 minutes: one phase-1 stage.
+# CPU core: a phase-1 stage (about 50-80 minutes; 3-13 s per iteration as the shared machine's load
+# varies), then a short phase-2 stage that trains the learned scheduler from stage 1's best/.
 #
 #   * Start: the embedded default (celo_hf/default_weights/), zero-gradient-calibrated
 #     (celo_hf.diagnostics.calibrate_zero_gradient_), its learned scheduler applied and frozen.
@@ -12,6 +13,8 @@
 #     untied, d32 1 layer T32 tied); the d32 LM pretrained on the comedies fine-tuned on the
 #     tragedies (every tensor, rank-4 adapters). Reparameterisation as in the CPU recipe.
 #   * PES: truncations of 25 steps (more outer steps in the same time), trajectories of 50-500 steps.
+#   * Stage 2 (phase 2): the scheduler and its initial state trained, the update MLP frozen (still
+#     calibrated), same families and checks; its score is relative to stage 1's best/.
 #
 # Held-in checks and the selection rule, fixed before the run (meta_training/held_in.py, suite
 # "trainer"), every 50 iterations and at the start:
@@ -31,3 +34,7 @@ python -m meta_training.train --phase 1 --iterations 500 --slots_per_family 1 --
     --min_unroll 50 --max_unroll 500 --init celo_hf/default_weights --apply_schedule --zero_gradient_calibrated \
     --held_in_suite trainer --held_in_every 50 --checkpoint_every 10 --families "${families[@]}" \
     --out "$out/phase1"
+python -m meta_training.train --phase 2 --iterations 200 --slots_per_family 1 --truncation 25 \
+    --min_unroll 50 --max_unroll 500 --init "$out/phase1/best" --zero_gradient_calibrated \
+    --held_in_suite trainer --held_in_every 50 --checkpoint_every 10 --families "${families[@]}" \
+    --out "$out/phase2"
