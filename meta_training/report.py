@@ -50,8 +50,13 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "meta_loss" in r], [r for r in records if "held_in_loss" in r]
 
 
+def held_in_score(record: dict) -> float:
+    """The value that picks ``best/`` (``meta_training.held_in.scored``; older runs: the digits loss)."""
+    return record.get("held_in_score", record["held_in_loss"])
+
+
 def plot_curves(metrics_paths: list[Path], png: Path) -> None:
-    """Meta-loss (smoothed over 25 iterations) and held-in loss against outer iteration, one
+    """Meta-loss (smoothed over 25 iterations) and held-in score against outer iteration, one
     colour per run (labelled by its folder and phase), consecutive runs laid end to end."""
     import matplotlib
 
@@ -71,11 +76,11 @@ def plot_curves(metrics_paths: list[Path], png: Path) -> None:
         smooth = [sum(y[max(0, i - window + 1): i + 1]) / len(y[max(0, i - window + 1): i + 1]) for i in range(len(y))]
         top.plot(x, y, alpha=0.25, color=color)
         top.plot(x, smooth, color=color, label=label)
-        bottom.plot([offset + r["iteration"] for r in held_in], [r["held_in_loss"] for r in held_in],
+        bottom.plot([offset + r["iteration"] for r in held_in], [held_in_score(r) for r in held_in],
                     "o-", color=color, label=label)
         offset = x[-1]
     top.set_ylabel("PES meta-loss (mean over truncation)")
-    bottom.set_ylabel("held-in loss (digits, 300 steps)")
+    bottom.set_ylabel("held-in score (lower is better)")
     bottom.set_yscale("log")
     bottom.set_xlabel("outer iteration")
     top.legend()
@@ -93,11 +98,12 @@ def budget_lines(metrics_paths: list[Path], inner_steps_per_iteration: list[int]
         if not steps:
             continue
         last = steps[-1]
-        best = min(held_in, key=lambda r: r["held_in_loss"]) if held_in else None
+        eligible = [r for r in held_in if r.get("held_in_eligible", True)]
+        best = min(eligible, key=held_in_score) if eligible else None
         lines.append(
             f"- phase {last['phase']}: {last['iteration']} outer iterations, "
             f"{last['iteration'] * per_iteration:,} inner task-steps, {last['seconds'] / 60:.0f} min"
-            + (f"; best held-in loss {best['held_in_loss']:.4f} at iteration {best['iteration']}" if best else "")
+            + (f"; best held-in score {held_in_score(best):.4f} at iteration {best['iteration']}" if best else "")
         )
     return "\n".join(lines)
 

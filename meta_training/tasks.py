@@ -1,7 +1,7 @@
 """Meta-training task families: 10-way classification of 8x8 grey images (``docs/meta-training.md`` §3).
 
-A family turns a generator into a task and a (task, generator) pair into training batches; the
-model, loss and normaliser are the same for all of them (:mod:`meta_training.inner`). Every draw
+A family turns a generator into a task and a (task, generator) pair into training batches, and
+names the model that trains on them (:mod:`meta_training.inner`). Every draw
 comes from the generator it is handed, so a PES slot that owns one generator gets one reproducible
 stream of tasks and batches, which its "+" and "-" copies share.
 
@@ -14,7 +14,14 @@ Families (``FAMILIES``):
 * the paper's (§3, need the network or a local copy): ``mnist``, ``fashion_mnist``, ``cifar10``,
   ``svhn``: the first 80% of the official train split at 8x8 grey.
 
-Task augmentation (§3.1) draws reparameterisation scales with :func:`sample_scales`.
+* Trainer-like (ours): ``lm_*`` tiny causal transformers trained from scratch on Shakespeare's
+  histories (characters, :func:`meta_training.data.shakespeare`) at several widths, depths and
+  contexts; ``ft_digits_{full,head,lora}`` an MLP pretrained by AdamW on digits 0-4 fine-tuned on
+  digits 5-9 (every tensor / a fresh head / low-rank adapters); ``ft_lm_{full,lora}`` a tiny LM
+  pretrained on the comedies fine-tuned on the tragedies.
+
+Each family names the inner model it trains (``family.model``, :class:`meta_training.inner.InnerModel`)
+and its batch size. Task augmentation (§3.1) draws reparameterisation scales with :func:`sample_scales`.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from typing import Literal, get_args
 
 import torch
 
-from . import data
+from . import data, finetune, inner
+from .transformer import TransformerConfig, TransformerLM, matrix_names
 
 NUM_CLASSES = 10
 INPUTS = data.IMAGE_SIDE * data.IMAGE_SIDE
 TRAIN_FRACTION = 0.8
+BATCH_SIZE = 64
 
 Task = dict[str, torch.Tensor]
 ReparamLevel = Literal["global", "tensor", "parameter"]
@@ -45,6 +54,8 @@ class DatasetFamily:
     name: str
     train: data.Labelled
     num_classes: int = NUM_CLASSES
+    model: inner.InnerModel = inner.MLP
+    batch_size: int = BATCH_SIZE
 
     def sample_task(self, generator: torch.Generator) -> Task:
         return {}
@@ -63,6 +74,8 @@ class PermutedFamily:
     name: str
     base: DatasetFamily
     num_classes: int = NUM_CLASSES
+    model: inner.InnerModel = inner.MLP
+    batch_size: int = BATCH_SIZE
 
     def sample_task(self, generator: torch.Generator) -> Task:
         return {
@@ -85,6 +98,8 @@ class TeacherFamily:
     hidden: int = 32
     label_noise: float = 0.05
     num_classes: int = NUM_CLASSES
+    model: inner.InnerModel = inner.MLP
+    batch_size: int = BATCH_SIZE
 
     def sample_task(self, generator: torch.Generator) -> Task:
         return {
@@ -100,7 +115,91 @@ class TeacherFamily:
         return x, torch.where(noisy, random_labels, y)
 
 
-TaskFamily = DatasetFamily | PermutedFamily | TeacherFamily
+@dataclass(frozen=True)
+class TextFamily:
+    """Language modelling on one text: batches of ``batch_size`` windows of ``context + 1`` token
+    ids at uniform random offsets, as ``((batch_size, context + 1),)``."""
+
+    name: str
+    text: torch.Tensor
+    context: int
+    model: inner.InnerModel
+    batch_size: int
+
+    def sample_task(self, generator: torch.Generator) -> Task:
+        return {}
+
+    def sample_batch(self, task: Task, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor]:
+        starts = torch.randint(len(self.text) - self.context, (batch_size,), generator=generator)
+        return (self.text[starts[:, None] + torch.arange(self.context + 1)],)
+
+
+TaskFamily = DatasetFamily | PermutedFamily | TeacherFamily | TextFamily
+
+#: From-scratch language models: ``name -> (width, depth, context, tied head, batch size)``.
+LM_FAMILIES = {
+    "lm_d16_l1_t16": (16, 1, 16, True, 8),
+    "lm_d16_l2_t32": (16, 2, 32, False, 4),
+    "lm_d32_l1_t32": (32, 1, 32, True, 4),
+}
+#: The fine-tuned LM's shape (that of ``lm_d32_l1_t32``) and its pretraining genre.
+FINETUNE_LM = "lm_d32_l1_t32"
+LM_TEXT, LM_PRETRAIN_TEXT, LM_FINETUNE_TEXT = "histories", "comedies", "tragedies"
+#: Digits fine-tuning: pretrain on labels below the cut, fine-tune on the rest.
+DIGITS_CUT = 5
+LORA_RANK = 4
+
+
+def lm_model(name: str) -> TransformerLM:
+    """The model of the from-scratch LM family ``name`` (a key of :data:`LM_FAMILIES`)."""
+    width, depth, context, tied, _ = LM_FAMILIES[name]
+    return TransformerLM(TransformerConfig(data.TEXT_VOCAB, width, depth, context, tied))
+
+
+def text_family(name: str, model: inner.InnerModel, genre: str, shape: str) -> TextFamily:
+    """LM ``model`` (of the shape of LM family ``shape``) trained on ``genre``'s text."""
+    _, _, context, _, batch_size = LM_FAMILIES[shape]
+    return TextFamily(name, data.shakespeare(genre), context, model, batch_size)
+
+
+def digits_below(cut: int, below: bool) -> data.Labelled:
+    """The digits training split restricted to labels ``< cut`` (``below``) or ``>= cut``."""
+    train = digits_family().train
+    return train.subset((train.labels < cut) == below)
+
+
+def pretrained_digits_mlp() -> inner.Weights:
+    """The MLP pretrained by AdamW on digits ``< DIGITS_CUT`` (500 steps of 64, lr 3e-3; cached)."""
+    source = DatasetFamily("digits_below", digits_below(DIGITS_CUT, below=True))
+    return finetune.pretrained(finetune.Pretraining(
+        inner.MLP, f"digits_below{DIGITS_CUT}", lambda g: source.sample_batch({}, g, BATCH_SIZE), steps=500, lr=3e-3,
+    ))
+
+
+def pretrained_lm() -> inner.Weights:
+    """The :data:`FINETUNE_LM` model pretrained by AdamW on the comedies (400 steps of 16, lr 3e-3; cached)."""
+    source = text_family("pretrain", lm_model(FINETUNE_LM), LM_PRETRAIN_TEXT, FINETUNE_LM)
+    return finetune.pretrained(finetune.Pretraining(
+        source.model, LM_PRETRAIN_TEXT, lambda g: source.sample_batch({}, g, 16), steps=400, lr=3e-3,
+    ))
+
+
+def finetune_family(name: str) -> TaskFamily:
+    """One of the ``ft_*`` families."""
+    if name.startswith("ft_digits_"):
+        weights, target = pretrained_digits_mlp(), digits_below(DIGITS_CUT, below=False)
+        variant = name.removeprefix("ft_digits_")
+        models = {
+            "full": lambda: finetune.FullFineTune(inner.MLP, weights),
+            "head": lambda: finetune.FullFineTune(inner.MLP, weights, fresh=("w2", "b2")),
+            "lora": lambda: finetune.LowRankAdapted(inner.MLP, weights, ("w1", "w2"), LORA_RANK, f"digits_below{DIGITS_CUT}"),
+        }
+        return DatasetFamily(name, target, model=models[variant]())
+    base = lm_model(FINETUNE_LM)
+    weights = pretrained_lm()
+    model = (finetune.FullFineTune(base, weights) if name == "ft_lm_full" else
+             finetune.LowRankAdapted(base, weights, matrix_names(base.config), LORA_RANK, LM_PRETRAIN_TEXT))
+    return text_family(name, model, LM_FINETUNE_TEXT, FINETUNE_LM)
 
 
 def digits_family() -> DatasetFamily:
@@ -121,7 +220,8 @@ def hf_family(name: str, path: str | None = None, train_fraction: float = TRAIN_
     return DatasetFamily(name, data.split(data.hf_image_dataset(name, path), train_fraction, seed=None)[0])
 
 
-FAMILIES = ("digits", "permuted_digits", "patches", "teacher", *data.HF_IMAGE_DATASETS)
+FINETUNE_FAMILIES = ("ft_digits_full", "ft_digits_head", "ft_digits_lora", "ft_lm_full", "ft_lm_lora")
+FAMILIES = ("digits", "permuted_digits", "patches", "teacher", *data.HF_IMAGE_DATASETS, *LM_FAMILIES, *FINETUNE_FAMILIES)
 
 
 def family(name: str, path: str | None = None) -> TaskFamily:
@@ -138,6 +238,10 @@ def family(name: str, path: str | None = None) -> TaskFamily:
         return patches_family()
     if name == "teacher":
         return TeacherFamily()
+    if name in LM_FAMILIES:
+        return text_family(name, lm_model(name), LM_TEXT, name)
+    if name in FINETUNE_FAMILIES:
+        return finetune_family(name)
     raise ValueError(f"unknown task family {name!r}; expected one of {FAMILIES}")
 
 

@@ -1,4 +1,4 @@
-"""Meta-train Celo with truncated PES on small image-classification tasks (two phases).
+"""Meta-train Celo with truncated PES on small inner problems (two phases).
 
     python -m meta_training.train --phase 1 --iterations 2000 --out runs/phase1
     python -m meta_training.train --phase 2 --iterations 500 --init runs/phase1/final --out runs/phase2
@@ -8,6 +8,15 @@ One outer iteration: draw a perturbation per slot, run every slot's "+" and "-" 
 :mod:`celo_hf.population`), turn the loss differences into a PES gradient
 (:mod:`meta_training.pes`) and take one AdamW step on the trainable meta-parameters: the update MLP
 in phase 1, the learned scheduler and its initial state in phase 2.
+
+Slots whose families train the same inner model (:attr:`InnerModel.name`: same tensors, same loss)
+form a group that advances with one :func:`celo_hf.population.update` call; different groups (an
+MLP, a transformer LM, low-rank adapters, ...) run one after the other within each inner step.
+
+With ``--zero_gradient_calibrated`` every perturbed member and every new ``theta`` is projected by
+:func:`celo_hf.diagnostics.calibrate_zero_gradient_` (the update is exactly zero at zero gradient):
+the two constrained coordinate sets (the ``param`` feature's first-layer column, the direction
+bias) are then set by the projection, and PES's estimate for them has no effect.
 
 Every random draw of slot ``i`` comes from its own generator, so a run gives the same result on
 one process or split over several (``torchrun --nproc_per_node K -m meta_training.train ...``), and
@@ -30,30 +39,28 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from celo_hf import CeloNet, population
+from celo_hf.diagnostics import calibrate_zero_gradient_
 from celo_hf.hub import load_celo_net
 
-from . import inner, report
+from . import held_in, inner, report
 from .extras import require_meta_extra
 from .pes import antithetic_population, pes_gradient, sample_perturbations
-from .held_in import held_in_loss
 from .tasks import families_by_name, sample_scales
 from .warm_start import adam_like, decaying_schedule
 
-BATCH_SIZE = 64
-
 
 class TaskFamily(Protocol):
-    """A source of classification tasks on 8x8 images (``x`` ``(batch, 64)`` float, ``y`` labels)."""
+    """A source of tasks for one inner model: batches are tuples of tensors (e.g. ``(x, y)``)."""
 
     name: str
+    model: inner.InnerModel
+    batch_size: int
 
     def sample_task(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-task data (e.g. a permutation); ``{}`` if the family has one task."""
 
-    def sample_batch(
-        self, task: dict[str, torch.Tensor], generator: torch.Generator, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training batch of the task."""
+    def sample_batch(self, task: dict[str, torch.Tensor], generator: torch.Generator, batch_size: int) -> inner.Batch:
+        """A training batch of the task (no population axis)."""
 
 
 @dataclass
@@ -76,8 +83,14 @@ class MetaTrainConfig:
     warm_start_gain: float = 0.0
     neutral_schedule: bool = False
     decaying_schedule: bool = False
+    #: Phase 1 applies the starting weights' learned scheduler, frozen.
+    apply_schedule: bool = False
+    #: Keep every member's update exactly zero at zero gradient (see the module docstring).
+    zero_gradient_calibrated: bool = False
     checkpoint_every: int = 50
     held_in_every: int = 250
+    #: The held-in checks that choose ``best/``: ``meta_training.held_in.SUITES``.
+    held_in_suite: str = "digits"
     families: list[str] = field(default_factory=lambda: ["digits", "permuted_digits", "patches", "teacher"])
 
     def __post_init__(self) -> None:
@@ -85,6 +98,8 @@ class MetaTrainConfig:
             raise ValueError(f"phase must be 1 (update MLP) or 2 (learned scheduler), got {self.phase}")
         if not 0 < self.min_unroll <= self.max_unroll:
             raise ValueError(f"need 0 < min_unroll <= max_unroll, got {self.min_unroll}, {self.max_unroll}")
+        if self.held_in_suite not in held_in.SUITES:
+            raise ValueError(f"held_in_suite must be one of {held_in.SUITES}, got {self.held_in_suite!r}")
 
 
 def trainable_keys(net: CeloNet, phase: int) -> list[str]:
@@ -104,6 +119,34 @@ def unflatten(vectors: torch.Tensor, template: dict[str, torch.Tensor]) -> dict[
         key: chunk.reshape(vectors.shape[0], *value.shape).contiguous()
         for (key, value), chunk in zip(template.items(), vectors.split(sizes, dim=1))
     }
+
+
+def calibrated_rows(vectors: torch.Tensor, template: dict[str, torch.Tensor], net: CeloNet) -> torch.Tensor:
+    """``(P, D)`` meta-parameter rows projected by :func:`calibrate_zero_gradient_`; ``net`` (of
+    ``template``'s configuration) is used as scratch space."""
+    rows = []
+    for i in range(vectors.shape[0]):
+        net.load_state_dict({k: v[0] for k, v in unflatten(vectors[i : i + 1], template).items()})
+        rows.append(flatten(calibrate_zero_gradient_(net).state_dict()))
+    return torch.stack(rows) if rows else vectors.clone()
+
+
+@dataclass
+class SlotGroup:
+    """This process's slots whose families share one inner model, and their ``2m`` inner problems
+    (rows ``j`` and ``m + j`` are slot ``local[j]``'s "+" and "-" copies)."""
+
+    model: inner.InnerModel
+    #: Positions of the group's slots in ``MetaTrainer.slots``, ascending.
+    local: list[int]
+    tasks: list[dict[str, torch.Tensor]]
+    scales: inner.Weights
+    params: inner.Weights
+    state: population.PopulationState | None = None
+
+    def rows(self, n: int) -> torch.Tensor:
+        """Indices of the group's ``2m`` members among all ``2n`` population members."""
+        return torch.tensor(self.local + [n + i for i in self.local], dtype=torch.int64)
 
 
 class SlotRandom:
@@ -128,7 +171,7 @@ class MetaTrainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         base = init if init is not None else _fresh_net(config.seed, config.warm_start_gain)
-        applies_schedule = config.phase == 2 or config.decaying_schedule
+        applies_schedule = config.phase == 2 or config.decaying_schedule or config.apply_schedule
         self.net = CeloNet(**{**base._hub_mixin_config, "learned_schedule": applies_schedule})
         self.net.load_state_dict(base.state_dict())
         if config.neutral_schedule:
@@ -136,11 +179,12 @@ class MetaTrainer:
         if config.decaying_schedule:
             decaying_schedule(self.net)
         self.template = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self.scratch = CeloNet(**self.net._hub_mixin_config)
         keys = trainable_keys(self.net, config.phase)
         self.trainable = torch.cat([
             torch.full((value.numel(),), key in keys, dtype=torch.bool) for key, value in self.template.items()
         ])
-        self.theta = flatten(self.template)
+        self.theta = self._project(flatten(self.template)[None])[0]
         self.param = torch.nn.Parameter(self.theta[self.trainable].clone())
         self.outer = torch.optim.AdamW(
             [self.param], lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
@@ -151,6 +195,10 @@ class MetaTrainer:
         self.iteration = 0
         self._init_inner()
 
+    def _project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(P, D)`` rows, calibrated when the run keeps the zero-gradient constraint."""
+        return calibrated_rows(vectors, self.template, self.scratch) if self.config.zero_gradient_calibrated else vectors
+
     # ---- inner problems ------------------------------------------------------------------------
 
     def _family(self, local: int) -> TaskFamily:
@@ -158,53 +206,78 @@ class MetaTrainer:
 
     def _sample_problem(self, local: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """A new task, reparameterisation scales and initial parameters ``phi = theta0 / s`` for one slot."""
-        rng = self.random[local]
-        task = self._family(local).sample_task(rng.generator)
+        rng, family = self.random[local], self._family(local)
+        task = family.sample_task(rng.generator)
         c = self.config
-        scales = sample_scales(inner.PARAM_SHAPES, c.reparam_level, rng.generator, c.reparam_min, c.reparam_max)
-        params = inner.init_params(1, [rng.generator])
-        return task, scales, {name: value[0] / scales[name] for name, value in params.items()}
+        scales = sample_scales(family.model.shapes, c.reparam_level, rng.generator, c.reparam_min, c.reparam_max)
+        params = family.model.init(rng.generator)
+        return task, scales, {name: value / scales[name] for name, value in params.items()}
 
     def _init_inner(self) -> None:
         n = len(self.slots)
-        tasks, scales, inits = zip(*(self._sample_problem(i) for i in range(n)))
-        self.tasks = list(tasks)
-        both_signs = lambda rows: torch.stack(rows).repeat(2, *([1] * rows[0].dim())).contiguous()  # noqa: E731
-        self.scales = {name: both_signs([s[name] for s in scales]) for name in inner.PARAM_SHAPES}
-        self.params = {name: both_signs([init[name] for init in inits]) for name in inner.PARAM_SHAPES}
+        problems = [self._sample_problem(i) for i in range(n)]
         self.length = torch.tensor([rng.unroll_length(self.config) for rng in self.random], dtype=torch.int64)
         self.counter = torch.tensor(
             [int(torch.randint(self.config.max_unroll, (), generator=rng.generator)) for rng in self.random],
             dtype=torch.int64,
         )
         self.done = self.counter >= self.length
+        members: dict[str, list[int]] = {}
+        for i in range(n):
+            members.setdefault(self._family(i).model.name, []).append(i)
+        both_signs = lambda rows: torch.stack(rows).repeat(2, *([1] * rows[0].dim())).contiguous()  # noqa: E731
+        self.groups = []
+        for local in members.values():
+            model = self._family(local[0]).model
+            tasks, scales, inits = zip(*(problems[i] for i in local))
+            self.groups.append(SlotGroup(
+                model, local, list(tasks),
+                scales={name: both_signs([s[name] for s in scales]) for name in model.shapes},
+                params={name: both_signs([init[name] for init in inits]) for name in model.shapes},
+            ))
         meta_weights = unflatten(self.theta.expand(2 * n, -1), self.template)
-        self.state = population.init(self.params, self.length.repeat(2), meta_weights, self.net)
+        for group in self.groups:
+            rows = group.rows(n)
+            group.state = population.init(group.params, self.length[group.local].repeat(2),
+                                          {k: v[rows] for k, v in meta_weights.items()}, self.net)
         self.accumulator = torch.zeros(n, self.theta.numel())
+
+    def _group_step(self, group: SlotGroup, meta_weights: dict[str, torch.Tensor], resetting: torch.Tensor) -> torch.Tensor:
+        """One step of a group's inner problems (``meta_weights``: the group's rows); slots flagged in
+        ``resetting`` (``(n,)``) then start new problems. Returns the group's raw losses ``(2m,)``."""
+        m = len(group.local)
+        batches = [self._family(i).sample_batch(group.tasks[j], self.random[i].generator, self._family(i).batch_size)
+                   for j, i in enumerate(group.local)]
+        batch = tuple(torch.stack(parts).repeat(2, *([1] * parts[0].dim())) for parts in zip(*batches))
+        loss, grads = inner.model_losses_and_grads(group.model, group.params, group.scales, batch)
+        group.state = population.update(group.state, group.params, grads, loss, meta_weights, self.net)
+        restarting = resetting[group.local]
+        if bool(restarting.any()):
+            for j in restarting.nonzero().flatten().tolist():
+                group.tasks[j], scales, init = self._sample_problem(group.local[j])
+                for name, value in init.items():
+                    group.params[name][[j, m + j]] = value
+                    group.scales[name][[j, m + j]] = scales[name]
+            group.state = population.reset_members(
+                group.state, restarting.repeat(2), self.length[group.local].repeat(2), meta_weights
+            )
+        return loss
 
     def _inner_step(self, meta_weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of every inner problem; returns normalised losses ``(2n,)``, mask and done ``(n,)``."""
         n = len(self.slots)
-        batches = [self._family(i).sample_batch(self.tasks[i], self.random[i].generator, BATCH_SIZE) for i in range(n)]
-        x = torch.stack([b[0] for b in batches]).repeat(2, 1, 1)
-        y = torch.stack([b[1] for b in batches]).repeat(2, 1)
-        loss, grads = inner.losses_and_grads(self.params, self.scales, x, y)
-        self.state = population.update(self.state, self.params, grads, loss, meta_weights, self.net)
         resetting = self.done.clone()
-        if bool(resetting.any()):
-            for i in resetting.nonzero().flatten().tolist():
-                self.tasks[i], scales, init = self._sample_problem(i)
-                for name, value in init.items():
-                    self.params[name][[i, n + i]] = value
-                    self.scales[name][[i, n + i]] = scales[name]
-            members = resetting.repeat(2)
-            self.state = population.reset_members(self.state, members, self.length.repeat(2), meta_weights)
+        normalised = torch.zeros(2 * n)
+        for group in self.groups:
+            rows = group.rows(n)
+            loss = self._group_step(group, {k: v[rows] for k, v in meta_weights.items()}, resetting)
+            normalised[rows] = inner.normalise_loss(loss, group.model.num_classes)
         self.counter = torch.where(resetting, torch.zeros_like(self.counter), self.counter + 1)
         mask = ~resetting
         self.done = self.counter >= self.length
         for i in self.done.nonzero().flatten().tolist():
             self.length[i] = self.random[i].unroll_length(self.config)
-        return inner.normalise_loss(loss) * mask.repeat(2), mask, self.done.clone()
+        return normalised * mask.repeat(2), mask, self.done.clone()
 
     # ---- outer iterations ----------------------------------------------------------------------
 
@@ -212,7 +285,7 @@ class MetaTrainer:
         """One PES truncation and AdamW step; returns metrics."""
         n, dim = len(self.slots), self.theta.numel()
         eps = torch.stack([sample_perturbations(1, dim, self.config.std, rng.generator)[0] for rng in self.random]) if n else torch.zeros(0, dim)
-        meta_weights = unflatten(antithetic_population(self.theta, eps), self.template)
+        meta_weights = unflatten(self._project(antithetic_population(self.theta, eps)), self.template)
         losses, masks, dones = [], [], []
         for _ in range(self.config.truncation):
             loss, mask, done = self._inner_step(meta_weights)
@@ -233,6 +306,8 @@ class MetaTrainer:
         self.outer.step()
         with torch.no_grad():
             self.theta[self.trainable] = self.param.detach()
+            self.theta = self._project(self.theta[None])[0]
+            self.param.copy_(self.theta[self.trainable])
         self.iteration += 1
         return {"iteration": self.iteration, "meta_loss": 20.0 if math.isnan(mean_loss) else mean_loss,
                 "grad_norm": float(grad[self.trainable].norm())}
@@ -254,13 +329,13 @@ class MetaTrainer:
             "outer": self.outer.state_dict(),
             "accumulator": self.accumulator,
             "generators": [rng.generator.get_state() for rng in self.random],
-            "tasks": self.tasks,
-            "scales": self.scales,
-            "params": self.params,
             "length": self.length,
             "counter": self.counter,
             "done": self.done,
-            "state": self.state.to_dict(),
+            "groups": [
+                {"tasks": g.tasks, "scales": g.scales, "params": g.params, "state": g.state.to_dict()}
+                for g in self.groups
+            ],
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -281,9 +356,14 @@ class MetaTrainer:
         self.accumulator = saved["accumulator"]
         for rng, state in zip(self.random, saved["generators"]):
             rng.generator.set_state(state)
-        self.tasks, self.scales, self.params = saved["tasks"], saved["scales"], saved["params"]
         self.length, self.counter, self.done = saved["length"], saved["counter"], saved["done"]
-        self.state = population.PopulationState.from_dict(saved["state"])
+        # Checkpoints from before slot groups held one group (every family trained the MLP).
+        groups = saved.get("groups") or [{key: saved[key] for key in ("tasks", "scales", "params", "state")}]
+        if len(groups) != len(self.groups):
+            raise ValueError(f"the checkpoint has {len(groups)} slot groups, this run {len(self.groups)}")
+        for group, g in zip(self.groups, groups):
+            group.tasks, group.scales, group.params = g["tasks"], g["scales"], g["params"]
+            group.state = population.PopulationState.from_dict(g["state"])
 
 
 _RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "held_in_every")
@@ -355,13 +435,16 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 
 def _record_held_in(trainer: MetaTrainer, out: Path, metrics_path: Path) -> None:
-    """Evaluate the current meta-model on the held-in check; keep it in ``best/`` if it is the best."""
+    """Run the held-in checks on the current meta-model; keep it in ``best/`` if
+    :func:`meta_training.held_in.is_best` says so."""
     net = trainer.current_net()
-    loss = held_in_loss(net)
-    previous = [json.loads(line)["held_in_loss"] for line in metrics_path.read_text().splitlines()
+    previous = [json.loads(line) for line in metrics_path.read_text().splitlines()
                 if "held_in_loss" in line] if metrics_path.exists() else []
-    _append(metrics_path, {"phase": trainer.config.phase, "iteration": trainer.iteration, "held_in_loss": loss})
-    if not previous or loss < min(previous):
+    record = {"phase": trainer.config.phase, "iteration": trainer.iteration,
+              **held_in.run_checks(net, trainer.config.held_in_suite)}
+    record = held_in.scored(record, previous)
+    _append(metrics_path, record)
+    if held_in.is_best(record, previous):
         net.save_pretrained(out / "best")
 
 

@@ -27,6 +27,8 @@ _HUB = LoopbackHub()
 _HF_HOME = tempfile.mkdtemp(prefix="celo_hf_test_hf_home_")
 # backend="cpp" builds its kernels into a fresh cache too (a few seconds per configuration), not ~/.cache.
 _KERNEL_CACHE = os.environ["CELO_HF_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="celo_hf_test_kernels_")
+# meta_training's AdamW-pretrained inner models too (meta_training/finetune.py; about 2 s each).
+_PRETRAINED = os.environ["CELO_HF_META_PRETRAINED"] = tempfile.mkdtemp(prefix="celo_hf_test_pretrained_")
 for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE",
              "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
              "HUGGINGFACE_CO_STAGING", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE"):
@@ -48,6 +50,7 @@ def _stop_hub() -> None:
     _HUB.close()
     shutil.rmtree(_HF_HOME, ignore_errors=True)
     shutil.rmtree(_KERNEL_CACHE, ignore_errors=True)
+    shutil.rmtree(_PRETRAINED, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
-"""Meta-training: exact resume, one process equals two, and push-then-load through the Hub."""
+"""Meta-training: exact resume, one process equals two, push-then-load through the Hub, mixed
+inner models, the zero-gradient projection and the held-in selection rule."""
 
+import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,9 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from celo_hf import Celo
-from meta_training.tasks import families_by_name
-from meta_training.train import MetaTrainConfig, publish, run
+from celo_hf import Celo, load_celo_net
+from celo_hf.diagnostics import zero_gradient_drift
+from meta_training import held_in, inner
+from meta_training.pes import antithetic_population
+from meta_training.tasks import families_by_name, pretrained_digits_mlp
+from meta_training.train import MetaTrainConfig, MetaTrainer, calibrated_rows, publish, run, unflatten
 
 REPO = Path(__file__).resolve().parents[1]
 # Two slots, trajectories of 3-8 steps inside truncations of 4: resets happen mid-truncation.
@@ -23,10 +29,13 @@ TINY = MetaTrainConfig(
     iterations=4, slots_per_family=1, truncation=4, min_unroll=3, max_unroll=8,
     families=["teacher", "permuted_digits"], checkpoint_every=1, held_in_every=0, warm_start_gain=10.0,
 )
-TINY_ARGS = [
+# Three inner models: the MLP, rank-4 adapters on a pretrained MLP, a tiny transformer LM.
+MIXED_FAMILIES = ["teacher", "ft_digits_lora", "lm_d16_l1_t16", "ft_digits_full"]
+MIXED = replace(TINY, families=MIXED_FAMILIES, zero_gradient_calibrated=True)
+MIXED_ARGS = [
     "--iterations", "4", "--slots_per_family", "1", "--truncation", "4", "--min_unroll", "3", "--max_unroll", "8",
-    "--families", "teacher", "permuted_digits", "--checkpoint_every", "1", "--held_in_every", "0",
-    "--warm_start_gain", "10",
+    "--families", *MIXED_FAMILIES, "--checkpoint_every", "1", "--held_in_every", "0",
+    "--warm_start_gain", "10", "--zero_gradient_calibrated",
 ]
 
 
@@ -34,11 +43,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
-    families = families_by_name(TINY.families)
-    straight = run(TINY, families, tmp_path / "straight")
-    run(replace(TINY, iterations=2), families, tmp_path / "resumed")
-    resumed = run(TINY, families, tmp_path / "resumed")
+@pytest.mark.parametrize("config", [TINY, MIXED], ids=["mlp", "mixed"])
+def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, config):
+    families = families_by_name(config.families)
+    straight = run(config, families, tmp_path / "straight")
+    run(replace(config, iterations=2), families, tmp_path / "resumed")
+    resumed = run(config, families, tmp_path / "resumed")
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     lines = lambda name: (tmp_path / name / "metrics.jsonl").read_text().splitlines()  # noqa: E731
@@ -78,7 +88,7 @@ def test_push_to_hub_then_celo_loads_it(tmp_path, hub, hf_cache):
 
 @pytest.mark.slow
 def test_kill_and_rerun_the_same_command(tmp_path):
-    command = [sys.executable, "-m", "meta_training.train", *TINY_ARGS, "--iterations", "20", "--out", str(tmp_path / "killed")]
+    command = [sys.executable, "-m", "meta_training.train", *MIXED_ARGS, "--iterations", "20", "--out", str(tmp_path / "killed")]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -88,7 +98,7 @@ def test_kill_and_rerun_the_same_command(tmp_path):
     process.wait()
     assert len(metrics.read_text().splitlines()) < 20, "the run finished before it could be killed"
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
-    straight = [sys.executable, "-m", "meta_training.train", *TINY_ARGS, "--iterations", "20", "--out", str(tmp_path / "straight")]
+    straight = [sys.executable, "-m", "meta_training.train", *MIXED_ARGS, "--iterations", "20", "--out", str(tmp_path / "straight")]
     subprocess.run(straight, cwd=REPO, check=True, capture_output=True)
     a, b = _weights(tmp_path / "killed" / "final"), _weights(tmp_path / "straight" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -96,11 +106,11 @@ def test_kill_and_rerun_the_same_command(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_result(tmp_path):
-    single = [sys.executable, "-m", "meta_training.train", *TINY_ARGS, "--out", str(tmp_path / "one")]
+    single = [sys.executable, "-m", "meta_training.train", *MIXED_ARGS, "--out", str(tmp_path / "one")]
     subprocess.run(single, cwd=REPO, check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     double = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "meta_training.train", *TINY_ARGS, "--out", str(tmp_path / "two")]
+              "-m", "meta_training.train", *MIXED_ARGS, "--out", str(tmp_path / "two")]
     result = subprocess.run(double, cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "two" / "checkpoint-rank1.pt").exists()  # really two processes
@@ -111,7 +121,6 @@ def test_two_processes_give_the_one_process_result(tmp_path):
 
 def test_decaying_schedule_phase_one_trains_the_mlp_under_a_frozen_linear_decay():
     from celo_hf.features import LossBuffer, loss_buffer_decays, scheduler_inputs
-    from meta_training.train import MetaTrainer
 
     config = replace(TINY, iterations=1, decaying_schedule=True)
     trainer = MetaTrainer(config, families_by_name(config.families))
@@ -139,3 +148,95 @@ def test_decaying_schedule_phase_one_trains_the_mlp_under_a_frozen_linear_decay(
     inside = progress < 0.9  # near the end the target flattens at the floor
     assert torch.allclose(falling[inside], 1 - progress[inside], rtol=0.2, atol=0.03), falling[::20]
     assert falling[-1] < 0.05 and bool((falling[1:] <= falling[:-1] * 1.1).all()), "decays, up to small wiggles"
+
+
+def test_zero_noise_mixed_population_steps_as_celo_on_each_member():
+    """With std 0 every "+" and "-" member of every slot group, stepped together, follows exactly
+    what ``celo_hf.Celo`` does on that member alone (here with the embedded scheduler applied)."""
+    config = replace(MIXED, std=0.0, min_unroll=50, max_unroll=50, apply_schedule=True)
+    trainer = MetaTrainer(config, families_by_name(config.families), init=load_celo_net(None))
+    trainer.counter.zero_()
+    trainer.done[:] = False
+    assert len(trainer.groups) == 3, [g.model.name for g in trainer.groups]
+    start = [{k: v.clone() for k, v in g.params.items()} for g in trainer.groups]
+    streams = [rng.generator.get_state() for rng in trainer.random]
+    n = len(trainer.slots)
+    meta_weights = unflatten(trainer.theta.expand(2 * n, -1), trainer.template)
+    steps = 3
+    for _ in range(steps):
+        trainer._inner_step(meta_weights)
+    net = trainer.current_net()
+    assert net.learned_schedule
+    for group, params0 in zip(trainer.groups, start):
+        m = len(group.local)
+        for j, slot in enumerate(group.local):
+            family = trainer._family(slot)
+            generator = torch.Generator()
+            generator.set_state(streams[slot])
+            params = {k: torch.nn.Parameter(v[j].clone()) for k, v in params0.items()}
+            optimizer = Celo(params.values(), total_steps=int(trainer.length[slot]), weights=copy.deepcopy(net), backend="eager")
+            for _ in range(steps):
+                batch = tuple(t[None] for t in family.sample_batch(group.tasks[j], generator, family.batch_size))
+                scales = {k: v[j : j + 1] for k, v in group.scales.items()}
+                loss = inner.model_losses(group.model, {k: p[None] for k, p in params.items()}, scales, batch)[0]
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step(loss=loss.detach())
+            assert any(not torch.equal(p.detach(), params0[k][j]) for k, p in params.items()), "it trained"
+            for key, p in params.items():
+                for row in (j, m + j):
+                    torch.testing.assert_close(group.params[key][row], p.detach(), rtol=1e-5, atol=1e-7,
+                                               msg=f"{family.name} {key} row {row}")
+
+
+def test_the_projection_keeps_every_member_and_theta_still_at_zero_gradient():
+    tensors = list(pretrained_digits_mlp().values())
+    for calibrated in (True, False):
+        trainer = MetaTrainer(replace(MIXED, std=0.05, lr=1e-2, zero_gradient_calibrated=calibrated),
+                              families_by_name(MIXED.families))
+        eps = torch.randn(3, trainer.theta.numel(), generator=torch.Generator().manual_seed(0)) * 0.05
+        members = trainer._project(antithetic_population(trainer.theta, eps))
+        for _ in range(2):
+            trainer.outer_step()
+        drifts = [zero_gradient_drift(tensors, trainer.current_net())]
+        for row in members:
+            net = trainer.current_net()
+            net.load_state_dict({k: v[0] for k, v in unflatten(row[None], trainer.template).items()})
+            drifts.append(zero_gradient_drift(tensors, net))
+        if calibrated:
+            assert max(drifts) <= 1e-6, drifts
+        else:
+            assert min(drifts) > 1e-4, drifts  # the warm start drifts; so does anything PES makes of it
+    rows = calibrated_rows(members, trainer.template, trainer.current_net())
+    assert not torch.equal(rows, members)
+    torch.testing.assert_close(calibrated_rows(rows, trainer.template, trainer.current_net()), rows, rtol=0, atol=1e-7,
+                               msg="a projection: calibrating twice changes nothing (up to rounding)")
+
+
+def test_trainer_suite_selection_rule():
+    first = held_in.scored({"held_in_loss": 0.01, "finetune_loss": 2.0, "lm_loss": 3.0, "zero_gradient_drift": 1e-9}, [])
+    assert first["held_in_score"] == 1.0 and first["held_in_eligible"] and held_in.is_best(first, [])
+    better = held_in.scored({"held_in_loss": 0.01, "finetune_loss": 1.0, "lm_loss": 3.0, "zero_gradient_drift": 1e-9}, [first])
+    assert better["held_in_score"] == pytest.approx(5 / 6) and held_in.is_best(better, [first])
+    drifting = held_in.scored({"held_in_loss": 0.001, "finetune_loss": 0.5, "lm_loss": 1.0, "zero_gradient_drift": 2e-4},
+                              [first, better])
+    assert drifting["held_in_score"] < better["held_in_score"] and not drifting["held_in_eligible"]
+    assert not held_in.is_best(drifting, [first, better]), "ineligible: drift above 1e-4"
+    worse = held_in.scored({"held_in_loss": 0.02, "finetune_loss": 1.0, "lm_loss": 3.0, "zero_gradient_drift": 0.0},
+                           [first, better, drifting])
+    assert not held_in.is_best(worse, [first, better, drifting])
+    digits = held_in.scored({"held_in_loss": 0.05}, [])
+    assert digits["held_in_score"] == 0.05 and held_in.is_best(digits, [{"held_in_loss": 0.06}])  # old records count too
+    with pytest.raises(ValueError, match="held_in_suite must be one of"):
+        MetaTrainConfig(held_in_suite="imagenet")
+
+
+def test_held_in_checks_run_and_see_the_drift():
+    from celo_hf.diagnostics import calibrate_zero_gradient_
+
+    embedded = load_celo_net(None)
+    calibrated = calibrate_zero_gradient_(load_celo_net(None))
+    assert held_in.drift(embedded) > 1e-3 and held_in.drift(calibrated) < 1e-6
+    lm = held_in.lm_loss(calibrated, seeds=1, steps=20)
+    assert 1.0 < lm < math.log(97), "a fresh LM starts at ln 97 and Celo lowers it"
+    assert 0.5 < held_in.finetune_loss(calibrated, seeds=1, steps=20) < 3.5

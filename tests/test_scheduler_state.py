@@ -81,7 +81,7 @@ def test_a_meta_training_checkpoint_written_before_loads():
     saved = LEGACY["meta_training_after_2_iterations"]
     trainer = MetaTrainer(TINY, families_by_name(TINY.families))
     trainer.load_state_dict(saved)
-    state, old = trainer.state_dict()["state"], saved["state"]
+    state, old = trainer.state_dict()["groups"][0]["state"], saved["state"]  # one slot group then
     renamed = {"hidden": "lstm_hidden", "cell": "lstm_cell"}
     assert_identical(state, {renamed.get(k, k): v for k, v in old.items()})
     trainer.outer_step()  # and it continues

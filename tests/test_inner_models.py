@@ -1,0 +1,129 @@
+"""Meta-training's inner models beyond the MLP: tiny transformer LMs, AdamW-pretrained fine-tuning
+(full, fresh head, low-rank adapters), the text data and the pretraining cache."""
+
+import math
+
+import pytest
+import torch
+
+from meta_training import data, finetune, inner, tasks
+from meta_training.transformer import TransformerConfig, TransformerLM, logits
+
+NEW_FAMILIES = [*tasks.LM_FAMILIES, *tasks.FINETUNE_FAMILIES]
+
+
+def _members(family, count: int, seed: int = 0):
+    """``count`` members of ``family``: stacked parameters, per-tensor scales and batches."""
+    generator = torch.Generator().manual_seed(seed)
+    inits, scales, batches = [], [], []
+    for _ in range(count):
+        inits.append(family.model.init(generator))
+        scales.append(tasks.sample_scales(family.model.shapes, "tensor", generator, 0.5, 2.0))
+        batches.append(family.sample_batch(family.sample_task(generator), generator, family.batch_size))
+    stack = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    phi = {k: v / s for (k, v), s in zip(stack(inits).items(), stack(scales).values())}
+    return phi, stack(scales), tuple(torch.stack(parts) for parts in zip(*batches))
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_batched_loss_and_gradients_equal_a_loop_over_members(name):
+    family = tasks.family(name)
+    phi, scales, batch = _members(family, 3)
+    loss, grads = inner.model_losses_and_grads(family.model, phi, scales, batch)
+    assert loss.shape == (3,) and bool(torch.isfinite(loss).all())
+    for m in range(3):
+        one = lambda d: {k: v[m : m + 1] for k, v in d.items()}  # noqa: E731
+        alone, alone_grads = inner.model_losses_and_grads(family.model, one(phi), one(scales), tuple(t[m : m + 1] for t in batch))
+        torch.testing.assert_close(loss[m : m + 1], alone, rtol=1e-5, atol=1e-6)
+        for key, value in alone_grads.items():
+            torch.testing.assert_close(grads[key][m : m + 1], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    assert len(set(loss.tolist())) == 3, "members have their own weights and batches"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformer_is_causal_starts_near_uniform_and_ties_its_head(tied):
+    config = TransformerConfig(vocab=data.TEXT_VOCAB, width=16, depth=2, context=12, tied=tied)
+    model = TransformerLM(config)
+    weights = {k: v[None] for k, v in model.init(torch.Generator().manual_seed(0)).items()}
+    assert ("head" in model.shapes) != tied
+    tokens = torch.randint(data.TEXT_VOCAB, (1, 3, 12), generator=torch.Generator().manual_seed(1))
+    changed = tokens.clone()
+    changed[..., 7] = (changed[..., 7] + 1) % data.TEXT_VOCAB
+    before, after = logits(config, weights, tokens), logits(config, weights, changed)
+    assert torch.equal(before[..., :7, :], after[..., :7, :]), "a token must not influence earlier positions"
+    assert not torch.allclose(before[..., 7:, :], after[..., 7:, :])
+    windows = torch.cat([tokens, tokens[..., :1]], dim=-1)
+    excess = float(model.losses_of_weights(weights, (windows,))[0]) - math.log(data.TEXT_VOCAB)
+    # tied: logits are 0.02-scale embeddings, nearly uniform; a separate 1/sqrt(d) head gives logits of std ~1
+    assert abs(excess) < 0.05 if tied else 0.1 < excess < 1.0
+
+
+def test_char_ids_and_text_windows():
+    ids = data.char_ids(b"To be,\nor not\xe2!")
+    assert ids.tolist()[:7] == [ord(c) - 31 for c in "To be,"] + [0]
+    assert ids.tolist()[-3:] == [ord("t") - 31, data.TEXT_VOCAB - 1, ord("!") - 31]
+    family = tasks.family("lm_d16_l1_t16")
+    (windows,) = family.sample_batch({}, torch.Generator().manual_seed(0), family.batch_size)
+    assert windows.shape == (family.batch_size, family.context + 1) and windows.dtype == torch.int64
+    assert int(windows.min()) >= 0 and int(windows.max()) < data.TEXT_VOCAB
+    pieces = family.text.unfold(0, family.context + 1, 1)
+    for row in windows:  # every window is a contiguous piece of the histories
+        assert bool((pieces == row).all(1).any())
+    (again,) = family.sample_batch({}, torch.Generator().manual_seed(0), family.batch_size)
+    assert torch.equal(windows, again)
+
+
+def test_low_rank_adapters_start_at_the_pretrained_function_and_only_they_train():
+    family = tasks.family("ft_lm_lora")
+    model = family.model
+    assert isinstance(model, finetune.LowRankAdapted)
+    assert set(model.shapes) == {f"{m}.{ab}" for m in model.adapted for ab in "AB"} and len(model.adapted) == 4
+    pretrained = {k: v.clone() for k, v in model.weights.items()}
+    phi, scales, batch = _members(family, 2)
+    full = finetune.FullFineTune(model.base, model.weights)
+    plain = {k: v.expand(2, *v.shape) for k, v in model.weights.items()}
+    ones = {k: torch.ones_like(v) for k, v in plain.items()}
+    torch.testing.assert_close(inner.model_losses(model, phi, scales, batch), inner.model_losses(full, plain, ones, batch))
+    _, grads = inner.model_losses_and_grads(model, phi, scales, batch)
+    assert all(not grads[f"{m}.A"].any() and grads[f"{m}.B"].abs().sum() > 0 for m in model.adapted), "B = 0: only B moves first"
+    for _ in range(3):  # a few plain gradient steps on A and B
+        _, grads = inner.model_losses_and_grads(model, phi, scales, batch)
+        phi = {k: v - 0.5 * grads[k] for k, v in phi.items()}
+    assert all(torch.equal(pretrained[k], model.weights[k]) for k in pretrained), "the base stays frozen"
+    assert all(phi[f"{m}.A"].ne(_members(family, 2)[0][f"{m}.A"]).any() for m in model.adapted)
+    assert not torch.allclose(inner.model_losses(model, phi, scales, batch), inner.model_losses(full, plain, ones, batch))
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights_and_a_fresh_head_is_redrawn():
+    weights = tasks.pretrained_digits_mlp()
+    generator = torch.Generator().manual_seed(0)
+    full = tasks.family("ft_digits_full").model.init(generator)
+    head = tasks.family("ft_digits_head").model.init(generator)
+    assert all(torch.equal(full[k], weights[k]) for k in weights)
+    assert torch.equal(head["w1"], weights["w1"]) and not torch.equal(head["w2"], weights["w2"]) and not head["b2"].any()
+    target = tasks.family("ft_digits_full")
+    assert int(target.train.labels.min()) == tasks.DIGITS_CUT
+    # the pretrained MLP has learned digits 0-4: near-perfect there
+    source = tasks.digits_below(tasks.DIGITS_CUT, below=True)
+    loss = inner.mlp_losses_of_weights({k: v[None] for k, v in weights.items()}, source.inputs[None], source.labels[None])
+    assert float(loss) < 0.1
+
+
+def _tiny_spec(steps: int = 5) -> finetune.Pretraining:
+    source = tasks.digits_family()
+    return finetune.Pretraining(inner.MLP, "digits", lambda g: source.sample_batch({}, g, 16), steps=steps, lr=1e-2)
+
+
+def test_pretraining_is_deterministic_and_the_cache_is_reused(tmp_path):
+    first = finetune.pretrained(_tiny_spec(), tmp_path / "a")
+    second = finetune.pretrained(_tiny_spec(), tmp_path / "b")  # built again, elsewhere
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["w1"], inner.MLP.init(torch.Generator().manual_seed(0))["w1"]), "it trained"
+    from safetensors.torch import save_file
+
+    (cached,) = (tmp_path / "a").glob("*.safetensors")
+    marker = {k: torch.full_like(v, 7.0) for k, v in first.items()}
+    save_file(marker, str(cached))
+    assert all(torch.equal(v, marker[k]) for k, v in finetune.pretrained(_tiny_spec(), tmp_path / "a").items()), \
+        "a second call reads the cache instead of training"
+    assert _tiny_spec(steps=6).key != _tiny_spec().key
