@@ -113,3 +113,17 @@ def test_quick_run_prints_the_table(tmp_path):
         if row["optimizer"].startswith("Celo["):
             assert row["state_bytes_per_param"] >= 16  # 3 momenta and the RMS, float32
             assert row["peak_bytes_per_param"] >= row["state_bytes_per_param"]
+
+
+def test_compare_revisions_tabulates_both_trees(tmp_path):
+    """Against HEAD itself (a revision every clone has): every Celo row appears with both ratios."""
+    out = tmp_path / "compare.md"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compare_revisions.py"), "--base", "HEAD", "--alternations", "1",
+         "--out", str(out), "--", "--quick", "--models", "tiny", "--population", "0", "--celo-backends", "eager"],
+        check=True, capture_output=True, text=True, cwd=REPO,
+    )
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| tiny40")]
+    assert [row[2].strip() for row in rows] == ["Celo[eager]"]
+    before, after, quotient = (float(cell) for cell in rows[0][3:6])
+    assert before > 0 and after > 0 and math.isclose(quotient, after / before, rel_tol=0.01)
