@@ -12,7 +12,7 @@ import celo_hf
 from celo_hf.hub import DEFAULT_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_BEST = REPO / "meta_training" / "runs" / "finetune" / "phase2" / "best"
+RUN_BEST = REPO / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best"
 
 
 def test_weights_none_loads_the_meta_trained_run_byte_for_byte():
