@@ -4,9 +4,9 @@ Celo v1's step is relative to each tensor's RMS and its features are normalised 
 the update MLP cannot tell a freshly initialised tensor from a pretrained one: it takes steps of
 about 1-2% of the tensor's norm in both. Training from scratch wants that; a pretrained model
 fine-tuned with it forgets what it knew. What does tell them apart is the size of the gradient
-next to the tensor itself, ``r = ||g|| / ||p||`` (the same as the ratio of their RMS): measured
-on the first step, about 1e-3 across MiniLM-L6's pretrained layers, 0.85 for its fresh classifier
-head, 0.03 (median) over a small Llama from a random init and 0.09 for the meta-training MLP.
+next to the tensor itself, ``r = ||g|| / ||p||`` (the same as the ratio of their RMS): at the first
+step of a fine-tune, a median of 6e-4 over MiniLM-L6's pretrained matrices against 0.2 for its fresh
+classifier head (``python -m meta_training.finetune_probe``).
 
 The gain multiplies each tensor's step by ``min(1, r / threshold) ** power``: 1 (Celo v1 unchanged)
 for tensors whose relative gradient is at least ``threshold``, smaller below. It is an option of the

