@@ -1,0 +1,234 @@
+"""Celo2's learned branch, batched: the fast form the optimizer and meta-training both run.
+
+:func:`learned_update_` advances ``B`` same-shape tensors at once, in place: the accumulators,
+the features (never all at once: each group's normaliser is found from its own values, the
+normalisers are folded into the first layer, then the features are rebuilt chunk by chunk for the
+MLP), the MLP's direction, Newton-Schulz over every matrix of the batch in one chain of batched
+products, the output normalisation and the parameter step. It equals the literal
+:mod:`celo_hf.celo2.reference` to float32 rounding. Each batch row may have its own MLP (a
+meta-training population) or share one (the optimizer: :meth:`MlpWeights.shared`).
+
+Shapes: parameters ``(B, *S)`` (scalars as ``S = (1,)``), the state of
+:func:`celo_hf.layout.init_tensor_state` with a leading ``B`` axis; ``k`` decays, ``F`` features,
+``H`` hidden units; a tensor's *slices* are its matrices over the last two axes (one for rank <= 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ..layout import TensorState, factored_dims, numel
+from ..reference import factor_scales
+from .newton_schulz import orthogonalize
+from .rule import (
+    ADAM_BETA1,
+    ADAM_BETA2,
+    ADAM_EPS,
+    FACTOR_FLOOR,
+    FACTORED_EPS,
+    FEATURE_GRAD_CLIP,
+    GRAD_CLIP,
+    NORMALISER_EPS,
+    RMS_EPS,
+    ROW_COL_EPS,
+    Celo2Config,
+)
+
+#: Elements (per batch row times rows) whose features one MLP chunk builds at a time.
+CHUNK_ELEMENTS = 1 << 16
+
+
+class MlpWeights(NamedTuple):
+    """The MLP of each of ``B`` batch rows, float32: ``first`` ``(B, H, F)`` and ``first_bias``
+    ``(B, H)``; ``hidden_layers`` ``((B, out, in), (B, out))`` pairs; ``direction`` the last layer's
+    first output ``((B, H), (B,))`` (the others have no effect on Celo2)."""
+
+    first: torch.Tensor
+    first_bias: torch.Tensor
+    hidden_layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    direction: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def from_layers(cls, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> MlpWeights:
+        """From per-row layers ``[(weight (B, out, in), bias (B, out)), ...]``."""
+        layers = [(w.detach().float(), b.detach().float()) for w, b in layers]
+        (w0, b0), *hidden, (w_last, b_last) = layers
+        return cls(w0, b0, tuple(hidden), (w_last[:, 0], b_last[:, 0]))
+
+    @classmethod
+    def shared(cls, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str) -> MlpWeights:
+        """One MLP ``[(weight (out, in), bias (out,)), ...]`` (``Celo2Net.mlp_layers()``) as a batch of one row."""
+        return cls.from_layers([(w.to(device)[None], b.to(device)[None]) for w, b in layers])
+
+    def rows(self, batch: int) -> MlpWeights:
+        """A one-row MLP broadcast to ``batch`` rows (views); a ``batch``-row MLP as it is."""
+        if self.first.shape[0] == batch:
+            return self
+        grow = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
+        return MlpWeights(
+            grow(self.first), grow(self.first_bias), tuple((grow(w), grow(b)) for w, b in self.hidden_layers),
+            (grow(self.direction[0]), grow(self.direction[1])),
+        )
+
+
+def _decays(values: Sequence[float], like: torch.Tensor, rank: int) -> torch.Tensor:
+    """``values`` as a ``(1, k, 1, ...)`` float32 tensor that broadcasts over ``(B, k, *S)`` of ``rank``."""
+    return torch.tensor(values, dtype=torch.float32, device=like.device).view(1, -1, *([1] * rank))
+
+
+class _Features:
+    """The feature groups of a batch at this step, built on demand for any block of leading rows.
+
+    Holds the clipped gradient, the parameters, the new accumulators and the factored statistics;
+    :meth:`groups` returns the groups in :data:`celo_hf.layout.FEATURE_GROUP_NAMES` order (the first
+    nine for rank < 2), each ``(B, width, *S_block)``, for the block ``rows`` of axis 0 of ``S``.
+    """
+
+    def __init__(self, p: torch.Tensor, g: torch.Tensor, state: TensorState, config: Celo2Config):
+        self.p, self.g, self.m, self.rms = p, g, state["m"], state["rms"]
+        self.dims = factored_dims(p.shape[1:])
+        rank = p.dim() - 1
+        fac_b = _decays(config.factored_decays, g, rank - 1 if self.dims else rank)
+        gsq = (g * g + FACTORED_EPS).unsqueeze(1)
+        if self.dims is None:
+            v_diag = state["v_diag"]
+            v_diag.mul_(fac_b).add_((1 - fac_b) * gsq)
+            self.scale = torch.rsqrt(torch.clamp(v_diag + FACTOR_FLOOR, min=FACTOR_FLOOR))
+            return
+        d0, d1 = self.dims
+        v_row, v_col = state["v_row"], state["v_col"]
+        v_row.mul_(fac_b).add_((1 - fac_b) * gsq.mean(dim=2 + d0))
+        v_col.mul_(fac_b).add_((1 - fac_b) * gsq.mean(dim=2 + d1))
+        row_scale, col_scale = factor_scales(v_row, v_col, d0, d1, lead=2)
+        self.scale = row_scale * col_scale
+        self.row = v_row.unsqueeze(2 + d0)
+        self.col = v_col.unsqueeze(2 + d1)
+
+    def groups(self, rows: slice) -> list[torch.Tensor]:
+        block = lambda t, axis=1: t if t.shape[axis] == 1 else t.narrow(axis, rows.start, rows.stop - rows.start)  # noqa: E731
+        g, p = block(self.g).unsqueeze(1), block(self.p).unsqueeze(1)
+        m, scale = block(self.m, 2), block(self.scale, 2)
+        s = torch.rsqrt(block(self.rms).unsqueeze(1) + RMS_EPS)
+        groups = [g, g.clamp(-FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP), p, m, block(self.rms).unsqueeze(1), m * s, s, g * scale, g * s]
+        if self.dims is not None:
+            full = (*m.shape[:2], *g.shape[2:])
+            row, col = block(self.row, 2).expand(full), block(self.col, 2).expand(full)
+            groups += [row, col, torch.rsqrt(row + ROW_COL_EPS), torch.rsqrt(col + ROW_COL_EPS), m * scale]
+        return groups
+
+
+def _slices(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(number of slices, elements per slice)`` of a tensor of ``shape`` (rank >= 1)."""
+    return numel(shape[:-2]), numel(shape[-2:])
+
+
+def _to_slices(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *S_block)`` -> ``(B, L_block, C, E)``: the channels of each slice of a block."""
+    batch, channels, *shape = t.shape
+    lead, elements = _slices(tuple(shape))
+    return t.reshape(batch, channels, lead, elements).transpose(1, 2)
+
+
+def _directions(features: _Features, w: MlpWeights, chunk_elements: int) -> torch.Tensor:
+    """The MLP's direction ``(B, *S)``, float32, on features normalised over each slice.
+
+    The normalisers (``(B, L, F)``: one per slice and channel) are folded into the first layer; the
+    features are then built again for blocks of axis 0 of ``S`` of about ``chunk_elements`` in all
+    (for rank >= 3 blocks of whole leading indices, so each block holds whole slices).
+    """
+    p = features.p
+    batch, shape = p.shape[0], tuple(p.shape[1:])
+    mean_sq = torch.cat([_to_slices(x * x).mean(dim=-1) for x in features.groups(slice(0, shape[0]))], dim=2)
+    first = w.first[:, None, :, : mean_sq.shape[-1]] * torch.rsqrt(NORMALISER_EPS + mean_sq)[:, :, None, :]
+    slices_per_row = _slices(shape)[0] // shape[0] if len(shape) >= 3 else 0  # (B, L, H, F) rows per index of axis 0
+    rows_per_block = max(1, chunk_elements // (batch * numel(shape[1:])))
+    direction = torch.empty(batch, *shape, dtype=torch.float32, device=p.device)
+    for start in range(0, shape[0], rows_per_block):
+        rows = slice(start, min(shape[0], start + rows_per_block))
+        x = torch.cat([_to_slices(group) for group in features.groups(rows)], dim=2)  # (B, L_block, F, E)
+        block_first = first[:, rows.start * slices_per_row : rows.stop * slices_per_row] if slices_per_row else first
+        h = torch.relu(block_first @ x + w.first_bias[:, None, :, None])  # (B, L_block, H, E)
+        for weight, bias in w.hidden_layers:
+            h = torch.relu(weight[:, None] @ h + bias[:, None, :, None])
+        d = (w.direction[0][:, None, None, :] @ h).squeeze(2) + w.direction[1][:, None, None]  # (B, L_block, E)
+        direction[:, rows] = d.reshape(batch, rows.stop - rows.start, *shape[1:])
+    return direction
+
+
+def directions_(
+    p: torch.Tensor, g: torch.Tensor, state: TensorState, w: MlpWeights, config: Celo2Config,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Stage 1 of a learned-branch step of ``B`` same-shape tensors: update the accumulators in
+    place and return the MLP's direction ``(B, *S)`` float32.
+
+    Args:
+        p: parameters ``(B, *S)``, before the step (any float dtype; read in float32).
+        g: their unclipped gradients ``(B, *S)``.
+        state: their accumulators (:func:`celo_hf.layout.init_tensor_state` of ``S`` with a leading
+            ``B`` axis; float32), updated in place.
+        w: the MLP of each row (or one, broadcast).
+        config: the decays.
+        chunk_elements: bound on the features built at once (elements times batch rows).
+    """
+    rank = p.dim() - 1
+    gf = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
+    mom_b = _decays(config.momentum_decays, gf, rank)
+    state["m"].mul_(mom_b).add_((1 - mom_b) * gf.unsqueeze(1))
+    state["rms"].mul_(config.rms_decay).add_((1 - config.rms_decay) * gf * gf)
+    features = _Features(p.detach().float(), gf, state, config)
+    return _directions(features, w.rows(p.shape[0]), chunk_elements)
+
+
+def steps_from_directions(direction: torch.Tensor, orthogonalize_matrices: bool) -> torch.Tensor:
+    """Stage 2: the steps ``u`` ``(B, *S)`` of directions ``(B, *S)``: Newton-Schulz on every
+    matrix of the batch when ``orthogonalize_matrices`` and rank >= 2 (one chain of batched
+    products), then RMS 1 over each slice."""
+    rank = direction.dim() - 1
+    step = orthogonalize(direction) if orthogonalize_matrices and rank >= 2 else direction
+    mean_sq = (step * step).mean(dim=tuple(range(max(1, rank - 1), rank + 1)), keepdim=True)
+    return step * torch.rsqrt(NORMALISER_EPS + mean_sq)
+
+
+def apply_step_(p: torch.Tensor, step: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
+    """Stage 3: ``p <- (p - lr step) - (wd p) lr`` in place, float32 arithmetic, ``lr`` and
+    ``weight_decay`` float32 tensors broadcastable to ``p`` (per batch row: ``(B, 1, ...)``)."""
+    pf = p.detach().float()
+    p.copy_((pf - lr * step) - (weight_decay * pf) * lr)
+
+
+def learned_update_(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state: TensorState,
+    w: MlpWeights,
+    config: Celo2Config,
+    lr: torch.Tensor,
+    weight_decay: torch.Tensor,
+    orthogonalize_matrices: bool,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> None:
+    """A whole learned-branch step of ``B`` same-shape tensors, in place (the three stages);
+    ``lr``, ``weight_decay`` ``(B,)`` float32; other arguments as :func:`directions_`."""
+    direction = directions_(p, g, state, w, config, chunk_elements)
+    step = steps_from_directions(direction, orthogonalize_matrices)
+    shape = (-1, *([1] * (p.dim() - 1)))
+    apply_step_(p, step, lr.view(shape), weight_decay.view(shape))
+
+
+def init_adam_state(shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None) -> TensorState:
+    """Zero ``m1`` and ``v1`` (float32, each of ``shape``) for the Adam branch."""
+    return {key: torch.zeros(tuple(shape), dtype=torch.float32, device=device) for key in ("m1", "v1")}
+
+
+def adam_update_(p: torch.Tensor, g: torch.Tensor, state: TensorState, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
+    """The Adam branch on one tensor (or a batch, ``lr`` / ``weight_decay`` broadcastable), in place:
+    ``m1``, ``v1`` from the raw gradient, ``p <- (p - lr a) - (wd p) lr`` with ``a = m1 rsqrt(v1 + 1e-8)``;
+    ``lr`` is already the branch's (``mult_1d`` times the learning rate)."""
+    gf = g.float()
+    state["m1"].mul_(ADAM_BETA1).add_((1 - ADAM_BETA1) * gf)
+    state["v1"].mul_(ADAM_BETA2).add_((1 - ADAM_BETA2) * gf * gf)
+    apply_step_(p, state["m1"] * torch.rsqrt(state["v1"] + ADAM_EPS), lr, weight_decay)
