@@ -15,10 +15,10 @@ import pytest
 import torch
 from helpers import REFERENCE
 
-from celo_hf.layout import factored_dims, init_tensor_state
 from celo_hf.celo2 import reference
 from celo_hf.celo2.rule import Celo2Config
 from celo_hf.celo2.update import MlpWeights, adam_update_, learned_update_
+from celo_hf.layout import factored_dims, init_tensor_state
 from celo_hf.weight_files import read_flax_msgpack
 
 pytestmark = pytest.mark.reference
@@ -168,7 +168,7 @@ def test_batched_learned_branch_equals_the_reference(shape, orthogonalize, chunk
     """Three tensors of one shape, each with its own random meta-model (a population's rows),
     three steps at growing gradient scales, against the reference one tensor at a time."""
     generator = torch.Generator().manual_seed(sum(shape) + chunk_elements)
-    rand = lambda *s: torch.randn(*s, generator=generator)  # noqa: E731
+    rand = lambda *s: torch.randn(*s, generator=generator)
     batch = 3
     layers = [(rand(batch, 8, 30) * 0.3, rand(batch, 8) * 0.1), (rand(batch, 8, 8) * 0.3, rand(batch, 8) * 0.1),
               (rand(batch, 3, 8) * 0.3, rand(batch, 3) * 0.1)]

@@ -67,7 +67,7 @@ class MlpWeights(NamedTuple):
         """A one-row MLP broadcast to ``batch`` rows (views); a ``batch``-row MLP as it is."""
         if self.first.shape[0] == batch:
             return self
-        grow = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
+        grow = lambda t: t.expand(batch, *t.shape[1:])
         return MlpWeights(
             grow(self.first), grow(self.first_bias), tuple((grow(w), grow(b)) for w, b in self.hidden_layers),
             (grow(self.direction[0]), grow(self.direction[1])),
@@ -108,7 +108,7 @@ class _Features:
         self.col = v_col.unsqueeze(2 + d1)
 
     def groups(self, rows: slice) -> list[torch.Tensor]:
-        block = lambda t, axis=1: t if t.shape[axis] == 1 else t.narrow(axis, rows.start, rows.stop - rows.start)  # noqa: E731
+        block = lambda t, axis=1: t if t.shape[axis] == 1 else t.narrow(axis, rows.start, rows.stop - rows.start)
         g, p = block(self.g).unsqueeze(1), block(self.p).unsqueeze(1)
         m, scale = block(self.m, 2), block(self.scale, 2)
         s = torch.rsqrt(block(self.rms).unsqueeze(1) + RMS_EPS)
