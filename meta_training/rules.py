@@ -8,7 +8,9 @@ families, checkpoints, held-in checks and ``best/`` selection); what differs is 
 * the population calls (:mod:`celo_hf.population` or :mod:`celo_hf.celo2.population`): init, one
   step, restarting members, and the state as a checkpoint entry;
 * the optimizer that runs one meta-model on one model (:class:`celo_hf.Celo` or
-  :class:`celo_hf.Celo2`), used by the held-in checks (:mod:`meta_training.held_in`).
+  :class:`celo_hf.Celo2`), used by the held-in checks (:mod:`meta_training.held_in`), by the
+  evaluation's plain loop (:mod:`meta_training.evaluate`) and through ``transformers.Trainer``
+  (:mod:`meta_training.trainer_tasks`).
 
 Celo2's tensors are routed by name and its rule is not invariant to axis order
 (``docs/celo2-algorithm.md`` §3, §15). The inner models (:mod:`meta_training.inner`) name their
@@ -35,6 +37,7 @@ from celo_hf.celo2 import population as celo2_population
 from celo_hf.celo2.routing import DEFAULT_ADAM_REGEX
 from celo_hf.celo2.rule import Celo2Config
 from celo_hf.hub import load_celo_net
+from celo_hf.layout import TensorState
 
 from .inner import Weights
 from .warm_start import adam_like
@@ -42,6 +45,8 @@ from .warm_start import adam_like
 #: Celo2's inner learning rate (the original's ``step_mult`` default), fixed: Celo2 has no
 #: learned schedule and reads neither the loss nor the number of steps.
 CELO2_LR = 1e-3
+#: Celo2's population state: module name -> that tensor's stacked accumulators.
+Celo2State = dict[str, TensorState]
 #: Inner tensors stored as embedding tables ``(rows, dim)`` (:mod:`meta_training.transformer`).
 EMBEDDINGS = ("tokens", "positions")
 
@@ -56,6 +61,10 @@ class Rule(Protocol):
 
     #: The name ``--rule`` takes.
     name: str
+    #: The optimizer's name in tables and plots.
+    label: str
+    #: How the evaluation runs it, for the tables (the learning rate, what is tuned).
+    setting: str
     #: The phases the rule has (Celo: 1 the update MLP, 2 the learned scheduler).
     phases: tuple[int, ...]
     #: Whether the zero-gradient drift is a meaningful held-in criterion for the rule.
@@ -64,8 +73,8 @@ class Rule(Protocol):
     def fresh_net(self, seed: int, warm_start_gain: float) -> nn.Module:
         """The meta-model a run starts from without ``--init`` (seeded)."""
 
-    def load_net(self, weights: str) -> nn.Module:
-        """A meta-model from a path or Hub id (``--init``)."""
+    def load_net(self, weights: str | nn.Module | None) -> nn.Module:
+        """A meta-model from a path or Hub id (``--init``), a module as is, ``None``: the embedded default."""
 
     def configured(self, base: nn.Module, learned_schedule: bool) -> nn.Module:
         """A new meta-model with ``base``'s weights, set up for the phase."""
@@ -101,11 +110,19 @@ class Rule(Protocol):
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         """One optimizer step after ``loss.backward()``."""
 
+    def module_optimizer(self, net: nn.Module, model: nn.Module, total_steps: int) -> torch.optim.Optimizer:
+        """The optimizer on ``model``'s trainable parameters (a plain training loop)."""
+
+    def trainer_optimizers(self, net: nn.Module | None, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """``Trainer(optimizers=...)``'s pair for ``model`` (``net`` ``None``: the embedded weights)."""
+
 
 class CeloRule:
     """Celo v1: ``CeloNet``, :mod:`celo_hf.population`, :class:`celo_hf.Celo`; two phases."""
 
     name = "celo"
+    label = "Celo"
+    setting = "at lr 1, nothing tuned"
     phases = (1, 2)
     zero_gradient_fixed_point = True
 
@@ -115,7 +132,7 @@ class CeloRule:
         net = CeloNet()
         return adam_like(net, warm_start_gain, seed=seed) if warm_start_gain > 0 else net
 
-    def load_net(self, weights: str) -> CeloNet:
+    def load_net(self, weights: str | nn.Module | None) -> CeloNet:
         return load_celo_net(weights)
 
     def configured(self, base: nn.Module, learned_schedule: bool) -> CeloNet:
@@ -127,13 +144,16 @@ class CeloRule:
         """The MLP (phase 1), or the scheduler and its initial state (phase 2)."""
         return [key for key in net.state_dict() if key.startswith("mlp.") == (phase == 1)]
 
-    def init(self, net, params, total_steps, meta_weights):  # noqa: ANN001, ANN201, D102
+    def init(self, net: nn.Module, params: Weights, total_steps: torch.Tensor,
+             meta_weights: Weights) -> population.PopulationState:
         return population.init(params, total_steps, meta_weights, net)
 
-    def update(self, net, state, params, grads, loss, meta_weights):  # noqa: ANN001, ANN201, D102
+    def update(self, net: nn.Module, state: population.PopulationState, params: Weights, grads: Weights,
+               loss: torch.Tensor, meta_weights: Weights) -> population.PopulationState:
         return population.update(state, params, grads, loss, meta_weights, net)
 
-    def reset(self, state, members, total_steps, meta_weights):  # noqa: ANN001, ANN201, D102
+    def reset(self, state: population.PopulationState, members: torch.Tensor, total_steps: torch.Tensor,
+              meta_weights: Weights) -> population.PopulationState:
         return population.reset_members(state, members, total_steps, meta_weights)
 
     def state_to_dict(self, state: population.PopulationState) -> dict[str, Any]:
@@ -153,6 +173,15 @@ class CeloRule:
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimizer.step(loss=loss.detach())
+
+    def module_optimizer(self, net: nn.Module, model: nn.Module, total_steps: int) -> Celo:
+        return Celo([p for p in model.parameters() if p.requires_grad], total_steps=total_steps, weights=net)
+
+    def trainer_optimizers(self, net: nn.Module | None, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """:func:`celo_hf.create` (its constant scheduler; ``total_steps`` from Trainer)."""
+        from celo_hf import create
+
+        return create(model, weights=net)
 
 
 @dataclass(frozen=True)
@@ -202,6 +231,8 @@ class Celo2Rule:
     :data:`CELO2_LR` with its default routing and layout; one phase (every ``mlp.*`` entry)."""
 
     name = "celo2"
+    label = "Celo2"
+    setting = f"at lr {CELO2_LR:g} (the original's default, fixed before any run), constant, nothing tuned"
     phases = (1,)
     #: Celo2's step is RMS-normalised: a zero gradient still moves a tensor by ``lr``, by design.
     zero_gradient_fixed_point = False
@@ -215,7 +246,7 @@ class Celo2Rule:
         torch.manual_seed(seed)
         return Celo2Net()
 
-    def load_net(self, weights: str) -> nn.Module:
+    def load_net(self, weights: str | nn.Module | None) -> nn.Module:
         from celo_hf.celo2.hub import load_celo2_net
 
         return load_celo2_net(weights)
@@ -239,25 +270,29 @@ class Celo2Rule:
         config = Celo2Config(tuple(net.momentum_decays), net.rms_decay, tuple(net.factored_decays))
         return celo2_population.Settings(config, lr=CELO2_LR, adam_regex=DEFAULT_ADAM_REGEX, layout="jax")
 
-    def init(self, net, params, total_steps, meta_weights):  # noqa: ANN001, ANN201, D102
+    def init(self, net: nn.Module, params: Weights, total_steps: torch.Tensor, meta_weights: Weights) -> Celo2State:
+        """Zero state (Celo2 reads no planned length)."""
         return celo2_population.init(ModuleView.of(_shapes(params)).to_module(params), self.settings(net))
 
-    def update(self, net, state, params, grads, loss, meta_weights):  # noqa: ANN001, ANN201, D102
+    def update(self, net: nn.Module, state: Celo2State, params: Weights, grads: Weights, loss: torch.Tensor,
+               meta_weights: Weights) -> Celo2State:
+        """One step (Celo2 reads no loss)."""
         view = ModuleView.of(_shapes(params))
         celo2_population.update(state, view.to_module(params), view.to_module(grads), meta_weights, self.settings(net))
         return state
 
-    def reset(self, state, members, total_steps, meta_weights):  # noqa: ANN001, ANN201, D102
+    def reset(self, state: Celo2State, members: torch.Tensor, total_steps: torch.Tensor,
+              meta_weights: Weights) -> Celo2State:
         """Zero accumulators for the flagged members (Celo2 has no other state)."""
         def pick(value: torch.Tensor) -> torch.Tensor:
             return torch.where(members.view(-1, *([1] * (value.dim() - 1))), torch.zeros_like(value), value)
 
         return {name: {key: pick(value) for key, value in accumulators.items()} for name, accumulators in state.items()}
 
-    def state_to_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+    def state_to_dict(self, state: Celo2State) -> dict[str, Any]:
         return {"tensors": state}
 
-    def state_from_dict(self, saved: dict[str, Any]) -> dict[str, Any]:
+    def state_from_dict(self, saved: dict[str, Any]) -> Celo2State:
         return saved["tensors"]
 
     def parameters(self, weights: Weights) -> dict[str, nn.Parameter]:
@@ -278,6 +313,18 @@ class Celo2Rule:
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimizer.step()
+
+    def module_optimizer(self, net: nn.Module, model: nn.Module, total_steps: int) -> torch.optim.Optimizer:
+        """``Celo2(model.named_parameters())`` (trainable ones) with its defaults at lr :data:`CELO2_LR`."""
+        from celo_hf import Celo2
+
+        return Celo2([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=CELO2_LR, weights=net)
+
+    def trainer_optimizers(self, net: nn.Module | None, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """:meth:`module_optimizer` and a constant schedule: the original has none
+        (``docs/celo2-algorithm.md`` §16), where Trainer's default would decay lr linearly to 0."""
+        optimizer = self.module_optimizer(net, model, 0)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def _shapes(params: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -40,9 +40,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
 from torch import nn
+from tqdm import tqdm
 
 from celo_hf import CeloNet
 from celo_hf.diagnostics import calibrate_zero_gradient_
