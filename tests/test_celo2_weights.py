@@ -312,7 +312,8 @@ def test_legacy_v1_folders_load_as_v1_only(tmp_path):
 def test_unknown_rule_is_named(own_folder):
     config = own_folder / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"update_rule": "adam"}))
-    with pytest.raises(CeloWeightsError, match=re.escape("update_rule 'adam' is not one of ['celo', 'celo2']")) as error:
+    problem = "update_rule 'adam' is not one of ['celo', 'celo2']"
+    with pytest.raises(CeloWeightsError, match=re.escape(problem)) as error:
         load_celo2_net(own_folder)
     _message(error, config)
 
