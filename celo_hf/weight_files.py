@@ -11,8 +11,8 @@ understood, locally or by Hub model id:
   and ``update_rule``: ``"celo"`` or ``"celo2"``; folders written before Celo2 existed lack it and are
   Celo's) and ``model.safetensors``; written by ``save_pretrained`` / ``push_to_hub``;
 * **the papers'**: ``theta.state``, the flax msgpack serialisation of the JAX meta-parameter tree,
-  decoded here with ``msgpack`` and ``numpy`` only (Celo: ``docs/celo-algorithm.md`` §10; Celo2: the
-  Celo2 specification, celo2-algorithm.md §14). Both rules name the file ``theta.state``; the tree
+  decoded here with ``msgpack`` and ``numpy`` only (Celo: ``docs/celo-algorithm.md`` §10; Celo2:
+  ``docs/celo2-algorithm.md`` §14). Both rules name the file ``theta.state``; the tree
   tells them apart (Celo's has the scheduler's ``rnn_params`` / ``lstm_init_state`` and a leading
   stack axis of 1 on its MLP leaves, Celo2's only the MLP, without that axis).
 
@@ -210,20 +210,20 @@ def read_paper_checkpoint(path: str | Path) -> WeightFiles:
     return WeightFiles({}, {k: v.contiguous() for k, v in state.items()}, str(path), str(path))
 
 
-#: Width of the released Celo2's MLP hidden layers (the Celo2 specification, celo2-algorithm.md §1).
+#: Width of the released Celo2's MLP hidden layers (``docs/celo2-algorithm.md`` §1).
 _CELO2_PAPER_HIDDEN = 8
 
 
 def _celo2_paper_shapes() -> dict[str, tuple[int, ...]]:
     """Each leaf of the released Celo2's ``ff_mod_stack/~`` and its shape, weights ``(in, out)``:
-    ``w0__i`` has one row per input of feature group ``i`` (celo2-algorithm.md §14)."""
+    ``w0__i`` has one row per input of feature group ``i`` (``docs/celo2-algorithm.md`` §14)."""
     hidden = _CELO2_PAPER_HIDDEN
     first = {f"w0__{i}": (width, hidden) for i, width in enumerate(feature_group_widths(_PAPER_NUM_DECAYS))}
     return {"b0": (hidden,), "b1": (hidden,), "b2": (3,), **first, "w1": (hidden, hidden), "w2": (hidden, 3)}
 
 
 def read_celo2_paper_checkpoint(path: str | Path) -> WeightFiles:
-    """The released Celo2 / Celo2-base (same tree; celo2-algorithm.md §9, §14) from ``theta.state``:
+    """The released Celo2 / Celo2-base (same tree; ``docs/celo2-algorithm.md`` §9, §14) from ``theta.state``:
     ``Celo2Net``'s default configuration and its state dict.
 
     The file must hold exactly the 19 float32 leaves of :func:`_celo2_paper_shapes` under

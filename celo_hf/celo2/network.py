@@ -1,8 +1,8 @@
 """The Celo2 meta-model: the per-parameter update MLP of Celo2 and Celo2-base.
 
 ``Celo2Net`` holds Celo2's learned weights and the accumulator decays they were trained with. There
-is no scheduler and no step or magnitude multiplier: the step's size is the learning rate (the
-Celo2 specification, celo2-algorithm.md §1, §9). It does not hold optimizer state. The reading of
+is no scheduler and no step or magnitude multiplier: the step's size is the learning rate
+(``docs/celo2-algorithm.md`` §1, §9). It does not hold optimizer state. The reading of
 checkpoints lives in :mod:`celo_hf.weight_files` (:func:`~celo_hf.weight_files.read_celo2_paper_checkpoint`),
 what it shares with Celo's meta-model in :mod:`celo_hf.meta_model`.
 
@@ -32,7 +32,7 @@ MODEL_CARD_TEMPLATE = model_card_template(
         "from celo_hf.celo2.network import Celo2Net\n"
         'net = Celo2Net.from_pretrained("<this folder or Hub id>")'
     ),
-    rule_reference="Celo2 / Celo2-base (`celo_hf.celo2`)",
+    rule_reference="`docs/celo2-algorithm.md` in celo_hf (Celo2 and Celo2-base)",
 )
 
 
@@ -77,7 +77,7 @@ class Celo2Net(
 
     def reset_parameters(self) -> None:
         """The original's fresh initialisation: truncated-normal weights with std ``1/sqrt(fan_in)``
-        and zero biases (celo2-algorithm.md §14)."""
+        and zero biases (``docs/celo2-algorithm.md`` §14)."""
         for module in self.mlp:
             if isinstance(module, nn.Linear):
                 reset_linear(module)
