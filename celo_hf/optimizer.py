@@ -420,27 +420,31 @@ def create(
     unchanged. With :class:`celo_hf.CeloCallback` in the Trainer the loss fed is exactly Trainer's
     logged loss.
     """
-    optimizer = Celo(_trainer_parameter_groups(model, weight_decay), total_steps=total_steps, weights=weights, **kwargs)
+    optimizer = Celo(trainer_parameter_groups(model, weight_decay), total_steps=total_steps, weights=weights, **kwargs)
     recorder = recorder_for(model)
     optimizer.register_step_pre_hook(recorder.feed)
     optimizer.register_step_post_hook(recorder.clear_after_step)
     return optimizer, LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _trainer_parameter_groups(model: torch.nn.Module, weight_decay: float | None) -> list[dict[str, Any]]:
+def trainer_parameter_groups(
+    model: torch.nn.Module, weight_decay: float | None, named: bool = False
+) -> list[dict[str, Any]]:
     """The trainable parameters in ``Trainer.create_optimizer``'s groups: decay (``weight_decay``;
-    ``None``: 0 and marked :data:`WEIGHT_DECAY_FROM_ARGS`), then no decay; empty groups left out."""
+    ``None``: 0 and marked :data:`WEIGHT_DECAY_FROM_ARGS`), then no decay; empty groups left out.
+    ``named``: each group's ``params`` as ``(name, parameter)`` pairs (torch's named parameters)."""
     from torch.nn import LayerNorm
     from transformers.trainer_pt_utils import get_parameter_names
 
     decay_names = set(get_parameter_names(model, [LayerNorm], list(_NO_DECAY_NAME_PATTERNS)))
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
-    decay_group: dict[str, Any] = {"params": [p for name, p in named if name in decay_names]}
+    entry = (lambda name, p: (name, p)) if named else (lambda name, p: p)
+    decay_group: dict[str, Any] = {"params": [entry(name, p) for name, p in trainable if name in decay_names]}
     if weight_decay is None:
         decay_group.update({"weight_decay": 0.0, WEIGHT_DECAY_FROM_ARGS: True})
     else:
         decay_group["weight_decay"] = weight_decay
-    no_decay_group = {"params": [p for name, p in named if name not in decay_names], "weight_decay": 0.0}
+    no_decay_group = {"params": [entry(name, p) for name, p in trainable if name not in decay_names], "weight_decay": 0.0}
     return [group for group in (decay_group, no_decay_group) if group["params"]]
