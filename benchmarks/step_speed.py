@@ -1,4 +1,4 @@
-"""Optimizer step cost: ``celo_hf.Celo`` against ``torch.optim.AdamW`` (foreach and fused).
+"""Optimizer step cost: ``celo_hf.Celo`` and ``celo_hf.Celo2`` against ``torch.optim.AdamW`` (foreach and fused).
 
 For each model it prints the median wall time of one ``optimizer.step()`` and the extra memory the
 step needs, in bytes per parameter, for Celo and for AdamW with ``foreach=True`` and ``fused=True``,
@@ -73,6 +73,7 @@ import torch
 
 import celo_hf
 import celo_hf.population
+from celo_hf.celo2.network import Celo2Net
 from celo_hf.optimizer import BACKENDS
 
 Shape = tuple[int, ...]
@@ -110,7 +111,7 @@ def plain_model(target_params: int, layers: int = 4) -> ModelSpec:
 def transformer_model(vocab: int = 16384, width: int = 256, layers: int = 3, context: int = 512) -> ModelSpec:
     """Parameter shapes of a small pre-LayerNorm transformer: ``4 + 12 * layers`` tensors (40 for 3
     layers), about 6.7M parameters with the defaults."""
-    shapes: list[tuple[str, Shape]] = [("tok_emb", (vocab, width)), ("pos_emb", (context, width))]
+    shapes: list[tuple[str, Shape]] = [("tok_embed", (vocab, width)), ("pos_embed", (context, width))]
     for i in range(layers):
         shapes += [
             (f"h{i}.ln1.weight", (width,)), (f"h{i}.ln1.bias", (width,)),
@@ -170,32 +171,41 @@ def format_count(n: int) -> str:
 
 @dataclass(frozen=True)
 class Contender:
-    """An optimizer under test. ``make_step(params, loss)`` builds a fresh optimizer over
-    ``params`` (whose ``.grad`` are set) and returns a function that runs one step of it."""
+    """An optimizer under test. ``make_step(named_params, loss)`` builds a fresh optimizer over
+    ``(name, parameter)`` pairs (whose ``.grad`` are set) and returns a function that runs one step of it."""
 
     name: str
-    make_step: Callable[[list[torch.Tensor], torch.Tensor], StepFn]
+    make_step: Callable[[list[tuple[str, torch.Tensor]], torch.Tensor], StepFn]
 
 
 def celo_contender(net: celo_hf.CeloNet, backend: str) -> Contender:
-    def make_step(params: list[torch.Tensor], loss: torch.Tensor) -> StepFn:
-        optimizer = celo_hf.Celo(params, total_steps=CELO_TOTAL_STEPS, weights=net, backend=backend)
+    def make_step(named: list[tuple[str, torch.Tensor]], loss: torch.Tensor) -> StepFn:
+        optimizer = celo_hf.Celo([p for _, p in named], total_steps=CELO_TOTAL_STEPS, weights=net, backend=backend)
         return lambda: optimizer.step(loss=loss)
 
     return Contender(f"Celo[{backend}]", make_step)
 
 
+def celo2_contender(net: Celo2Net) -> Contender:
+    """Celo2 with its default routing by name (biases and embeddings to the Adam branch)."""
+    def make_step(named: list[tuple[str, torch.Tensor]], loss: torch.Tensor) -> StepFn:
+        return celo_hf.Celo2(named, weights=net).step
+
+    return Contender("Celo2", make_step)
+
+
 def adamw_contender(name: str, **options: bool) -> Contender:
-    def make_step(params: list[torch.Tensor], loss: torch.Tensor) -> StepFn:
-        return torch.optim.AdamW(params, lr=1e-3, **options).step
+    def make_step(named: list[tuple[str, torch.Tensor]], loss: torch.Tensor) -> StepFn:
+        return torch.optim.AdamW([p for _, p in named], lr=1e-3, **options).step
 
     return Contender(name, make_step)
 
 
-def contenders(net: celo_hf.CeloNet, celo_backends: Sequence[str]) -> list[Contender]:
-    """Celo (one contender per backend), then the two AdamW baselines the ratios refer to."""
+def contenders(net: celo_hf.CeloNet, celo_backends: Sequence[str], celo2: Celo2Net | None) -> list[Contender]:
+    """Celo (one contender per backend), Celo2 (unless ``None``), then the two AdamW baselines the ratios refer to."""
     return [
         *(celo_contender(net, backend) for backend in celo_backends),
+        *([celo2_contender(celo2)] if celo2 is not None else []),
         adamw_contender(FOREACH, foreach=True),
         adamw_contender(FUSED, fused=True),
     ]
@@ -239,7 +249,7 @@ def measure_step_memory(step: StepFn, device: torch.device) -> StepMemory:
 
 
 def optimizer_memory(
-    contender: Contender, params: list[torch.Tensor], loss: torch.Tensor, device: torch.device
+    contender: Contender, params: list[tuple[str, torch.Tensor]], loss: torch.Tensor, device: torch.device
 ) -> tuple[int, int]:
     """``(state bytes, peak bytes)`` of a fresh optimizer's first two steps (module docstring)."""
     step = contender.make_step(params, loss)
@@ -296,9 +306,9 @@ def benchmark_model(
     grads = [torch.randn(shape, generator=generator).to(device) for _, shape in spec.shapes]
     loss = torch.tensor(2.5, device=device)
 
-    def fresh_params() -> list[torch.Tensor]:
-        params = [torch.nn.Parameter(t.to(device)) for t in initial]
-        for p, g in zip(params, grads):
+    def fresh_params() -> list[tuple[str, torch.Tensor]]:
+        params = [(name, torch.nn.Parameter(t.to(device))) for (name, _), t in zip(spec.shapes, initial)]
+        for (_, p), g in zip(params, grads):
             p.grad = g
         return params
 
@@ -406,6 +416,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--weights", help="Celo weights (file, folder, Hub id); default: a random CeloNet()")
+    parser.add_argument("--no-celo2", dest="celo2", action="store_false", help="leave Celo2 out (a random Celo2Net())")
     parser.add_argument(
         "--celo-backends", nargs="+", choices=[b for b in BACKENDS if b != "reference"],
         help="one Celo contender per backend (default: eager, plus on CPU cpp, which the default 'auto' runs there)",
@@ -470,9 +481,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: this torch build has no usable CUDA device")
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda text: print(text, file=sys.stderr, flush=True)
     net = celo_hf.load_celo_net(args.weights) if args.weights else celo_hf.CeloNet()
-    racers = contenders(net, args.celo_backends)
+    racers = contenders(net, args.celo_backends, Celo2Net() if args.celo2 else None)
     gc.freeze()  # the many long-lived objects of torch's imports: keep collections short and rare
     info = environment(args, device)
     log(" ".join(f"{k}={v}" for k, v in info.items()))

@@ -3,7 +3,8 @@
 ``CeloNet`` holds Celo's learned weights (its "meta-parameters") and the hyper-parameters that go
 with them (accumulator decays, step multipliers). It does not hold optimizer state. The update maths
 that uses it lives in :mod:`celo_hf.reference` and :mod:`celo_hf.driver` (feature layout:
-:mod:`celo_hf.layout`); the reading of checkpoints in :mod:`celo_hf.weight_files`.
+:mod:`celo_hf.layout`); the reading of checkpoints in :mod:`celo_hf.weight_files`; what it shares
+with Celo2's meta-model (the MLP, the Hub I/O) in :mod:`celo_hf.meta_model`.
 
 Layout (``docs/celo-algorithm.md`` §6, §8), with ``H = lstm_hidden_size`` and ``F = num_features``:
 
@@ -16,42 +17,36 @@ Layout (``docs/celo-algorithm.md`` §6, §8), with ``H = lstm_hidden_size`` and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .features import SCHEDULER_INPUT_SIZE
 from .layout import feature_group_widths
-from .weight_files import CeloWeightsError, WeightFiles, read_weights
+from .meta_model import (
+    MetaModel,
+    model_card_template,
+    paired_decays,
+    per_parameter_mlp,
+    reset_linear,
+)
+from .weight_files import CELO
 
-
-#: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights (a Jinja template of
-#: huggingface_hub's ``ModelCard``).
-MODEL_CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# Celo meta-model (celo_hf format)
-
-Weights of the learned optimizer Celo: its per-parameter update MLP and its LSTM learned scheduler,
-as `config.json` + `model.safetensors`, written by `celo_hf.CeloNet`. Use them with celo_hf:
-
-```python
-import celo_hf
-optimizer = celo_hf.Celo(model.parameters(), total_steps=1000, weights="<this folder or Hub id>")
-```
-
-- Paper: {{ paper_url }}
-- Original (JAX) implementation: {{ repo_url }}
-- The update rule these weights drive: `docs/celo-algorithm.md` in celo_hf
-"""
+#: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights.
+MODEL_CARD_TEMPLATE = model_card_template(
+    title="Celo",
+    contents="its per-parameter update MLP and its LSTM learned scheduler",
+    class_name="celo_hf.CeloNet",
+    usage=(
+        "import celo_hf\n"
+        'optimizer = celo_hf.Celo(model.parameters(), total_steps=1000, weights="<this folder or Hub id>")'
+    ),
+    rule_reference="`docs/celo-algorithm.md` in celo_hf",
+)
 
 
 class CeloNet(
-    nn.Module,
-    PyTorchModelHubMixin,
+    MetaModel,
     library_name="celo_hf",
     repo_url="https://github.com/amoudgl/celo",
     paper_url="https://arxiv.org/abs/2501.12670",
@@ -76,6 +71,8 @@ class CeloNet(
             paper's Celo v1) leaves every step as the MLP and scheduler set it.
     """
 
+    update_rule = CELO
+
     def __init__(
         self,
         lstm_hidden_size: int = 64,
@@ -91,19 +88,11 @@ class CeloNet(
         gain_power: float = 1.0,
     ) -> None:
         super().__init__()
-        if len(momentum_decays) != len(factored_decays):
-            raise ValueError(
-                f"momentum_decays {tuple(momentum_decays)} and factored_decays {tuple(factored_decays)} "
-                "must have the same length: the factored-momentum feature pairs them up"
-            )
+        self.momentum_decays, self.factored_decays = paired_decays(momentum_decays, factored_decays)
         if gain_threshold is not None and not gain_threshold > 0:
             raise ValueError(f"gain_threshold must be a positive number or None, got {gain_threshold!r}")
         if not gain_power >= 0:
             raise ValueError(f"gain_power must be >= 0, got {gain_power!r}")
-        if mlp_hidden_layers < 1:
-            raise ValueError(f"mlp_hidden_layers must be >= 1, got {mlp_hidden_layers}")
-        self.momentum_decays = tuple(float(d) for d in momentum_decays)
-        self.factored_decays = tuple(float(d) for d in factored_decays)
         self.rms_decay = float(rms_decay)
         self.step_mult = float(step_mult)
         self.exp_mult = float(exp_mult)
@@ -113,11 +102,7 @@ class CeloNet(
         self.group_widths = feature_group_widths(len(self.momentum_decays))
         self.num_features = sum(self.group_widths)
 
-        layers: list[nn.Module] = [nn.Linear(self.num_features, mlp_hidden_size), nn.ReLU()]
-        for _ in range(mlp_hidden_layers - 1):
-            layers += [nn.Linear(mlp_hidden_size, mlp_hidden_size), nn.ReLU()]
-        layers.append(nn.Linear(mlp_hidden_size, 3))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = per_parameter_mlp(self.num_features, mlp_hidden_size, mlp_hidden_layers)
 
         hidden = lstm_hidden_size
         self.pool_proj = nn.Linear(SCHEDULER_INPUT_SIZE, hidden)
@@ -131,15 +116,9 @@ class CeloNet(
     def reset_parameters(self) -> None:
         """The reference's fresh initialisation: truncated-normal MLP blocks with std ``1/sqrt(fan_in)``
         and zero biases; the LSTM's +1 forget-gate offset lives in ``lstm.bias_ih``."""
-        for module in self.mlp:
-            if isinstance(module, nn.Linear):
-                std = module.in_features ** -0.5
-                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(module.bias)
-        for linear in (self.pool_proj, self.input_proj, self.lr_head):
-            std = linear.in_features ** -0.5
-            nn.init.trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
-            nn.init.zeros_(linear.bias)
+        mlp = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        for linear in (*mlp, self.pool_proj, self.input_proj, self.lr_head):
+            reset_linear(linear)
         hidden = self.lstm.hidden_size
         std = (2 * hidden) ** -0.5
         for weight in (self.lstm.weight_ih, self.lstm.weight_hh):
@@ -174,64 +153,3 @@ class CeloNet(
         hidden, cell = self.lstm(self.input_proj(inputs) + pooled, state)
         lr_mult = 0.1 * torch.exp(self.lr_head(hidden)).squeeze(-1)
         return lr_mult, (hidden, cell)
-
-    # ---- the per-parameter MLP -----------------------------------------------------------------
-
-    def mlp_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The MLP's ``(weight (out, in), bias (out,))`` pairs, first layer first."""
-        return [(m.weight, m.bias) for m in self.mlp if isinstance(m, nn.Linear)]
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Apply the update MLP to normalised features ``(..., F)``; returns ``(..., 3)``."""
-        return self.mlp(features)
-
-    # ---- I/O -----------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls,
-        pretrained: str | Path,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-    ) -> CeloNet:
-        """Load weights from a local folder or file, or a Hub model id, in either format.
-
-        Accepted: a folder or Hub repo with ``config.json`` + ``model.safetensors`` (this project's
-        format), or the paper's flax ``theta.state`` (a file, a folder holding one, or a Hub repo
-        holding one). See :func:`celo_hf.weight_files.read_weights`.
-        """
-        files = read_weights(
-            pretrained,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            force_download=force_download,
-        )
-        return cls.from_weight_files(files)
-
-    @classmethod
-    def from_weight_files(cls, files: WeightFiles) -> CeloNet:
-        """The meta-model a checkpoint holds, strictly: its configuration must be one ``CeloNet``
-        takes and its state dict must have exactly this configuration's entries and shapes; in eval mode."""
-        try:
-            net = cls(**files.config)
-        except TypeError as err:
-            raise CeloWeightsError(f"{files.config_source} has settings CeloNet does not take: {err}") from err
-        except ValueError as err:
-            raise CeloWeightsError(f"{files.config_source}: {err}") from err
-        expected, state = net.state_dict(), files.state
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if missing or unexpected or wrong:
-            raise CeloWeightsError(
-                f"{files.state_source} does not match {files.config_source}: missing {missing}, unexpected "
-                f"{unexpected}, wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}"
-            )
-        net.load_state_dict(state)
-        return net.eval()

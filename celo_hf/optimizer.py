@@ -8,14 +8,12 @@ batches (:mod:`celo_hf.batching`, through the driver :mod:`celo_hf.driver`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -40,26 +38,15 @@ from .layout import RuleConfig, UpdateWeights, init_tensor_state
 from .loss_intake import LossLike, PendingLoss, all_finite, step_loss
 from .loss_recording import recorder_for
 from .network import CeloNet
+from .optim_contract import Copyable, check_lr, hooks_set_aside
 from .scheduler_state import SchedulerState
 
 Backend = str  #: one of BACKENDS
 BACKENDS = backends.NAMES
 
-#: torch's hook registries: a copy or pickle of an optimizer leaves them out, as torch's own does.
-_HOOKS = (
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
-#: Attributes rebuilt on first use, and so not copied or pickled: per-device weights, stacked state,
-#: and a pending ``set_loss()`` value (it belongs to the original's gradients).
-_CACHES = {"_update_weights": dict, "_stacks": StateStacks, "_pending_loss": lambda: None}
 
 
-class Celo(torch.optim.Optimizer):
+class Celo(Copyable, torch.optim.Optimizer):
     """Celo (Moudgil et al., TMLR 2025): a learned update rule with a learned learning-rate schedule.
 
     Args:
@@ -101,6 +88,10 @@ class Celo(torch.optim.Optimizer):
     parameters are refused; a zero gradient still moves a parameter (as in the original).
     """
 
+    #: Rebuilt on first use, never copied or pickled: per-device weights, stacked state, and a pending
+    #: ``set_loss()`` value (it belongs to the original's gradients).
+    _caches: ClassVar[dict[str, Callable[[], Any]]] = {"_update_weights": dict, "_stacks": StateStacks, "_pending_loss": lambda: None}
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -116,7 +107,7 @@ class Celo(torch.optim.Optimizer):
         chunk_elements: int | None = None,
         moment_dtype: torch.dtype = torch.float32,
     ) -> None:
-        _check_lr(lr)
+        check_lr(lr, "Celo's lr multiplies its learned step")
         if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (expected a finite number >= 0)")
         if backend not in BACKENDS:
@@ -148,24 +139,10 @@ class Celo(torch.optim.Optimizer):
 
     # ---- copies and pickles ----------------------------------------------------------------------
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Everything but torch's hooks, the caches and wrappers other code installed over the
-        class's methods (an LR scheduler's around ``step``, which calls the original optimizer).
-        torch's own keeps only ``defaults``, ``state`` and ``param_groups``: a copy of Celo could
-        not step."""
-        return {
-            k: v
-            for k, v in self.__dict__.items()
-            if k not in _HOOKS and k not in _CACHES and not hasattr(type(self), k)
-        }
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling, and torch's ``load_state_dict`` (which passes ``state`` and ``param_groups``):
-        empty hooks and caches where absent, and param groups saved before ``weight_decay``
+        """:class:`~celo_hf.optim_contract.Copyable`'s, and param groups saved before ``weight_decay``
         existed get the default."""
         super().__setstate__(state)
-        for name, empty in _CACHES.items():
-            self.__dict__.setdefault(name, empty())
         for group in self.param_groups:
             group.setdefault("weight_decay", self.defaults["weight_decay"])
 
@@ -328,7 +305,7 @@ class Celo(torch.optim.Optimizer):
         Only tensors, ints and lists: it loads with ``torch.load(weights_only=True)``. State-dict
         post-hooks see (and may change) the ``"celo"`` entry.
         """
-        with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
+        with hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as (post_hooks,):
             state_dict = super().state_dict()  # runs the pre-hooks
         state_dict["state"] = {index: unshared(entries) for index, entries in state_dict["state"].items()}
         state_dict["celo"] = self._global_state()
@@ -356,7 +333,7 @@ class Celo(torch.optim.Optimizer):
         saved = {p: state_dict["state"][i] for i, p in zip(saved_ids, self._params()) if i in state_dict["state"]}
         dtypes = {p: self._saved_state_dtypes(p, entries) for p, entries in saved.items()}
         hooks = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
-        with _hooks_set_aside(self, *hooks) as (_, post_hooks):
+        with hooks_set_aside(self, *hooks) as (_, post_hooks):
             super().load_state_dict(state_dict)
         for p, entries in saved.items():
             device = local_tensor(p).device
@@ -409,38 +386,6 @@ class Celo(torch.optim.Optimizer):
             )
 
 
-@contextlib.contextmanager
-def _hooks_set_aside(optimizer: torch.optim.Optimizer, *names: str) -> Iterator[tuple[OrderedDict, ...]]:
-    """Run torch's own state-dict code without the hooks registered under ``names``; yields them,
-    for :class:`Celo` to run itself once its own entries are in place."""
-    held = tuple(getattr(optimizer, name) for name in names)
-    for name in names:
-        setattr(optimizer, name, OrderedDict())
-    try:
-        yield held
-    finally:
-        for name, hooks in zip(names, held):
-            setattr(optimizer, name, hooks)
-
-
-def _check_lr(lr: Any) -> None:
-    """torch's checks of ``lr``, with its wording (``torch.optim.Adam``)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        if not lr.is_floating_point():
-            raise TypeError(f"Tensor lr must be floating point, got dtype {lr.dtype}")
-        value = float(lr)
-    elif isinstance(lr, (int, float)):
-        value = float(lr)
-    else:
-        raise TypeError(f"lr must be a number or a 1-element tensor, got {type(lr).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(
-            f"Invalid learning rate: {lr} (Celo's lr multiplies its learned step: expected a finite number >= 0)"
-        )
-
-
 #: A param-group key :func:`create` sets on the decay group when ``weight_decay`` is left to
 #: Trainer: ``CeloCallback`` then sets the group's ``weight_decay`` to ``TrainingArguments.weight_decay``.
 WEIGHT_DECAY_FROM_ARGS = "weight_decay_from_args"
@@ -475,27 +420,31 @@ def create(
     unchanged. With :class:`celo_hf.CeloCallback` in the Trainer the loss fed is exactly Trainer's
     logged loss.
     """
-    optimizer = Celo(_trainer_parameter_groups(model, weight_decay), total_steps=total_steps, weights=weights, **kwargs)
+    optimizer = Celo(trainer_parameter_groups(model, weight_decay), total_steps=total_steps, weights=weights, **kwargs)
     recorder = recorder_for(model)
     optimizer.register_step_pre_hook(recorder.feed)
     optimizer.register_step_post_hook(recorder.clear_after_step)
     return optimizer, LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _trainer_parameter_groups(model: torch.nn.Module, weight_decay: float | None) -> list[dict[str, Any]]:
+def trainer_parameter_groups(
+    model: torch.nn.Module, weight_decay: float | None, named: bool = False
+) -> list[dict[str, Any]]:
     """The trainable parameters in ``Trainer.create_optimizer``'s groups: decay (``weight_decay``;
-    ``None``: 0 and marked :data:`WEIGHT_DECAY_FROM_ARGS`), then no decay; empty groups left out."""
+    ``None``: 0 and marked :data:`WEIGHT_DECAY_FROM_ARGS`), then no decay; empty groups left out.
+    ``named``: each group's ``params`` as ``(name, parameter)`` pairs (torch's named parameters)."""
     from torch.nn import LayerNorm
     from transformers.trainer_pt_utils import get_parameter_names
 
     decay_names = set(get_parameter_names(model, [LayerNorm], list(_NO_DECAY_NAME_PATTERNS)))
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
-    decay_group: dict[str, Any] = {"params": [p for name, p in named if name in decay_names]}
+    entry = (lambda name, p: (name, p)) if named else (lambda name, p: p)
+    decay_group: dict[str, Any] = {"params": [entry(name, p) for name, p in trainable if name in decay_names]}
     if weight_decay is None:
         decay_group.update({"weight_decay": 0.0, WEIGHT_DECAY_FROM_ARGS: True})
     else:
         decay_group["weight_decay"] = weight_decay
-    no_decay_group = {"params": [p for name, p in named if name not in decay_names], "weight_decay": 0.0}
+    no_decay_group = {"params": [entry(name, p) for name, p in trainable if name not in decay_names], "weight_decay": 0.0}
     return [group for group in (decay_group, no_decay_group) if group["params"]]

@@ -25,6 +25,9 @@ Under FSDP Trainer refuses ``optimizers=``; let it build Celo after sharding ins
 ``CeloTrainer(..., optimizer_cls_and_kwargs=(celo_hf.CeloFactory, {"weights": ...}))``.
 DeepSpeed ZeRO flattens parameters across tensor boundaries, which a per-tensor optimizer cannot
 work with: it is refused.
+
+Celo2 needs none of this (no loss, no step count): ``Trainer(..., optimizers=(Celo2(model.named_parameters(),
+lr=...), None))`` or, under FSDP too, ``optimizer_cls_and_kwargs=(celo_hf.Celo2Factory, {"lr": ..., "weight_decay": ...})``.
 """
 
 from __future__ import annotations
@@ -36,9 +39,17 @@ from typing import Any, TypeVar
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import SchedulerType
 
+from .celo2.optimizer import Celo2
+from .celo2.optimizer import create as create_celo2
 from .loss_recording import (
     HOW_TO_FEED_ANY_LOSS,
     NO_LOSS_IN_OUTPUT,
@@ -221,6 +232,19 @@ class CeloFactory:
     def __call__(self, model: torch.nn.Module, **kwargs: Any) -> Celo:
         optimizer, _ = create(model, **kwargs)
         return optimizer
+
+
+class Celo2Factory:
+    """Trainer's optimizer-factory route for Celo2: ``optimizer_cls_and_kwargs=(Celo2Factory, kwargs)``.
+
+    Trainer calls ``Celo2Factory()(model, **kwargs)`` after wrapping or sharding the model (the only
+    route under FSDP). ``kwargs`` are :func:`celo_hf.celo2.optimizer.create`'s; Trainer passes none
+    of its own, so give ``lr=args.learning_rate`` and ``weight_decay=args.weight_decay`` (Trainer's
+    learning-rate schedule then applies as for AdamW). A plain ``Trainer`` suffices.
+    """
+
+    def __call__(self, model: torch.nn.Module, **kwargs: Any) -> Celo2:
+        return create_celo2(model, **kwargs)
 
 
 def attach(trainer: TrainerT) -> TrainerT:

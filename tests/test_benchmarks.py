@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import celo_hf.celo2.hub
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "step_speed.py"
 
@@ -54,9 +56,23 @@ def test_adamw_keeps_two_float32_moments(name, options, peak_per_param):
         p.grad = torch.randn_like(p)
     numel = sum(p.numel() for p in params)
     contender = step_speed.adamw_contender(name, **options)
-    state, peak = step_speed.optimizer_memory(contender, params, torch.tensor(1.0), CPU)
+    state, peak = step_speed.optimizer_memory(contender, list(zip("wb", params)), torch.tensor(1.0), CPU)
     assert state / numel == pytest.approx(8, abs=0.01)  # exp_avg + exp_avg_sq (+ a step counter per tensor)
     assert peak / numel == pytest.approx(peak_per_param, abs=0.01)  # foreach: one float32 temporary on top
+
+
+@pytest.mark.reference
+def test_celo2_state_is_four_floats_per_matrix_element_and_two_per_adam_element():
+    """A (300, 200) matrix on the learned branch (momenta 3 + second moment 1 per element, factored
+    rows / columns 3 x (200 + 300)) and its bias on the Adam branch (m1 + v1)."""
+    from helpers import REFERENCE
+
+    named = [("w", torch.nn.Parameter(torch.randn(300, 200))), ("w.bias", torch.nn.Parameter(torch.randn(200)))]
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    net = celo_hf.celo2.hub.load_celo2_net(REFERENCE / "celo2" / "theta_random.state")
+    state, _ = step_speed.optimizer_memory(step_speed.celo2_contender(net), named, torch.tensor(1.0), CPU)
+    assert state == 4 * (4 * 300 * 200 + 3 * (200 + 300) + 2 * 200)
 
 
 @pytest.mark.parametrize("text, count", [("50M", 50_000_000), ("250k", 250_000), ("1.5M", 1_500_000), ("123", 123)])
@@ -96,7 +112,7 @@ def test_quick_run_prints_the_table(tmp_path):
     assert all(float(line.split("|")[3].replace(",", "")) > 0 for line in population[2:])  # task-steps per second
     assert "x AdamW-foreach" in header and "peak B/param" in header
     models = ["plain-20K", "plain-100K", "transformer", "tiny40"]
-    optimizers = ["Celo[eager]", "Celo[cpp]", "AdamW-foreach", "AdamW-fused"]
+    optimizers = ["Celo[eager]", "Celo[cpp]", "Celo2", "AdamW-foreach", "AdamW-fused"]
     assert [tuple(cell.strip() for cell in row.split("|")[1:5:3]) for row in rows] == [
         (m, o) for m in models for o in optimizers
     ]
@@ -113,6 +129,8 @@ def test_quick_run_prints_the_table(tmp_path):
         if row["optimizer"].startswith("Celo["):
             assert row["state_bytes_per_param"] >= 16  # 3 momenta and the RMS, float32
             assert row["peak_bytes_per_param"] >= row["state_bytes_per_param"]
+        if row["optimizer"] == "Celo2":  # per element: Adam's 2 floats (biases, embeddings), 4 (matrices: 3
+            assert 8 <= row["state_bytes_per_param"] <= 28  # momenta, the RMS) or 7 (gains: and v_diag)
 
 
 def test_compare_revisions_tabulates_both_trees(tmp_path):

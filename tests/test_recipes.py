@@ -12,16 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REFERENCE
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
-import compare  # noqa: E402
-import finetune  # noqa: E402
-from shakespeare import parse_speeches  # noqa: E402
+import compare
+import finetune
+from shakespeare import parse_speeches
 
-WORDS = "good bad the a of and to in is it that was for on are as with his they at be this from".split()
+from celo_hf import Celo2
+
+WORDS = ["good", "bad", "the", "a", "of", "and", "to", "in", "is", "it", "that", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
@@ -77,7 +86,7 @@ def read_curve(path: Path) -> list[dict[str, str]]:
 
 
 def test_optim_accepts_celo_and_every_transformers_name():
-    parse = lambda *argv: finetune.parse_args(["--output_dir", "unused", *argv])[2]  # noqa: E731
+    parse = lambda *argv: finetune.parse_args(["--output_dir", "unused", *argv])[2]
     assert parse().uses_celo  # the default
     celo = parse("--optim", "celo", "--lr_scheduler_type", "linear")
     assert celo.optim == "celo" and celo.lr_scheduler_type == "constant"
@@ -105,6 +114,29 @@ def test_finetune_classification_with_celo(tmp_path):
     assert all(0.3 < float(r["loss"]) < 1.2 for r in rows)  # 2-label cross-entropy, not scaled by accumulation
     assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["final_train_loss"] == float(rows[-1]["loss"])
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(("task", "from_scratch"), [("sequence-classification", "false"), ("causal-lm", "true")])
+def test_celo2_fine_tunes_and_trains_from_scratch(tmp_path, task, from_scratch):
+    """--optim celo2 through Celo2Factory: lr 1e-3 by default under Trainer's linear decay and
+    Trainer's weight-decay groups, every weight moved (the test checkpoint's random meta-model
+    need not lower the loss), the recipe's outputs written."""
+    weights = str(REFERENCE / "celo2" / "theta_random.state")
+    argv = tiny_argv(tmp_path, task, optim="celo2", celo2_weights=weights, from_scratch=from_scratch, max_steps="6",
+                     weight_decay="0.01")
+    model_args, data_args, args = finetune.parse_args(argv)
+    assert (args.optim, args.learning_rate, args.lr_scheduler_type) == ("celo2", 1e-3, "linear")
+    trainer, curve = finetune.build_trainer(model_args, data_args, args)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, Celo2) and trainer.optimizer.optimizer.defaults["lr"] == 1e-3
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.01, 0.0]
+    unmoved = [name for name, p in trainer.model.named_parameters() if torch.equal(p, before[name])]
+    assert not unmoved
+    summary = finetune.main(argv)
+    assert summary["optimizer"] == "Celo2 lr=0.001" and summary["eval_loss"] > 0
+    assert len(read_curve(tmp_path / "out" / "loss_curve.csv")) == 6
 
 
 @pytest.mark.parametrize("optim", ["celo", "adamw_torch"])

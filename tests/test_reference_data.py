@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-#: One test of each kind: golden vectors read at collection (a whole module), a marked test, a test taking
-#: the ``paper_net`` fixture, and a test that does not need the reference.
+#: One test of each kind: golden vectors read at collection (a whole module), marked tests (of Celo and of
+#: Celo2), a test taking the ``paper_net`` fixture, and a test that does not need the reference.
 SELECTION = (
     "tests/test_golden.py",
     "tests/test_weights.py::test_truncated_paper_checkpoint",
+    "tests/test_celo2_weights.py::test_rewritten_unchanged_still_loads",
     "tests/test_hub_weights.py::test_private_repo_needs_the_token",
     "tests/test_weights.py::test_missing_file_is_named",
 )
@@ -43,6 +44,7 @@ def test_missing_reference_skips_with_a_reason_naming_what_is_missing(tmp_path):
     for line in skips:
         assert str(tmp_path / "no-reference" / "celo_theta.state") in line, line
         assert "celo_golden.npz" in line and "CELO_HF_REFERENCE" in line, line
+        assert str(tmp_path / "no-reference" / "celo2" / "theta_random.state") in line, line
 
 
 @pytest.mark.slow
@@ -53,6 +55,7 @@ def test_missing_reference_is_an_error_under_ci(tmp_path):
     assert "1 passed" in output and "skipped" not in output, output
     assert "ERROR tests/test_golden.py" in output, output  # at collection
     assert "ERROR tests/test_weights.py::test_truncated_paper_checkpoint" in output, output  # the marker
+    assert "ERROR tests/test_celo2_weights.py::test_rewritten_unchanged_still_loads" in output, output
     assert "ERROR tests/test_hub_weights.py::test_private_repo_needs_the_token" in output, output  # the fixture
     assert output.count(f"reference data not found: {tmp_path / 'no-reference' / 'celo_theta.state'}") >= 3, output
     assert "CI=true" in output, output
