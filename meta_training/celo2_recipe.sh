@@ -15,10 +15,11 @@
 #     pretrained on the comedies fine-tuned on the tragedies (every tensor, rank-4 adapters).
 #     Reparameterisation as in the CPU recipe (one global scale per problem, log-uniform in [1e-3, 1e3]).
 #   * PES: antithetic, std 0.01, truncations of 25 steps, trajectories of 50-500 steps (as the
-#     finetune recipe); outer AdamW at lr 1e-3 (the CPU recipe's 3e-4 moves a coordinate by at most
-#     about 0.2 in this run's ~700 iterations, about one init std of the first layer), weight decay 1e-4.
-#   * Iterations: 700, sized from a timed iteration (about 3 s on this shared machine, plus the held-in
-#     checks, about 40 s each, 15 times): about 50-60 minutes.
+#     finetune recipe); outer AdamW at lr 1e-3 (the CPU recipe's 3e-4 would move a coordinate by at
+#     most about 0.3 in this run's 1000 iterations, 1-2 init stds; this run starts from a random
+#     MLP, not from a warm start), weight decay 1e-4.
+#   * Iterations: 1000, sized from 10 timed iterations (2.7 s each on this shared machine, load ~1.8)
+#     plus the held-in checks (13 s each, 21 times): about 50 minutes, 60 if the load grows.
 #
 # Held-in checks and the selection rule, fixed before the run (meta_training/held_in.py, suite
 # "trainer"), at the start and every 50 iterations, each with the real celo_hf.Celo2 at lr 1e-3:
@@ -36,6 +37,6 @@ cd "$(dirname "$0")/.."
 out=${1:-meta_training/runs/celo2}
 families=(digits permuted_digits patches teacher ft_digits_full ft_digits_head ft_digits_lora
           lm_d16_l1_t16 lm_d16_l2_t32 lm_d32_l1_t32 ft_lm_full ft_lm_lora)
-OMP_NUM_THREADS=1 python -m meta_training.train --rule celo2 --iterations 700 --slots_per_family 1 --truncation 25 \
+OMP_NUM_THREADS=1 python -m meta_training.train --rule celo2 --iterations 1000 --slots_per_family 1 --truncation 25 \
     --min_unroll 50 --max_unroll 500 --lr 1e-3 --held_in_suite trainer --held_in_every 50 --checkpoint_every 10 \
     --families "${families[@]}" --out "$out"

@@ -315,10 +315,12 @@ class Celo2Rule:
         optimizer.step()
 
     def module_optimizer(self, net: nn.Module, model: nn.Module, total_steps: int) -> torch.optim.Optimizer:
-        """``Celo2(model.named_parameters())`` (trainable ones) with its defaults at lr :data:`CELO2_LR`."""
+        """``Celo2(model.named_parameters(), model=model)`` (trainable ones) with its defaults at lr
+        :data:`CELO2_LR` (``model``: layout and embeddings from the module types)."""
         from celo_hf import Celo2
 
-        return Celo2([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=CELO2_LR, weights=net)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return Celo2(named, lr=CELO2_LR, weights=net, model=model)
 
     def trainer_optimizers(self, net: nn.Module | None, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
         """:meth:`module_optimizer` and a constant schedule: the original has none
