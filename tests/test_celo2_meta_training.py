@@ -7,14 +7,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from celo_hf.celo2.network import Celo2Net
 from torch import nn
 
 from celo_hf import Celo2
+from celo_hf.celo2.network import Celo2Net
 from celo_hf.celo2.routing import DEFAULT_ADAM_REGEX, route
 from meta_training import held_in, inner, rules
+from meta_training.evaluate import evaluate
 from meta_training.tasks import digits_family, families_by_name, lm_model
 from meta_training.train import MetaTrainConfig, MetaTrainer, run, unflatten
+from meta_training.trainer_tasks import TRAINER_TASKS, train_through_trainer
 
 CELO2 = rules.RULES["celo2"]
 # Three inner models (the MLP, rank-4 adapters on a pretrained MLP, a tiny transformer LM), the MLP
@@ -180,3 +182,39 @@ def test_held_in_checks_train_with_celo2_and_a_record_without_drift_is_eligible(
     better = held_in.scored({"held_in_loss": 0.25, "finetune_loss": 2.0, "lm_loss": 3.0}, [first])
     assert first["held_in_eligible"] and better["held_in_eligible"]
     assert better["held_in_score"] == pytest.approx(5 / 6) and held_in.is_best(better, [first])
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+
+
+def test_celo2_evaluation_and_reusing_the_adamw_runs_of_an_earlier_one(tmp_path):
+    """``evaluate(rule="celo2")`` runs ``Celo2`` from the same init as AdamW; ``adamw_from`` gives
+    the very AdamW numbers the first evaluation measured, without re-running them."""
+    net = gradient_direction_net()
+    settings = {"seeds": 2, "task_names": ["ill_conditioned_softmax"], "steps": 6, "learning_rates": (1e-2, 3e-2)}
+    first = evaluate(net, tmp_path / "first", rule="celo2", **settings)
+    again = evaluate(net, tmp_path / "again", rule="celo2", adamw_from=tmp_path / "first" / "results.json", **settings)
+    (task,), (reused,) = first["tasks"], again["tasks"]
+    assert task["adamw"][0]["losses"][0] == task["celo"][0]["losses"][0], "same seed, same init"
+    assert task["celo"][0]["losses"][-1] < task["celo"][0]["losses"][0], "Celo2 trains"
+    assert reused["adamw"] == task["adamw"] and reused["lr_sweep"] == task["lr_sweep"]
+    assert [r["losses"] for r in reused["celo"]] == [r["losses"] for r in task["celo"]]
+    assert "| ill_conditioned_softmax | 6 |" in (tmp_path / "again" / "results.md").read_text()
+    assert "Celo2 train" in (tmp_path / "again" / "results.md").read_text()
+    with pytest.raises(ValueError, match="expected \\(2, 8, "):
+        evaluate(net, tmp_path / "bad", rule="celo2", adamw_from=tmp_path / "first" / "results.json",
+                 **(settings | {"steps": 8}))
+
+
+def test_celo2_through_trainer_at_a_constant_lr(tmp_path):
+    task = TRAINER_TASKS["llama_ga"]
+    workload = task.build(0, tiny=True)
+    optimizer, scheduler = CELO2.trainer_optimizers(gradient_direction_net(), workload.model)
+    assert isinstance(optimizer, Celo2)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == [rules.CELO2_LR] * len(optimizer.param_groups)
+    run_ = train_through_trainer(task, task.build(0, tiny=True), None, 0, steps=4, weights=gradient_direction_net(), rule=CELO2)
+    assert run_.optimizer == "Celo2" and len(run_.losses) == 4 and all(math.isfinite(x) for x in run_.losses)
+    assert run_.losses[-1] < run_.losses[0]
