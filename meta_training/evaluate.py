@@ -4,14 +4,14 @@
     python -m meta_training.evaluate --weights runs/phase2/final --tasks suite --out eval/ours   # suite only
     python -m meta_training.evaluate --tasks trainer --out eval/trainer   # Trainer tasks only, embedded weights
     python -m meta_training.evaluate --tiny --weights PATH --out /tmp/eval   # smoke test, < 1 min
-    python -m meta_training.evaluate --rule celo2 --adamw_from eval/ours/results.json --out eval/celo2
+    python -m meta_training.evaluate --rule celo2 --adamw_from eval/ours/results.json eval/trainer/results.json --out eval/celo2
 
 ``--tasks`` takes ``suite``, ``trainer``, ``all`` (default) and/or single task names. ``--rule``:
 which learned optimizer (:data:`meta_training.rules.RULES`; ``celo2``: :class:`celo_hf.Celo2` at lr
 1e-3, its default, nothing tuned). ``--adamw_from``: reuse the AdamW runs (lr sweep, tuned lr, every
-seed) of an earlier ``results.json`` made with the same tasks, steps, seeds and grids instead of
+seed) of earlier ``results.json`` files made with the same steps, seeds and grids instead of
 re-running them (AdamW's runs do not depend on the learned optimizer; they are deterministic given
-the seed).
+the seed: repeated evaluations give bit-identical AdamW curves).
 
 The suite: every task of :mod:`meta_training.eval_tasks` (``docs/meta-training.md`` §7.5): AdamW
 (weight decay 0) runs once per learning rate of the grid; the lr with the lowest smoothed final
@@ -378,7 +378,7 @@ def evaluate(
     trainer_steps: int | None = None,
     tiny_trainer: bool = False,
     rule: str = "celo",
-    adamw_from: Path | None = None,
+    adamw_from: Sequence[Path] = (),
 ) -> dict[str, object]:
     """Run the suite and the Trainer tasks; write ``results.json``, ``results.md`` and the curves
     (``curves.png`` for the suite, ``trainer_curves.png`` for the Trainer tasks) into ``out``.
@@ -394,8 +394,8 @@ def evaluate(
         trainer_steps: override every Trainer task's step count.
         tiny_trainer: the Trainer tasks with their tiny models (tests).
         rule: the learned optimizer (a key of :data:`meta_training.rules.RULES`).
-        adamw_from: an earlier ``results.json`` whose AdamW runs are reused (:func:`saved_adamw`,
-            :func:`meta_training.trainer_eval.saved_adamw`); every requested task must be in it.
+        adamw_from: earlier ``results.json`` files whose AdamW runs are reused (:func:`saved_adamw`,
+            :func:`meta_training.trainer_eval.saved_adamw`); every requested task must be in one of them.
 
     Returns the contents of ``results.json``.
     """
@@ -409,7 +409,7 @@ def evaluate(
         raise ValueError("no evaluation tasks given")
     learned_rule = RULES[rule]
     net = learned_rule.load_net(weights)
-    saved = json.loads(adamw_from.read_text()) if adamw_from else None
+    saved = [json.loads(Path(path).read_text()) for path in adamw_from] or None
     saved_suite, saved_trainer = _saved_tasks(saved, task_names, trainer_task_names, trainer_seeds, tiny_trainer)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -418,8 +418,7 @@ def evaluate(
         runs += len(task_names) * (len(learning_rates) + seeds - 1) + sum(
             len(TRAINER_TASKS[name].learning_rates) + trainer_seeds - 1 for name in trainer_task_names
         )
-    report: dict[str, object] = {"weights": str(weights), "rule": rule,
-                                 "adamw_from": None if adamw_from is None else str(adamw_from)}
+    report: dict[str, object] = {"weights": str(weights), "rule": rule, "adamw_from": [str(p) for p in adamw_from]}
     tables = []
     with tqdm(total=runs, desc="evaluate", unit="run") as bar:
         results = []
@@ -449,22 +448,25 @@ def evaluate(
 
 
 def _saved_tasks(
-    saved: dict[str, object] | None, suite: Sequence[str], trainer: Sequence[str], trainer_seeds: int, tiny: bool
+    saved: Sequence[dict[str, object]] | None, suite: Sequence[str], trainer: Sequence[str], trainer_seeds: int, tiny: bool
 ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The entries of an earlier ``results.json`` for the requested tasks: ``(suite, trainer)``,
-    each ``task name -> saved entry``; every requested task must be there."""
+    """The entries of earlier ``results.json`` contents for the requested tasks: ``(suite,
+    trainer)``, each ``task name -> saved entry`` (a later file's entry wins); every requested task
+    must be there, Trainer tasks from a file made with ``trainer_seeds`` and ``tiny``."""
     if saved is None:
         return {}, {}
-    by_name = {t["name"]: t for t in saved.get("tasks", [])}
-    trainer_saved = saved.get("trainer", {"tasks": [], "seeds": trainer_seeds, "tiny": tiny})
-    by_trainer_name = {t["name"]: t for t in trainer_saved["tasks"]}
+    by_name = {t["name"]: t for report in saved for t in report.get("tasks", [])}
+    by_trainer_name = {}
+    for report in saved:
+        if "trainer" in report:
+            if (report["trainer"]["seeds"], report["trainer"]["tiny"]) != (trainer_seeds, tiny):
+                raise ValueError(f"--adamw_from's Trainer runs have (seeds, tiny) "
+                                 f"{(report['trainer']['seeds'], report['trainer']['tiny'])}, expected {(trainer_seeds, tiny)}")
+            by_trainer_name |= {t["name"]: t for t in report["trainer"]["tasks"]}
     missing = [n for n in suite if n not in by_name] + [n for n in trainer if n not in by_trainer_name]
     if missing:
         raise ValueError(f"--adamw_from has no AdamW runs for task(s) {missing}; it holds "
                          f"{sorted(by_name) + sorted(by_trainer_name)}")
-    if trainer and (trainer_saved["seeds"], trainer_saved["tiny"]) != (trainer_seeds, tiny):
-        raise ValueError(f"--adamw_from's Trainer runs have (seeds, tiny) {(trainer_saved['seeds'], trainer_saved['tiny'])}, "
-                         f"expected {(trainer_seeds, tiny)}")
     return by_name, by_trainer_name
 
 
@@ -488,8 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="Celo / Celo2 weights: a file, folder or Hub id (default: the embedded default)")
     parser.add_argument("--rule", default="celo", choices=sorted(RULES), help="the learned optimizer (default celo)")
-    parser.add_argument("--adamw_from", type=Path, default=None,
-                        help="an earlier results.json whose AdamW runs (same tasks, steps, seeds, grids) are reused")
+    parser.add_argument("--adamw_from", type=Path, nargs="+", default=(),
+                        help="earlier results.json files whose AdamW runs (same steps, seeds, grids) are reused")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per optimizer on the suite (default 3)")
     parser.add_argument("--trainer_seeds", type=int, default=1,
                         help="seeds per optimizer on the Trainer tasks (default 1: they are slow on CPU)")

@@ -193,7 +193,7 @@ def test_celo2_evaluation_and_reusing_the_adamw_runs_of_an_earlier_one(tmp_path)
     net = gradient_direction_net()
     settings = {"seeds": 2, "task_names": ["ill_conditioned_softmax"], "steps": 6, "learning_rates": (1e-2, 3e-2)}
     first = evaluate(net, tmp_path / "first", rule="celo2", **settings)
-    again = evaluate(net, tmp_path / "again", rule="celo2", adamw_from=tmp_path / "first" / "results.json", **settings)
+    again = evaluate(net, tmp_path / "again", rule="celo2", adamw_from=[tmp_path / "first" / "results.json"], **settings)
     (task,), (reused,) = first["tasks"], again["tasks"]
     assert task["adamw"][0]["losses"][0] == task["celo"][0]["losses"][0], "same seed, same init"
     assert task["celo"][0]["losses"][-1] < task["celo"][0]["losses"][0], "Celo2 trains"
@@ -202,7 +202,7 @@ def test_celo2_evaluation_and_reusing_the_adamw_runs_of_an_earlier_one(tmp_path)
     assert "| ill_conditioned_softmax | 6 |" in (tmp_path / "again" / "results.md").read_text()
     assert "Celo2 train" in (tmp_path / "again" / "results.md").read_text()
     with pytest.raises(ValueError, match="expected \\(2, 8, "):
-        evaluate(net, tmp_path / "bad", rule="celo2", adamw_from=tmp_path / "first" / "results.json",
+        evaluate(net, tmp_path / "bad", rule="celo2", adamw_from=[tmp_path / "first" / "results.json"],
                  **(settings | {"steps": 8}))
 
 
