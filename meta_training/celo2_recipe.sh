@@ -13,13 +13,18 @@
 #     (every tensor, fresh head, rank-4 adapters); tiny causal transformers from scratch on the
 #     histories (d16 1 layer T16 tied, d16 2 layers T32 untied, d32 1 layer T32 tied); the d32 LM
 #     pretrained on the comedies fine-tuned on the tragedies (every tensor, rank-4 adapters).
-#     Reparameterisation as in the CPU recipe (one global scale per problem, log-uniform in [1e-3, 1e3]).
+#     No reparameterisation (--reparam_min 1 --reparam_max 1): Celo2's step has RMS exactly lr per
+#     slice whatever its MLP outputs (docs/celo2-algorithm.md §10), so a scale s multiplies the step
+#     the model sees by s and no meta-parameter can undo it. Under the CPU recipe's [1e-3, 1e3] most
+#     problems either do not move or blow up (the loss is then clipped), which only adds noise to PES.
+#     (A first start with that range was stopped after 128 iterations for this reason; its metrics
+#     are in the branch's history, commit "docs/meta-training.md §8".)
 #   * PES: antithetic, std 0.01, truncations of 25 steps, trajectories of 50-500 steps (as the
 #     finetune recipe); outer AdamW at lr 1e-3 (the CPU recipe's 3e-4 would move a coordinate by at
 #     most about 0.3 in this run's 1000 iterations, 1-2 init stds; this run starts from a random
 #     MLP, not from a warm start), weight decay 1e-4.
-#   * Iterations: 1000, sized from 10 timed iterations (2.7 s each on this shared machine, load ~1.8)
-#     plus the held-in checks (13 s each, 21 times): about 50 minutes, 60 if the load grows.
+#   * Iterations: 1000, sized from 10 timed iterations (2.7 s each on this shared machine, load ~1.8;
+#     the first start ran at 3.0 s) plus the held-in checks (13 s each, 21 times): about 50-60 minutes.
 #
 # Held-in checks and the selection rule, fixed before the run (meta_training/held_in.py, suite
 # "trainer"), at the start and every 50 iterations, each with the real celo_hf.Celo2 at lr 1e-3:
@@ -38,5 +43,5 @@ out=${1:-meta_training/runs/celo2}
 families=(digits permuted_digits patches teacher ft_digits_full ft_digits_head ft_digits_lora
           lm_d16_l1_t16 lm_d16_l2_t32 lm_d32_l1_t32 ft_lm_full ft_lm_lora)
 OMP_NUM_THREADS=1 python -m meta_training.train --rule celo2 --iterations 1000 --slots_per_family 1 --truncation 25 \
-    --min_unroll 50 --max_unroll 500 --lr 1e-3 --held_in_suite trainer --held_in_every 50 --checkpoint_every 10 \
+    --min_unroll 50 --max_unroll 500 --reparam_min 1 --reparam_max 1 --lr 1e-3 --held_in_suite trainer --held_in_every 50 --checkpoint_every 10 \
     --families "${families[@]}" --out "$out"
