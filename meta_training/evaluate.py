@@ -441,6 +441,8 @@ def evaluate(
         report["trainer"] = {"seeds": trainer_seeds, "tiny": tiny_trainer, "tasks": [asdict(r) for r in trainer_results]}
         tables.append(trainer_markdown_table(trainer_results, str(weights), trainer_seeds, tiny_trainer, learned_rule))
         plot_panels(comparison_panels(trainer_results, learned_rule.label), out / "trainer_curves.png")
+    if adamw_from:
+        tables.insert(0, f"AdamW runs reused from {', '.join(f'`{p}`' for p in adamw_from)} (not re-run).\n")
     report["seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text("\n".join(tables))
