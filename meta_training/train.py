@@ -509,7 +509,7 @@ def publish(out: Path, repo_id: str, config: MetaTrainConfig, init: str | None) 
     report.write_model_card(
         folder, repo_id, report.current_command(),
         report.budget_lines(runs, [per_iteration] * len(runs)),
-        evaluation.read_text() if evaluation.exists() else "",
+        evaluation.read_text() if evaluation.exists() else "", config.rule,
     )
     report.push_folder(folder, repo_id)
 

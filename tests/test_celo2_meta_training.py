@@ -15,7 +15,7 @@ from celo_hf.celo2.routing import DEFAULT_ADAM_REGEX, route
 from meta_training import held_in, inner, rules
 from meta_training.evaluate import evaluate
 from meta_training.tasks import digits_family, families_by_name, lm_model
-from meta_training.train import MetaTrainConfig, MetaTrainer, run, unflatten
+from meta_training.train import MetaTrainConfig, MetaTrainer, publish, run, unflatten
 from meta_training.trainer_tasks import TRAINER_TASKS, train_through_trainer
 
 CELO2 = rules.RULES["celo2"]
@@ -219,3 +219,13 @@ def test_celo2_through_trainer_at_a_constant_lr(tmp_path):
     run_ = train_through_trainer(task, task.build(0, tiny=True), None, 0, steps=4, weights=gradient_direction_net(), rule=CELO2)
     assert run_.optimizer == "Celo2" and len(run_.losses) == 4 and all(math.isfinite(x) for x in run_.losses)
     assert run_.losses[-1] < run_.losses[0]
+
+
+def test_push_to_hub_then_celo2_loads_it(tmp_path, hub, hf_cache):
+    trained = run(replace(TINY, iterations=2), families_by_name(TINY.families), tmp_path)
+    publish(tmp_path, "celo-org/celo2-meta-trained", replace(TINY, iterations=2), None)
+    files = hub.files("celo-org/celo2-meta-trained")
+    assert {"config.json", "model.safetensors", "README.md", "curves.png"} <= set(files)
+    assert b"# Celo2 meta-model" in files["README.md"] and b"celo_hf.Celo2(model.named_parameters()" in files["README.md"]
+    optimizer = Celo2([("w", nn.Parameter(torch.ones(2, 2)))], weights="celo-org/celo2-meta-trained", cache_dir=hf_cache)
+    assert all(torch.equal(v, optimizer.net.state_dict()[k]) for k, v in trained.state_dict().items())
