@@ -9,7 +9,8 @@
 ``--tasks`` takes ``suite``, ``trainer``, ``all`` (default) and/or single task names. ``--rule``:
 which learned optimizer (:data:`meta_training.rules.RULES`; ``celo2``: :class:`celo_hf.Celo2` at lr
 1e-3, its default, nothing tuned). ``--adamw_from``: reuse the AdamW runs (lr sweep, tuned lr, every
-seed) of earlier ``results.json`` files made with the same steps, seeds and grids instead of
+seed) of earlier ``results.json`` files made with the same steps and grids and at least as many
+seeds instead of
 re-running them (AdamW's runs do not depend on the learned optimizer; they are deterministic given
 the seed: repeated evaluations give bit-identical AdamW curves).
 
@@ -222,14 +223,15 @@ def run_adamw(task: EvalTask, seeds: int, steps: int, learning_rates: Sequence[f
 
 def saved_adamw(saved: dict[str, object], seeds: int, steps: int, learning_rates: Sequence[float]) -> AdamWRuns:
     """AdamW's runs of one task from an earlier ``results.json`` (its ``tasks`` entry), checked to
-    have been made with these ``seeds``, ``steps`` and lr grid."""
+    have been made with these ``steps`` and lr grid and at least ``seeds`` seeds (run ``i`` is
+    seed ``i``; the first ``seeds`` are taken)."""
     grid = [f"{lr:g}" for lr in learning_rates]
-    found = (len(saved["adamw"]), saved["steps"], list(saved["lr_sweep"]))
-    if found != (seeds, steps, grid):
-        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have (seeds, steps, lr grid) {found}, "
-                         f"expected {(seeds, steps, grid)}")
+    found = (saved["steps"], list(saved["lr_sweep"]))
+    if found != (steps, grid) or len(saved["adamw"]) < seeds:
+        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have (steps, lr grid) {found} and "
+                         f"{len(saved['adamw'])} seed(s), expected {(steps, grid)} and at least {seeds}")
     return AdamWRuns({float(lr): final for lr, final in saved["lr_sweep"].items()}, saved["best_lr"],
-                     [Run(**run) for run in saved["adamw"]])
+                     [Run(**run) for run in saved["adamw"][:seeds]])
 
 
 def evaluate_task(
@@ -410,7 +412,7 @@ def evaluate(
     learned_rule = RULES[rule]
     net = learned_rule.load_net(weights)
     saved = [json.loads(Path(path).read_text()) for path in adamw_from] or None
-    saved_suite, saved_trainer = _saved_tasks(saved, task_names, trainer_task_names, trainer_seeds, tiny_trainer)
+    saved_suite, saved_trainer = _saved_tasks(saved, task_names, trainer_task_names, tiny_trainer)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     runs = len(task_names) * seeds + len(trainer_task_names) * trainer_seeds
@@ -450,20 +452,19 @@ def evaluate(
 
 
 def _saved_tasks(
-    saved: Sequence[dict[str, object]] | None, suite: Sequence[str], trainer: Sequence[str], trainer_seeds: int, tiny: bool
+    saved: Sequence[dict[str, object]] | None, suite: Sequence[str], trainer: Sequence[str], tiny: bool
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """The entries of earlier ``results.json`` contents for the requested tasks: ``(suite,
     trainer)``, each ``task name -> saved entry`` (a later file's entry wins); every requested task
-    must be there, Trainer tasks from a file made with ``trainer_seeds`` and ``tiny``."""
+    must be there, Trainer tasks from a file made with the same ``tiny``."""
     if saved is None:
         return {}, {}
     by_name = {t["name"]: t for report in saved for t in report.get("tasks", [])}
     by_trainer_name = {}
     for report in saved:
         if "trainer" in report:
-            if (report["trainer"]["seeds"], report["trainer"]["tiny"]) != (trainer_seeds, tiny):
-                raise ValueError(f"--adamw_from's Trainer runs have (seeds, tiny) "
-                                 f"{(report['trainer']['seeds'], report['trainer']['tiny'])}, expected {(trainer_seeds, tiny)}")
+            if report["trainer"]["tiny"] != tiny:
+                raise ValueError(f"--adamw_from's Trainer runs have tiny={report['trainer']['tiny']}, expected {tiny}")
             by_trainer_name |= {t["name"]: t for t in report["trainer"]["tasks"]}
     missing = [n for n in suite if n not in by_name] + [n for n in trainer if n not in by_trainer_name]
     if missing:

@@ -59,12 +59,13 @@ def final_loss(runs: Sequence[TrainerRun], window: int) -> float:
 
 def saved_adamw(saved: dict, seeds: int, steps: int) -> tuple[dict[float, float], float, list[TrainerRun]]:
     """``(final loss per lr, tuned lr, runs)`` of AdamW from an earlier ``results.json``'s entry for
-    one task, checked to have been made with these ``seeds`` and ``steps``."""
-    if (len(saved["adamw"]), saved["steps"]) != (seeds, steps):
-        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have (seeds, steps) "
-                         f"{(len(saved['adamw']), saved['steps'])}, expected {(seeds, steps)}")
+    one task, checked to have been made with these ``steps`` and at least ``seeds`` seeds (the
+    first ``seeds`` are taken)."""
+    if saved["steps"] != steps or len(saved["adamw"]) < seeds:
+        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have {saved['steps']} steps and "
+                         f"{len(saved['adamw'])} seed(s), expected {steps} and at least {seeds}")
     return ({float(lr): final for lr, final in saved["lr_sweep"].items()}, saved["best_lr"],
-            [TrainerRun(**run) for run in saved["adamw"]])
+            [TrainerRun(**run) for run in saved["adamw"][:seeds]])
 
 
 def evaluate_trainer_task(

@@ -202,7 +202,10 @@ def test_celo2_evaluation_and_reusing_the_adamw_runs_of_an_earlier_one(tmp_path)
     assert "| ill_conditioned_softmax | 6 |" in (tmp_path / "again" / "results.md").read_text()
     assert "Celo2 train" in (tmp_path / "again" / "results.md").read_text()
     assert (tmp_path / "again" / "results.md").read_text().startswith("AdamW runs reused from")
-    with pytest.raises(ValueError, match="expected \\(2, 8, "):
+    one_seed = evaluate(net, tmp_path / "one", rule="celo2", adamw_from=[tmp_path / "first" / "results.json"],
+                        **(settings | {"seeds": 1}))
+    assert one_seed["tasks"][0]["adamw"] == task["adamw"][:1]
+    with pytest.raises(ValueError, match="expected \\(8, "):
         evaluate(net, tmp_path / "bad", rule="celo2", adamw_from=[tmp_path / "first" / "results.json"],
                  **(settings | {"steps": 8}))
 
