@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: this torch build has no usable CUDA device")
-    log = lambda text: print(text, file=sys.stderr, flush=True)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     net = celo_hf.load_celo_net(args.weights) if args.weights else celo_hf.CeloNet()
     racers = contenders(net, args.celo_backends, Celo2Net() if args.celo2 else None)
     gc.freeze()  # the many long-lived objects of torch's imports: keep collections short and rare

@@ -148,7 +148,7 @@ def init_tensor_state(
     accumulators ``m`` and ``rms`` (arithmetic stays float32; bfloat16 halves their memory).
     """
     shape = state_shape(shape)
-    zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)
+    zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
     state = {
         "m": torch.zeros(num_decays, *shape, dtype=moment_dtype, device=device),
         "rms": torch.zeros(*shape, dtype=moment_dtype, device=device),

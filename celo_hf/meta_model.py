@@ -16,15 +16,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
-from typing_extensions import Self
 
-from .weight_files import (
-    UPDATE_RULE_KEY,
-    CeloWeightsError,
-    UpdateRule,
-    WeightFiles,
-    read_weights,
-)
+from .weight_files import UPDATE_RULE_KEY, CeloWeightsError, UpdateRule, WeightFiles, read_weights
 
 _Model = TypeVar("_Model", bound="MetaModel")
 
@@ -124,7 +117,7 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls,
+        cls: type[_Model],
         pretrained: str | Path,
         *,
         revision: str | None = None,
@@ -132,7 +125,7 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
-    ) -> Self:
+    ) -> _Model:
         """Load this rule's weights from a local folder or file, or a Hub model id, in either format.
 
         Accepted: a folder or Hub repo with ``config.json`` + ``model.safetensors`` (this project's
@@ -152,7 +145,7 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
         return cls.from_weight_files(files)
 
     @classmethod
-    def from_weight_files(cls, files: WeightFiles) -> Self:
+    def from_weight_files(cls: type[_Model], files: WeightFiles) -> _Model:
         """The meta-model a checkpoint holds, strictly: its configuration must be one this class takes
         and its state dict must have exactly this configuration's entries and shapes; in eval mode."""
         try:

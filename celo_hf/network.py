@@ -23,13 +23,7 @@ from torch import nn
 
 from .features import SCHEDULER_INPUT_SIZE
 from .layout import feature_group_widths
-from .meta_model import (
-    MetaModel,
-    model_card_template,
-    paired_decays,
-    per_parameter_mlp,
-    reset_linear,
-)
+from .meta_model import MetaModel, model_card_template, paired_decays, per_parameter_mlp, reset_linear
 from .weight_files import CELO
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights.

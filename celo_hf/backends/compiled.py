@@ -59,7 +59,7 @@ def _mlp_step_unrolled_(*args: object) -> None:
 
 @functools.cache
 def _compiled() -> Kernels:
-    compiled = lambda f: _without_view_bases(torch.compile(f, dynamic=True, options=_FUSE_EVERYTHING))
+    compiled = lambda f: _without_view_bases(torch.compile(f, dynamic=True, options=_FUSE_EVERYTHING))  # noqa: E731
     return Kernels(
         square_sums=compiled(eager.square_sums),
         factored_statistics=None,

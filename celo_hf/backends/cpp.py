@@ -267,7 +267,7 @@ def _factor_args(
     parts, and the tensors their addresses point into (keep them alive). A preconditioner shared by
     the gradient and the momentum is passed once, twice."""
     batch, decays, rows, cols = m.shape
-    split = lambda q: _row_and_column(q, product, 1.0, batch, decays, rows, cols)
+    split = lambda q: _row_and_column(q, product, 1.0, batch, decays, rows, cols)  # noqa: E731
     q_g = split(pre.q_g)
     q_m = split(pre.q_m) if pre.q_m is not pre.q_g else q_g
     hidden = (None, None) if hidden_in is None else _row_and_column(hidden_in, total, 0.0, batch, width, rows, cols)
@@ -296,7 +296,7 @@ def accumulate_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, decays: Deca
     """Pass 1 (contract of :func:`celo_hf.backends.eager.accumulate_`)."""
     batch, decays_count = grid.m.shape[:2]
     sums = torch.zeros(batch, kernel_channel_offsets(decays_count)["channels"], dtype=torch.float64)
-    factors, keep_alive = _factor_args(pre, grid.m)
+    factors, keep_alive = _factor_args(pre, grid.m)  # noqa: F841 (the pointers point into them)
     p, g = _float32(grid.p), _float32(grid.g)
     momentum = decays.momentum.float().contiguous()
 
@@ -312,7 +312,7 @@ def accumulate_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, decays: Deca
 
 def mlp_step_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, hidden_in: Factors, mlp: FoldedMlp) -> None:
     """Pass 2 (contract of :func:`celo_hf.backends.eager.mlp_step_`)."""
-    factors, keep_alive = _factor_args(pre, grid.m, hidden_in, mlp.first.shape[2])
+    factors, keep_alive = _factor_args(pre, grid.m, hidden_in, mlp.first.shape[2])  # noqa: F841 (the pointers point into them)
     g, m, rms = _float32(grid.g), _float32(grid.m), _float32(grid.rms)
     if mlp.hidden_layers:
         hidden_w = torch.stack([w for w, _ in mlp.hidden_layers], 1).float().contiguous()

@@ -20,13 +20,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..layout import feature_group_widths
-from ..meta_model import (
-    MetaModel,
-    model_card_template,
-    paired_decays,
-    per_parameter_mlp,
-    reset_linear,
-)
+from ..meta_model import MetaModel, model_card_template, paired_decays, per_parameter_mlp, reset_linear
 from ..weight_files import CELO2
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights.
