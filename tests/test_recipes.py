@@ -14,23 +14,17 @@ import pytest
 import torch
 from helpers import REFERENCE
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
-import compare
-import finetune
-from shakespeare import parse_speeches
+import compare  # noqa: E402
+import finetune  # noqa: E402
+from shakespeare import parse_speeches  # noqa: E402
 
-from celo_hf import Celo2
+from celo_hf import Celo2  # noqa: E402
 
-WORDS = ["good", "bad", "the", "a", "of", "and", "to", "in", "is", "it", "that", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from"]
+WORDS = "good bad the a of and to in is it that was for on are as with his they at be this from".split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
@@ -86,7 +80,7 @@ def read_curve(path: Path) -> list[dict[str, str]]:
 
 
 def test_optim_accepts_celo_and_every_transformers_name():
-    parse = lambda *argv: finetune.parse_args(["--output_dir", "unused", *argv])[2]
+    parse = lambda *argv: finetune.parse_args(["--output_dir", "unused", *argv])[2]  # noqa: E731
     assert parse().uses_celo  # the default
     celo = parse("--optim", "celo", "--lr_scheduler_type", "linear")
     assert celo.optim == "celo" and celo.lr_scheduler_type == "constant"
