@@ -1,6 +1,6 @@
 """Celo2's rule: its constants and configuration, the one place that states them.
 
-Celo2 (``docs/celo2-algorithm.md`` in ``../shared``) reuses Celo's state layout and feature groups
+Celo2 (``docs/celo2-algorithm.md`` §6-§11) reuses Celo's state layout and feature groups
 (:mod:`celo_hf.layout`: the same 14 groups in the same order, the same accumulators and
 :func:`~celo_hf.layout.factored_dims`) with its own constants, listed here; the constants that differ
 from Celo's are marked. Tensors of rank < 2 feed only the first :data:`VECTOR_GROUPS` groups.
