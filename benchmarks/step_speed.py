@@ -68,13 +68,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import celo_hf
 import celo_hf.population
-from celo_hf.celo2.network import Celo2Net
 from celo_hf.optimizer import BACKENDS
+
+if TYPE_CHECKING:
+    from celo_hf.celo2.network import Celo2Net
 
 Shape = tuple[int, ...]
 StepFn = Callable[[], object]
@@ -483,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         raise SystemExit(f"--device {args.device}: this torch build has no usable CUDA device")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     net = celo_hf.load_celo_net(args.weights) if args.weights else celo_hf.CeloNet()
+    from celo_hf.celo2.network import Celo2Net  # here: benchmarks/step_instructions.py imports this file's models
+    # with an older celo_hf, which has no Celo2
+
     racers = contenders(net, args.celo_backends, Celo2Net() if args.celo2 else None)
     gc.freeze()  # the many long-lived objects of torch's imports: keep collections short and rare
     info = environment(args, device)
