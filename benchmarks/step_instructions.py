@@ -14,8 +14,8 @@ time: memory stalls and vector width are not in it, so it complements ``step_spe
 ratios for changes that move work around (the restructuring of the update core, which changed
 Python dispatch, not the kernels' arithmetic).
 
-Each (backend, model) runs once on the base revision (a temporary git worktree, its own
-``celo_hf`` on the path) and once on this working tree, with the same script and the same seeded
+Each (backend, model) runs once on the base revision and once on the ``--after`` revision (each
+checked out into a temporary git worktree, its own ``celo_hf`` on the path; default ``HEAD``), with the same script and the same seeded
 parameters and gradients (models from ``step_speed.py``). The ``cpp`` kernels are built without
 AVX-512 for both (valgrind cannot run it). Needs valgrind with its headers
 (``valgrind/callgrind.h``) and a C compiler. Prints (and with ``--out`` writes) a markdown table.
@@ -71,6 +71,9 @@ def child(marker: Path, backend: str, model: str, warmup: int, steps: int) -> No
 
     import celo_hf
 
+    tree = Path(os.environ["PYTHONPATH"]).resolve()
+    if not Path(celo_hf.__file__).resolve().is_relative_to(tree):
+        raise RuntimeError(f"imported {celo_hf.__file__}, not the celo_hf of {tree}")
     torch.set_num_threads(1)
     spec = {s.name: s for s in step_speed.model_specs(step_speed.MODEL_KINDS, [10**6], quick=False)}[model]
     generator = torch.Generator().manual_seed(0)
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the revision to compare against")
+    parser.add_argument("--after", default="HEAD", help="the revision measured against it (default HEAD)")
     parser.add_argument("--backends", nargs="+", default=["eager", "cpp"])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--warmup", type=int, default=2)
@@ -131,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("valgrind is not installed (apt install valgrind): this benchmark runs under callgrind")
     lines = [
         f"Instructions per `Celo.step()` (callgrind, {args.steps} steps after {args.warmup} warm-up steps, one thread), "
-        f"base {args.base} vs this tree: `python benchmarks/step_instructions.py --base {args.base} "
-        f"--backends {' '.join(args.backends)}`",
+        f"base {args.base} vs {args.after}: `python benchmarks/step_instructions.py --base {args.base} "
+        f"--after {args.after} --backends {' '.join(args.backends)}`",
         "",
         "| model | backend | instructions / step before | after | after / before |",
         "|---|---|---:|---:|---:|",
@@ -140,17 +144,21 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         marker = build_marker(scratch)
-        base_tree = scratch / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base_tree), args.base], cwd=REPO, check=True)
+        trees = {"base": scratch / "base", "after": scratch / "after"}
+        for name, tree in trees.items():
+            revision = args.base if name == "base" else args.after
+            subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), revision], cwd=REPO, check=True)
         try:
             for model in args.models:
                 for backend in args.backends:
-                    before = count(base_tree, marker, backend, model, args.warmup, args.steps, scratch)
-                    after = count(REPO, marker, backend, model, args.warmup, args.steps, scratch)
+                    before, after = (
+                        count(tree, marker, backend, model, args.warmup, args.steps, scratch) for tree in trees.values()
+                    )
                     lines.append(f"| {model} | {backend} | {before:,.0f} | {after:,.0f} | {after / before:.3f} |")
                     print(lines[-1], flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, check=True)
+            for tree in trees.values():
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
     table = "\n".join(lines)
     if args.out:
         args.out.write_text(table + "\n")

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .weight_files import UPDATE_RULE_KEY, CeloWeightsError, UpdateRule, WeightFiles, read_weights
+
+if TYPE_CHECKING:
+    from .layout import RuleConfig
 
 _Model = TypeVar("_Model", bound="MetaModel")
 
@@ -100,6 +103,15 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
     def mlp_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The MLP's ``(weight (out, in), bias (out,))`` pairs, first layer first."""
         return [(m.weight, m.bias) for m in self.mlp if isinstance(m, nn.Linear)]
+
+    def rule_config(self) -> RuleConfig:
+        """The configuration of the update rule these weights drive (what the driver and the kernels read)."""
+        raise NotImplementedError
+
+    def _mlp_shape(self) -> dict[str, int]:
+        """``hidden`` (the MLP's hidden width) and ``hidden_layers`` (after the first), for :meth:`rule_config`."""
+        layers = self.mlp_layers()
+        return {"hidden": layers[0][0].shape[0], "hidden_layers": len(layers) - 2}
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the update MLP to normalised features ``(..., F)``; returns ``(..., 3)``."""

@@ -26,7 +26,6 @@ from celo_hf import Celo2
 from celo_hf.celo2 import reference
 from celo_hf.celo2.optimizer import create
 from celo_hf.celo2.routing import DEFAULT_ADAM_REGEX
-from celo_hf.celo2.rule import Celo2Config
 from celo_hf.layout import init_tensor_state
 
 pytestmark = pytest.mark.reference
@@ -39,8 +38,9 @@ def golden():
         return {key: archive[key] for key in archive.files}
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
 @pytest.mark.parametrize("name", ["celo2", "celo2base", "celo2_clip", "celo2base_clip"])
-def test_optimizer_replays_the_golden_scenarios_free_running(golden, name):
+def test_optimizer_replays_the_golden_scenarios_free_running(golden, name, backend):
     """Every tensor of a scenario in one ``Celo2`` (same-shape tensors stacked), routed by its
     regex on the names, arrays as given; never re-synced."""
     names = [str(n) for n in golden[f"{name}/param_names"]]
@@ -48,7 +48,7 @@ def test_optimizer_replays_the_golden_scenarios_free_running(golden, name):
     params = {n: nn.Parameter(torch.tensor(golden[f"{name}/init/{n}"])) for n in names}
     opt = Celo2(list(params.items()), lr=float(golden[f"{name}/step_mult"]),
                 weight_decay=float(golden[f"{name}/weight_decay"]), weights=WEIGHTS, orthogonalize=not base,
-                adam_regex=None if base else str(golden[f"{name}/regex_1d"]), layout="as_given")
+                adam_regex=None if base else str(golden[f"{name}/regex_1d"]), layout="as_given", backend=backend)
     expected_branch = [str(b) for b in golden[f"{name}/branch"]]
     assert ["adam" if opt.routes[params[n]].adam else "celo2" for n in names] == expected_branch
     for t in range(int(golden[f"{name}/n_updates"])):
@@ -95,8 +95,10 @@ def test_model_gives_layout_by_module_type_and_embeddings_whatever_their_name():
     """With the model known, GPT-2's Conv1D (already (in, out)) is kept, nn.Linear transposed,
     convolutions permuted to (*kernel, in, out), and an nn.Embedding called 'table' is sent to Adam."""
     gpt2 = _gpt2()
-    routes = _routes(create(gpt2, weights=WEIGHTS), gpt2)
-    assert routes["transformer.h.0.attn.c_attn.weight"] == (False, None)
+    for opt in (create(gpt2, weights=WEIGHTS), Celo2(gpt2, weights=WEIGHTS)):
+        routes = _routes(opt, gpt2)
+        assert routes["transformer.h.0.attn.c_attn.weight"] == (False, None)
+        assert routes["lm_head.weight" if "lm_head.weight" in routes else "transformer.wte.weight"][0]
     model = nn.ModuleDict({"table": nn.Embedding(10, 4), "linear": nn.Linear(4, 4), "conv": nn.Conv2d(3, 5, 3)})
     routes = _routes(Celo2(model.parameters(), model=model, weights=WEIGHTS), model)
     assert routes["table.weight"] == (True, None)
@@ -123,7 +125,7 @@ def test_jax_layout_applies_the_rule_to_the_flax_arrays():
     for name, axes in flax.items():
         p = dict(model.named_parameters())[name].detach().permute(axes)
         g = grads[name].permute(axes)
-        out = reference.learned_step(p, g, init_tensor_state(p.shape, 3), layers, Celo2Config(), True)
+        out = reference.learned_step(p, g, init_tensor_state(p.shape, 3), layers, opt.config, True)
         inverse = tuple(np.argsort(axes))
         torch.testing.assert_close(steps["jax"][name], out.step.permute(inverse), rtol=0, atol=2e-4)
         difference = (steps["jax"][name] - steps["as_given"][name]).norm() / steps["jax"][name].norm()
@@ -245,6 +247,11 @@ def test_same_shape_tensors_stacked_equal_each_alone():
 def test_bad_arguments_are_named(args, kwargs, error, message):
     with pytest.raises(error, match=message):
         Celo2([("w", nn.Parameter(torch.zeros(2, 2)))], *args, weights=WEIGHTS, **kwargs)
+
+
+def test_triton_refuses_celo2_when_the_optimizer_is_built():
+    with pytest.raises(ValueError, match="triton kernels implement Celo's rule only"):
+        Celo2([("w", nn.Parameter(torch.zeros(2, 2)))], weights=WEIGHTS, backend="triton")
 
 
 def test_unnamed_parameters_need_names_for_the_routing():

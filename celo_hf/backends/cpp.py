@@ -42,9 +42,11 @@ from ..layout import (
     FoldedMlp,
     Grid,
     Kernels,
+    CELO_CONSTANTS,
     KernelShape,
     Preconditioners,
     RuleConfig,
+    RuleConstants,
     TensorState,
     UpdateWeights,
     c_defines,
@@ -85,6 +87,7 @@ class MlpArgs(ctypes.Structure):
     _fields_ = [
         *((name, _Pointer) for name in ("first", "hidden_w", "hidden_b", "last_w", "last_b", "step_scale")),
         ("exp_mult", ctypes.c_float),
+        ("direction_out", _Pointer), ("out_sb", _I64), ("out_sa", _I64),
     ]
 
 
@@ -181,8 +184,12 @@ def library(shape: KernelShape) -> ctypes.CDLL:
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, restype
     built = layout_of(lib)
-    if KernelShape(built.k, built.h, built.l) != shape:
-        raise RuntimeError(f"{path} was built for {KernelShape(built.k, built.h, built.l)}, not {shape}")
+    wanted_constants = torch.tensor(list(shape.constants.by_name().values()), dtype=torch.float32).tolist()
+    if (built.k, built.h, built.l) != shape[:3] or list(built.constants) != wanted_constants:
+        raise RuntimeError(
+            f"{path} was built for {(built.k, built.h, built.l)} and constants {list(built.constants)}, "
+            f"not {shape[:3]} and {wanted_constants}"
+        )
     return lib
 
 
@@ -201,7 +208,7 @@ def kernels(weights: UpdateWeights) -> Kernels:
 def _kernels(shape: KernelShape) -> Kernels:
     lib = library(shape)
     return Kernels(
-        square_sums=functools.partial(square_sums, lib),
+        square_sums=functools.partial(square_sums, lib, constants=shape.constants),
         factored_statistics=functools.partial(factored_statistics, lib),
         accumulate_=functools.partial(accumulate_, lib),
         mlp_step_=functools.partial(mlp_step_, lib),
@@ -278,11 +285,13 @@ def _factor_args(
 # ---- the kernels ----------------------------------------------------------------------------------
 
 
-def square_sums(lib: ctypes.CDLL, g: torch.Tensor, d0: int, d1: int) -> tuple[torch.Tensor, torch.Tensor]:
+def square_sums(
+    lib: ctypes.CDLL, g: torch.Tensor, d0: int, d1: int, constants: RuleConstants = CELO_CONSTANTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 0 (contract of :func:`celo_hf.backends.eager.square_sums`); matrices in C++, higher
     ranks through the eager kernel."""
     if g.dim() != 3:
-        return eager.square_sums(g, d0, d1)
+        return eager.square_sums(g, d0, d1, constants=constants)
     g = _float32(g)
     batch, rows, cols = g.shape
     row_sums = torch.empty(batch, rows, dtype=torch.float32)
@@ -320,15 +329,20 @@ def mlp_step_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, hidden_in: Fac
     else:
         hidden_w = hidden_b = torch.zeros(1)
     dense = [t.float().contiguous() for t in (mlp.first, hidden_w, hidden_b, *mlp.last, mlp.step_scale)]
-    weights = MlpArgs(*(_ptr(t) for t in dense), mlp.exp_mult)
+    out = mlp.direction_out
 
-    def run(p32: torch.Tensor) -> None:
+    def run(p32: torch.Tensor, out32: torch.Tensor | None = None) -> None:
+        target = (0, 0, 0) if out32 is None else (_ptr(out32), out32.stride(0), out32.stride(1))
+        weights = MlpArgs(*(_ptr(t) for t in dense), mlp.exp_mult, *target)
         lib.celo_mlp_step(
             ctypes.byref(_grid_args(p32, g, m, rms)), ctypes.byref(factors), ctypes.byref(weights),
             torch.get_num_threads(),
         )
 
-    _in_place(run, (grid.p,))
+    if out is None:
+        _in_place(run, (grid.p,))
+    else:  # p is only read
+        _in_place(lambda out32: run(_float32(grid.p), out32), (out,))
 
 
 # ---- factored moments ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..layout import (
+    CELO_CONSTANTS,
     ELEMENT_GROUPS,
     FEATURE_GRAD_CLIP,
     GRAD_CLIP,
@@ -54,6 +55,8 @@ def _constexprs(num_decays: int) -> dict[str, object]:
 
 def prepare(config: RuleConfig) -> None:
     """Check that the kernels cover ``config`` (Triton compiles them on first launch)."""
+    if config.constants != CELO_CONSTANTS or not config.vector_factored_groups:
+        raise ValueError("the triton kernels implement Celo's rule only (not Celo2's); use backend='compile' or 'eager'")
     if config.hidden != HIDDEN or config.hidden_layers != 1:
         raise ValueError(
             f"the triton kernels support the paper's MLP ({HIDDEN} hidden units, one hidden layer after the first), "

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..layout import feature_group_widths
+from ..layout import RuleConfig, feature_group_widths
 from ..meta_model import MetaModel, model_card_template, paired_decays, per_parameter_mlp, reset_linear
 from ..weight_files import CELO2
+from .rule import CONSTANTS
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights.
 MODEL_CARD_TEMPLATE = model_card_template(
@@ -74,6 +75,14 @@ class Celo2Net(
         self.num_features = sum(self.group_widths)
         self.mlp = per_parameter_mlp(self.num_features, mlp_hidden_size, mlp_hidden_layers)
         self.reset_parameters()
+
+    def rule_config(self) -> RuleConfig:
+        """Celo2's configuration: these decays, Celo2's constants, no step or magnitude multiplier
+        (the step's size is the learning rate), no factored groups for vectors."""
+        return RuleConfig(
+            self.momentum_decays, self.factored_decays, self.rms_decay, step_mult=1.0, exp_mult=0.0,
+            constants=CONSTANTS, vector_factored_groups=False, **self._mlp_shape(),
+        )
 
     def reset_parameters(self) -> None:
         """The original's fresh initialisation: truncated-normal weights with std ``1/sqrt(fan_in)``

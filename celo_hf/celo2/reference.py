@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..layout import TensorState, factored_dims, state_shape
+from ..layout import RuleConfig, TensorState, factored_dims, state_shape
 from ..reference import factor_scales
 from .newton_schulz import orthogonalize
 from .rule import (
@@ -28,7 +28,6 @@ from .rule import (
     NORMALISER_EPS,
     RMS_EPS,
     ROW_COL_EPS,
-    Celo2Config,
 )
 
 #: An MLP as ``[(weight (out, in), bias (out,)), ...]``, first layer first (``Celo2Net.mlp_layers()``).
@@ -66,7 +65,7 @@ def normalise_last_two_axes(x: torch.Tensor, lead: int = 0, trail: int = 0) -> t
 
 
 def learned_step(
-    param: torch.Tensor, grad: torch.Tensor, state: TensorState, layers: MlpLayers, config: Celo2Config,
+    param: torch.Tensor, grad: torch.Tensor, state: TensorState, layers: MlpLayers, config: RuleConfig,
     orthogonalize_matrices: bool,
 ) -> LearnedStep:
     """One learned-branch update of one tensor.
@@ -75,7 +74,7 @@ def learned_step(
         param, grad: the parameter (before the step) and its unclipped gradient, shape ``S``.
         state: the tensor's accumulators (not modified), layout of :func:`~celo_hf.layout.init_tensor_state`.
         layers: the meta-model's MLP.
-        config: its decays.
+        config: the rule's configuration (its decays; ``Celo2Net.rule_config()``).
         orthogonalize_matrices: Celo2 (Newton-Schulz on tensors of rank >= 2) rather than Celo2-base.
     """
     shape = state_shape(param.shape)
