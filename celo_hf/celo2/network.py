@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..layout import RuleConfig, feature_group_widths
-from ..meta_model import MetaModel, model_card_template, paired_decays, per_parameter_mlp, reset_linear
+from ..meta_model import (
+    MetaModel,
+    model_card_template,
+    paired_decays,
+    per_parameter_mlp,
+    reset_linear,
+)
 from ..weight_files import CELO2
 from .rule import CONSTANTS
 

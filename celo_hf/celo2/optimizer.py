@@ -26,7 +26,13 @@ from ..optimizer import trainer_parameter_groups
 from .hub import load_celo2_net
 from .network import Celo2Net
 from .routing import DEFAULT_ADAM_REGEX, LAYOUTS, Layout, Route, module_kinds, route
-from .update import adam_update_, apply_step_, directions_, init_adam_state, steps_from_directions
+from .update import (
+    adam_update_,
+    apply_step_,
+    directions_,
+    init_adam_state,
+    steps_from_directions,
+)
 
 #: Learned-branch tensors up to this many elements are stacked with the others of their shape for
 #: the MLP stage; larger ones run alone (every same-shape group is stacked for Newton-Schulz).

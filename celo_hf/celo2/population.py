@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import RuleConfig, TensorState, UpdateWeights, init_tensor_state, state_shape
+from ..layout import (
+    RuleConfig,
+    TensorState,
+    UpdateWeights,
+    init_tensor_state,
+    state_shape,
+)
 from .routing import DEFAULT_ADAM_REGEX, Layout, Route, route
 from .update import adam_update_, init_adam_state, learned_update_
 

@@ -14,13 +14,6 @@ from ..layout import RuleConstants
 #: Celo2's constants: Celo's except two (the reference's ``rsqrt(rms + 1e-8)``, Celo: 1e-6; and the
 #: normaliser's epsilon 1e-9, Celo: 1e-5, over the last two axes instead of the whole tensor).
 CONSTANTS = RuleConstants(rms_eps=1e-8, normaliser_eps=1e-9)
-GRAD_CLIP = CONSTANTS.grad_clip
-FEATURE_GRAD_CLIP = CONSTANTS.feature_grad_clip
-RMS_EPS = CONSTANTS.rms_eps
-FACTORED_EPS = CONSTANTS.factored_eps
-FACTOR_FLOOR = CONSTANTS.factor_floor
-ROW_COL_EPS = CONSTANTS.row_col_eps
-NORMALISER_EPS = CONSTANTS.normaliser_eps
 
 #: Newton-Schulz: the quintic's coefficients (Muon's), its iterations, and the Frobenius norm's epsilon.
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)

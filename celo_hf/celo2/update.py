@@ -33,7 +33,7 @@ from ..layout import RuleConfig, TensorState, UpdateWeights, factored_dims, nume
 from ..reference import factor_scales
 from . import reference
 from .newton_schulz import orthogonalize
-from .rule import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, NORMALISER_EPS
+from .rule import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, CONSTANTS
 
 #: Elements (per batch row times rows) whose features one MLP chunk builds at a time.
 CHUNK_ELEMENTS = 1 << 16
@@ -176,7 +176,7 @@ def steps_from_directions(direction: torch.Tensor, orthogonalize_matrices: bool)
     rank = direction.dim() - 1
     step = orthogonalize(direction) if orthogonalize_matrices and rank >= 2 else direction
     mean_sq = (step * step).mean(dim=tuple(range(max(1, rank - 1), rank + 1)), keepdim=True)
-    return step * torch.rsqrt(NORMALISER_EPS + mean_sq)
+    return step * torch.rsqrt(CONSTANTS.normaliser_eps + mean_sq)
 
 
 def apply_step_(p: torch.Tensor, step: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
