@@ -36,8 +36,8 @@ MODEL_CARD_TEMPLATE = model_card_template(
     contents="its per-parameter update MLP",
     class_name="celo_hf.celo2.network.Celo2Net",
     usage=(
-        "from celo_hf.celo2.network import Celo2Net\n"
-        'net = Celo2Net.from_pretrained("<this folder or Hub id>")'
+        "import celo_hf\n"
+        'optimizer = celo_hf.Celo2(model, lr=1e-3, weights="<this folder or Hub id>")'
     ),
     rule_reference="`docs/celo2-algorithm.md` in celo_hf (Celo2 and Celo2-base)",
 )
