@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import backends
 from ..layout import (
     RuleConfig,
     TensorState,
@@ -42,7 +43,7 @@ class Settings:
     adam_regex: str | None = DEFAULT_ADAM_REGEX
     mult_1d: float = 20.0
     layout: Layout = "jax"
-    backend: str = "eager"
+    backend: str = "auto"
 
 
 def routes(params: dict[str, torch.Tensor], settings: Settings) -> dict[str, Route]:
@@ -81,6 +82,9 @@ def update(
 ) -> None:
     """One Celo2 step for every member: ``params`` (``name -> (P, *S)``) and ``state`` in place."""
     weights = mlp_weights(meta_weights, settings.config)
+    backend = settings.backend
+    if backend == "auto":  # what Celo2(backend="auto") runs on this device
+        backend = backends.auto(weights.first.device, settings.config)[0]
     for name, r in routes(params, settings).items():
         p, g = _rule_view(params[name], r), _rule_view(grads[name], r)
         members = p.shape[0]
@@ -91,6 +95,6 @@ def update(
             adam_update_(p, g, state[name], lr_1d, wd.view_as(lr_1d))
         else:
             work = p.contiguous()  # the driver streams over contiguous rows; a permuted view is copied
-            learned_update_(work, g.contiguous(), state[name], weights, lr, wd, settings.orthogonalize, settings.backend)
+            learned_update_(work, g.contiguous(), state[name], weights, lr, wd, settings.orthogonalize, backend)
             if work is not p:
                 p.copy_(work)
