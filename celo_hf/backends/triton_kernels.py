@@ -45,7 +45,8 @@ from . import eager
 
 #: Elements per program of pass 1.
 BLOCK = 1024
-#: Pass 2's programs hold ``(BLOCK, H)`` activation tiles of at most this many elements.
+#: Pass 2's programs hold ``(BLOCK, H)`` activation tiles of about this many elements (a guess for
+#: register use on GPUs: its speed there has not been measured).
 STEP_TILE = 4096
 
 
@@ -255,12 +256,12 @@ def mlp_step_(
     hidden_in = _flat_grid(total(hidden_in).expand(batch, width, *grid.p.shape[1:]).contiguous())
     q_g, q_m = _multiplied_out(pre.q_g, grid.m), _multiplied_out(pre.q_m, grid.m)
     p, g, m, rms = (_flat_grid(t) for t in grid)
-    direction = p if mlp.direction_out is None else _flat_grid(mlp.direction_out)
+    direction = p if mlp.direction_out is None else _flat_grid(mlp.direction_out)  # p: a pointer left unused
     n = p.shape[1]
     _check_layout(p, g, m, rms, q_g, q_m, hidden_in, direction)
     (w1, b1), (w2, b2) = mlp.hidden_layers[0], mlp.last
     dense = [t.contiguous() for t in (mlp.first, w1, b1, w2, b2, mlp.step_scale)]
-    block = min(BLOCK, STEP_TILE // width)
+    block = max(16, min(BLOCK, STEP_TILE // width))
     if n > 0:
         _step_kernel[(batch, triton.cdiv(n, block))](
             p, g, m, rms, q_g, q_m, hidden_in, *dense, direction,
