@@ -254,11 +254,6 @@ def test_bad_arguments_are_named(args, kwargs, error, message):
         Celo2([("w", nn.Parameter(torch.zeros(2, 2)))], *args, weights=WEIGHTS, **kwargs)
 
 
-def test_triton_refuses_celo2_when_the_optimizer_is_built():
-    with pytest.raises(ValueError, match="triton kernels implement Celo's rule only"):
-        Celo2([("w", nn.Parameter(torch.zeros(2, 2)))], weights=WEIGHTS, backend="triton")
-
-
 def test_unnamed_parameters_need_names_for_the_routing():
     p = nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(ValueError, match=re.escape("without one: pass model.named_parameters()")):

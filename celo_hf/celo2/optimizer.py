@@ -80,8 +80,9 @@ class Celo2(Copyable, torch.optim.Optimizer):
         revision, token, cache_dir: Hub download options for ``weights``.
         backend: how the learned branch's per-element work runs for vectors and matrices (higher
             ranks always in torch): ``"auto"`` (default: ``"cpp"`` on CPU when the C++ kernels build
-            here, else ``"eager"``), ``"eager"``, ``"cpp"``, ``"compile"``, or ``"reference"`` (the
-            literal specification, tensor by tensor; slow). ``"triton"`` does not implement Celo2.
+            here, else ``"eager"``), ``"eager"``, ``"cpp"``, ``"compile"``, ``"triton"`` (fused kernels for
+            CUDA tensors; needs ``triton``), or ``"reference"`` (the literal specification, tensor by
+            tensor; slow).
         chunk_elements: elements whose features are built at once (bounds temporary memory;
             ``None``: the backend's default).
 
@@ -132,7 +133,7 @@ class Celo2(Copyable, torch.optim.Optimizer):
         self.net.float().eval().requires_grad_(False)
         self.config = self.net.rule_config()
         if backend not in ("auto", "reference"):
-            backends.get(backend).prepare(self.config)  # a missing compiler, or triton, shows here
+            backends.get(backend).prepare(self.config)  # a missing compiler or package shows here
         self.backend = backend
         self.orthogonalize = bool(orthogonalize)
         self.adam_regex = adam_regex
