@@ -1,11 +1,18 @@
-"""Judge Celo weights against AdamW with a tuned learning rate: the held-out CPU suite and the Trainer tasks.
+"""Judge Celo (or Celo2) weights against AdamW with a tuned learning rate: the held-out CPU suite and the Trainer tasks.
 
     python -m meta_training.evaluate --weights ../shared/reference/celo_theta.state --seeds 3 --out eval/paper
     python -m meta_training.evaluate --weights runs/phase2/final --tasks suite --out eval/ours   # suite only
     python -m meta_training.evaluate --tasks trainer --out eval/trainer   # Trainer tasks only, embedded weights
     python -m meta_training.evaluate --tiny --weights PATH --out /tmp/eval   # smoke test, < 1 min
+    python -m meta_training.evaluate --rule celo2 --adamw_from eval/ours/results.json eval/trainer/results.json --out eval/celo2
 
-``--tasks`` takes ``suite``, ``trainer``, ``all`` (default) and/or single task names.
+``--tasks`` takes ``suite``, ``trainer``, ``all`` (default) and/or single task names. ``--rule``:
+which learned optimizer (:data:`meta_training.rules.RULES`; ``celo2``: :class:`celo_hf.Celo2` at lr
+1e-3, its default, nothing tuned). ``--adamw_from``: reuse the AdamW runs (lr sweep, tuned lr, every
+seed) of earlier ``results.json`` files made with the same steps and grids and at least as many
+seeds instead of
+re-running them (AdamW's runs do not depend on the learned optimizer; they are deterministic given
+the seed: repeated evaluations give bit-identical AdamW curves).
 
 The suite: every task of :mod:`meta_training.eval_tasks` (``docs/meta-training.md`` §7.5): AdamW
 (weight decay 0) runs once per learning rate of the grid; the lr with the lowest smoothed final
@@ -36,15 +43,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from celo_hf import Celo, CeloNet
-from celo_hf.hub import load_celo_net
 
 from . import eval_metrics as metrics
-from .extras import require_meta_extra
 from .eval_tasks import TASKS, EvalTask, Problem
-from .trainer_eval import TrainerTaskResult, evaluate_trainer_task, trainer_markdown_table
+from .extras import require_meta_extra
+from .rules import RULES, Rule
+from .trainer_eval import (
+    TrainerTaskResult,
+    evaluate_trainer_task,
+    trainer_markdown_table,
+)
 from .trainer_tasks import TINY_STEPS as TRAINER_TINY_STEPS
 from .trainer_tasks import TRAINER_TASKS
 
@@ -53,7 +65,8 @@ LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TINY_TASKS = ("ill_conditioned_softmax", "wide_deep_mlp", "gru_lm")
 TINY_STEPS = 30
 
-OptimizerFactory = Callable[[list[torch.nn.Parameter], int], torch.optim.Optimizer]
+#: An optimizer for a model's trainable parameters and a number of steps.
+OptimizerFactory = Callable[[nn.Module, int], torch.optim.Optimizer]
 
 
 @dataclass
@@ -140,17 +153,22 @@ def train_with_trainer(problem: Problem, optimizer: torch.optim.Optimizer, steps
 
 
 def adamw(lr: float) -> OptimizerFactory:
-    return lambda params, steps: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return lambda model, steps: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+def learned(rule: Rule, net: nn.Module) -> OptimizerFactory:
+    """``rule``'s optimizer with meta-model ``net`` (:meth:`meta_training.rules.Rule.module_optimizer`)."""
+    return lambda model, steps: rule.module_optimizer(net, model, steps)
 
 
 def celo(net: CeloNet) -> OptimizerFactory:
-    return lambda params, steps: Celo(params, total_steps=steps, weights=net)
+    return learned(RULES["celo"], net)
 
 
 def run_task(task: EvalTask, make_optimizer: OptimizerFactory, seed: int, steps: int) -> Run:
     """One run of ``task`` from ``seed``, in a plain loop or through Trainer (``task.through_trainer``)."""
     problem = task.build(seed)
-    optimizer = make_optimizer([p for p in problem.model.parameters() if p.requires_grad], steps)
+    optimizer = make_optimizer(problem.model, steps)
     if task.through_trainer:
         if task.batch_size is None:
             raise ValueError(f"task {task.name!r} is full batch; only minibatch tasks run through Trainer")
@@ -177,10 +195,17 @@ class TaskResult:
     celo_diverged: bool
 
 
-def evaluate_task(
-    task: EvalTask, net: CeloNet, seeds: int, steps: int, learning_rates: Sequence[float], bar: tqdm
-) -> TaskResult:
-    """Tune AdamW's lr on seed 0, re-run it on every seed, run Celo on every seed, compare."""
+@dataclass
+class AdamWRuns:
+    """AdamW's side of one task: final loss per lr of the sweep, the tuned lr, a run per seed."""
+
+    sweep_final: dict[float, float]
+    best_lr: float
+    runs: list[Run]
+
+
+def run_adamw(task: EvalTask, seeds: int, steps: int, learning_rates: Sequence[float], bar: tqdm) -> AdamWRuns:
+    """Tune AdamW's lr on seed 0 (lowest smoothed final loss) and re-run it on every other seed."""
     sweep: dict[float, Run] = {}
     for lr in learning_rates:
         bar.set_postfix_str(f"{task.name}: AdamW lr={lr:g}")
@@ -193,10 +218,34 @@ def evaluate_task(
         bar.set_postfix_str(f"{task.name}: AdamW lr={best_lr:g} seed {seed}")
         adam_runs.append(run_task(task, adamw(best_lr), seed, steps))
         bar.update()
+    return AdamWRuns(sweep_final, best_lr, adam_runs)
+
+
+def saved_adamw(saved: dict[str, object], seeds: int, steps: int, learning_rates: Sequence[float]) -> AdamWRuns:
+    """AdamW's runs of one task from an earlier ``results.json`` (its ``tasks`` entry), checked to
+    have been made with these ``steps`` and lr grid and at least ``seeds`` seeds (run ``i`` is
+    seed ``i``; the first ``seeds`` are taken)."""
+    grid = [f"{lr:g}" for lr in learning_rates]
+    found = (saved["steps"], list(saved["lr_sweep"]))
+    if found != (steps, grid) or len(saved["adamw"]) < seeds:
+        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have (steps, lr grid) {found} and "
+                         f"{len(saved['adamw'])} seed(s), expected {(steps, grid)} and at least {seeds}")
+    return AdamWRuns({float(lr): final for lr, final in saved["lr_sweep"].items()}, saved["best_lr"],
+                     [Run(**run) for run in saved["adamw"][:seeds]])
+
+
+def evaluate_task(
+    task: EvalTask, net: nn.Module, seeds: int, steps: int, learning_rates: Sequence[float], bar: tqdm,
+    rule: Rule = RULES["celo"], adamw_runs: AdamWRuns | None = None,
+) -> TaskResult:
+    """Tune AdamW's lr on seed 0, re-run it on every seed (or take ``adamw_runs``), run ``rule``'s
+    optimizer on every seed, compare."""
+    adam = adamw_runs or run_adamw(task, seeds, steps, learning_rates, bar)
+    sweep_final, best_lr, adam_runs = adam.sweep_final, adam.best_lr, adam.runs
     celo_runs = []
     for seed in range(seeds):
-        bar.set_postfix_str(f"{task.name}: Celo seed {seed}")
-        celo_runs.append(run_task(task, celo(net), seed, steps))
+        bar.set_postfix_str(f"{task.name}: {rule.label} seed {seed}")
+        celo_runs.append(run_task(task, learned(rule, net), seed, steps))
         bar.update()
     adam_curve = metrics.summary_curve(np.array([r.losses for r in adam_runs]))
     celo_curve = metrics.summary_curve(np.array([r.losses for r in celo_runs]))
@@ -243,19 +292,22 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def markdown_table(
-    results: Sequence[TaskResult], summary: dict[str, object], weights: str, seeds: int, learning_rates: Sequence[float]
+    results: Sequence[TaskResult], summary: dict[str, object], weights: str, seeds: int, learning_rates: Sequence[float],
+    rule: Rule = RULES["celo"],
 ) -> str:
     """The results as a markdown table with the aggregate below it."""
+    name = rule.label
+    setting = "" if rule.name == "celo" else f" ({name} {rule.setting})"
     lines = [
-        f"Celo weights: `{weights}`; {seeds} seed(s); AdamW lr tuned on seed 0 over {{{', '.join(f'{lr:g}' for lr in learning_rates)}}}.",
-        "Train loss: seed-mean, smoothed, at the last step. FL = AdamW / Celo final train loss, SP = speedup "
-        "(* = fallback: Celo never reached AdamW's final loss). >1 favours Celo.",
+        f"{name} weights: `{weights}`{setting}; {seeds} seed(s); AdamW lr tuned on seed 0 over {{{', '.join(f'{lr:g}' for lr in learning_rates)}}}.",
+        f"Train loss: seed-mean, smoothed, at the last step. FL = AdamW / {name} final train loss, SP = speedup "
+        f"(* = fallback: {name} never reached AdamW's final loss). >1 favours {name}.",
         "",
-        "| task | steps | AdamW lr | AdamW train | Celo train | FL | SP | AdamW held-out | Celo held-out | AdamW ms/step | Celo ms/step | diverged |",
+        f"| task | steps | AdamW lr | AdamW train | {name} train | FL | SP | AdamW held-out | {name} held-out | AdamW ms/step | {name} ms/step | diverged |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        diverged = ", ".join(name for name, flag in (("AdamW", r.adamw_diverged), ("Celo", r.celo_diverged)) if flag) or "-"
+        diverged = ", ".join(label for label, flag in (("AdamW", r.adamw_diverged), (name, r.celo_diverged)) if flag) or "-"
         lines.append(
             f"| {r.name} | {r.steps} | {r.best_lr:g} | {_final(r.adamw):.4f} | {_final(r.celo):.4f} | "
             f"{r.final_loss_ratio:.3f} | {r.speedup:.2f}{'*' if r.speedup_fell_back else ''} | "
@@ -268,7 +320,7 @@ def markdown_table(
         "",
         f"**IQM final-loss ratio {summary['iqm_final_loss_ratio']:.3f}** (95% bootstrap CI over seeds {fl_low:.3f}-{fl_high:.3f}); "
         f"**IQM speedup {summary['iqm_speedup']:.2f}** (CI {sp_low:.2f}-{sp_high:.2f}); "
-        f"Celo diverged on: {', '.join(summary['celo_diverged_tasks']) or 'none'}.",
+        f"{name} diverged on: {', '.join(summary['celo_diverged_tasks']) or 'none'}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -305,19 +357,19 @@ def plot_panels(panels: Sequence[Panel], path: Path) -> None:
     plt.close(fig)
 
 
-def comparison_panels(results: Sequence[TaskResult | TrainerTaskResult]) -> list[Panel]:
-    """Per task: tuned AdamW's and Celo's training-loss curves, FL in the title."""
+def comparison_panels(results: Sequence[TaskResult | TrainerTaskResult], label: str = "Celo") -> list[Panel]:
+    """Per task: tuned AdamW's and the learned optimizer's (``label``) training-loss curves, FL in the title."""
     return [
         (f"{r.name}  FL {r.final_loss_ratio:.2f}", [
             (f"AdamW lr={r.best_lr:g}", "tab:blue", np.array([run.losses for run in r.adamw])),
-            ("Celo", "tab:red", np.array([run.losses for run in r.celo])),
+            (label, "tab:red", np.array([run.losses for run in r.celo])),
         ])
         for r in results
     ]
 
 
 def evaluate(
-    weights: str | CeloNet | None,
+    weights: str | nn.Module | None,
     out: Path,
     seeds: int = 3,
     task_names: Sequence[str] = tuple(TASKS),
@@ -327,13 +379,15 @@ def evaluate(
     trainer_seeds: int = 1,
     trainer_steps: int | None = None,
     tiny_trainer: bool = False,
+    rule: str = "celo",
+    adamw_from: Sequence[Path] = (),
 ) -> dict[str, object]:
     """Run the suite and the Trainer tasks; write ``results.json``, ``results.md`` and the curves
     (``curves.png`` for the suite, ``trainer_curves.png`` for the Trainer tasks) into ``out``.
 
     Args:
-        weights: Celo weights as :class:`celo_hf.Celo` takes them (``None``, a path, a Hub id, a
-            ``CeloNet``).
+        weights: the meta-model as ``rule``'s optimizer takes it (``None``: the embedded default, a
+            path, a Hub id, a ``CeloNet`` / ``Celo2Net``).
         seeds: seeds per optimizer on the suite (AdamW's lr is tuned on seed 0 alone).
         task_names: which tasks of :data:`meta_training.eval_tasks.TASKS` (may be empty).
         steps: override every suite task's step count (``None``: each task's own).
@@ -341,6 +395,9 @@ def evaluate(
         trainer_seeds: seeds per optimizer on the Trainer tasks.
         trainer_steps: override every Trainer task's step count.
         tiny_trainer: the Trainer tasks with their tiny models (tests).
+        rule: the learned optimizer (a key of :data:`meta_training.rules.RULES`).
+        adamw_from: earlier ``results.json`` files whose AdamW runs are reused (:func:`saved_adamw`,
+            :func:`meta_training.trainer_eval.saved_adamw`); every requested task must be in one of them.
 
     Returns the contents of ``results.json``.
     """
@@ -352,33 +409,68 @@ def evaluate(
         raise ValueError(f"unknown evaluation task(s) {unknown}; expected some of {list(TASKS) + list(TRAINER_TASKS)}")
     if not task_names and not trainer_task_names:
         raise ValueError("no evaluation tasks given")
-    net = load_celo_net(weights)
+    learned_rule = RULES[rule]
+    net = learned_rule.load_net(weights)
+    saved = [json.loads(Path(path).read_text()) for path in adamw_from] or None
+    saved_suite, saved_trainer = _saved_tasks(saved, task_names, trainer_task_names, tiny_trainer)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    runs = len(task_names) * (len(learning_rates) + 2 * seeds - 1) + sum(
-        len(TRAINER_TASKS[name].learning_rates) + 2 * trainer_seeds - 1 for name in trainer_task_names
-    )
-    report: dict[str, object] = {"weights": str(weights)}
+    runs = len(task_names) * seeds + len(trainer_task_names) * trainer_seeds
+    if saved is None:
+        runs += len(task_names) * (len(learning_rates) + seeds - 1) + sum(
+            len(TRAINER_TASKS[name].learning_rates) + trainer_seeds - 1 for name in trainer_task_names
+        )
+    report: dict[str, object] = {"weights": str(weights), "rule": rule, "adamw_from": [str(p) for p in adamw_from]}
     tables = []
     with tqdm(total=runs, desc="evaluate", unit="run") as bar:
-        results = [evaluate_task(TASKS[name], net, seeds, steps or TASKS[name].steps, learning_rates, bar) for name in task_names]
+        results = []
+        for name in task_names:
+            task_steps = steps or TASKS[name].steps
+            adam = None if saved is None else saved_adamw(saved_suite[name], seeds, task_steps, learning_rates)
+            results.append(evaluate_task(TASKS[name], net, seeds, task_steps, learning_rates, bar, learned_rule, adam))
         trainer_results = [
-            evaluate_trainer_task(TRAINER_TASKS[name], net, trainer_seeds, trainer_steps, tiny_trainer, bar) for name in trainer_task_names
+            evaluate_trainer_task(TRAINER_TASKS[name], net, trainer_seeds, trainer_steps, tiny_trainer, bar, learned_rule,
+                                  None if saved is None else saved_trainer[name])
+            for name in trainer_task_names
         ]
     if results:
         summary = aggregate(results)
         report |= {"seeds": seeds, "learning_rates": list(learning_rates), "summary": summary,
                    "tasks": [asdict(r) for r in results]}
-        tables.append(markdown_table(results, summary, str(weights), seeds, learning_rates))
-        plot_panels(comparison_panels(results), out / "curves.png")
+        tables.append(markdown_table(results, summary, str(weights), seeds, learning_rates, learned_rule))
+        plot_panels(comparison_panels(results, learned_rule.label), out / "curves.png")
     if trainer_results:
         report["trainer"] = {"seeds": trainer_seeds, "tiny": tiny_trainer, "tasks": [asdict(r) for r in trainer_results]}
-        tables.append(trainer_markdown_table(trainer_results, str(weights), trainer_seeds, tiny_trainer))
-        plot_panels(comparison_panels(trainer_results), out / "trainer_curves.png")
+        tables.append(trainer_markdown_table(trainer_results, str(weights), trainer_seeds, tiny_trainer, learned_rule))
+        plot_panels(comparison_panels(trainer_results, learned_rule.label), out / "trainer_curves.png")
+    if adamw_from:
+        tables.insert(0, f"AdamW runs reused from {', '.join(f'`{p}`' for p in adamw_from)} (not re-run).\n")
     report["seconds"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text("\n".join(tables))
     return report
+
+
+def _saved_tasks(
+    saved: Sequence[dict[str, object]] | None, suite: Sequence[str], trainer: Sequence[str], tiny: bool
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The entries of earlier ``results.json`` contents for the requested tasks: ``(suite,
+    trainer)``, each ``task name -> saved entry`` (a later file's entry wins); every requested task
+    must be there, Trainer tasks from a file made with the same ``tiny``."""
+    if saved is None:
+        return {}, {}
+    by_name = {t["name"]: t for report in saved for t in report.get("tasks", [])}
+    by_trainer_name = {}
+    for report in saved:
+        if "trainer" in report:
+            if report["trainer"]["tiny"] != tiny:
+                raise ValueError(f"--adamw_from's Trainer runs have tiny={report['trainer']['tiny']}, expected {tiny}")
+            by_trainer_name |= {t["name"]: t for t in report["trainer"]["tasks"]}
+    missing = [n for n in suite if n not in by_name] + [n for n in trainer if n not in by_trainer_name]
+    if missing:
+        raise ValueError(f"--adamw_from has no AdamW runs for task(s) {missing}; it holds "
+                         f"{sorted(by_name) + sorted(by_trainer_name)}")
+    return by_name, by_trainer_name
 
 
 #: ``--tasks`` groups: the small-network suite, the Trainer tasks, both.
@@ -399,7 +491,10 @@ def resolve_tasks(names: Sequence[str], tiny: bool = False) -> tuple[list[str], 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=None, help="Celo weights: a file, folder or Hub id (default: the embedded default)")
+    parser.add_argument("--weights", default=None, help="Celo / Celo2 weights: a file, folder or Hub id (default: the embedded default)")
+    parser.add_argument("--rule", default="celo", choices=sorted(RULES), help="the learned optimizer (default celo)")
+    parser.add_argument("--adamw_from", type=Path, nargs="+", default=(),
+                        help="earlier results.json files whose AdamW runs (same steps, seeds, grids) are reused")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per optimizer on the suite (default 3)")
     parser.add_argument("--trainer_seeds", type=int, default=1,
                         help="seeds per optimizer on the Trainer tasks (default 1: they are slow on CPU)")
@@ -420,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps or (TINY_STEPS if args.tiny else None), trainer_task_names=trainer,
         trainer_seeds=1 if args.tiny else args.trainer_seeds,
         trainer_steps=args.steps or (TRAINER_TINY_STEPS if args.tiny else None), tiny_trainer=args.tiny,
+        rule=args.rule, adamw_from=args.adamw_from,
     )
     print((args.out / "results.md").read_text())
     print(f"wrote {args.out}: results.json, results.md and the curves in {report['seconds']:.0f} s")

@@ -1,8 +1,9 @@
 """Cheap held-in checks of a meta-model, used to pick checkpoints during meta-training
 (``docs/meta-training.md`` §7.4), and the rule that picks them.
 
-Checks (each trains with the real :class:`celo_hf.Celo`, no reparameterisation; a loss is the
-average training loss over the last 20 steps, mean over seeds; lower is better):
+Checks (each trains with the rule's real optimizer, :class:`celo_hf.Celo` or :class:`celo_hf.Celo2`
+(:meth:`meta_training.rules.Rule.optimizer`), no reparameterisation; a loss is the average
+training loss over the last 20 steps, mean over seeds; lower is better):
 
 * ``held_in_loss``: the 64 -> 32 -> 10 MLP on scikit-learn's digits, 3 seeds x 300 steps;
 * ``finetune_loss``: the LM pretrained on the comedies (:func:`meta_training.tasks.pretrained_lm`)
@@ -11,28 +12,31 @@ average training loss over the last 20 steps, mean over seeds; lower is better):
   the meta-model, so it would not rank them);
 * ``lm_loss``: the ``lm_d16_l1_t16`` transformer from scratch on the romances, 2 seeds x 200 steps;
 * ``zero_gradient_drift``: :func:`celo_hf.diagnostics.zero_gradient_drift` on the pretrained MLP's
-  and the pretrained LM's tensors (the larger of the two).
+  and the pretrained LM's tensors (the larger of the two). Celo only: Celo2's step is
+  RMS-normalised, so a zero gradient moves every tensor by ``lr`` by design
+  (:attr:`meta_training.rules.Rule.zero_gradient_fixed_point`).
 
 Suites (``SUITES``) and their selection rule (:func:`scored`, :func:`is_best`):
 
 * ``"digits"``: ``held_in_loss`` alone; score = ``held_in_loss``.
-* ``"trainer"``: all four. A meta-model is eligible only if ``zero_gradient_drift <= 1e-4``; its
-  score is the mean over the three losses of ``loss / (the same loss of the run's first check)``
+* ``"trainer"``: all four (Celo2: the three losses). A meta-model is eligible only if
+  ``zero_gradient_drift <= 1e-4`` (Celo2: always); its score is the mean over the three losses of ``loss / (the same loss of the run's first check)``
   (the warm start: score 1.0); ``best/`` keeps the eligible meta-model with the lowest score.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-from celo_hf import Celo, CeloNet
+from celo_hf import CeloNet
 from celo_hf.diagnostics import zero_gradient_drift
 
 from . import finetune, inner, tasks
+from .rules import RULES, Rule
 
 SUITES = ("digits", "trainer")
 #: Eligibility bound of the ``trainer`` suite: relative change per step under zero gradients.
@@ -43,45 +47,47 @@ HELD_IN_LM = "lm_d16_l1_t16"
 TAIL = 20
 
 
-def final_loss(net: CeloNet, family: tasks.TaskFamily, seeds: int, steps: int) -> float:
+def final_loss(net: nn.Module, family: tasks.TaskFamily, seeds: int, steps: int, rule: Rule = RULES["celo"]) -> float:
     """Mean over seeds of the average training loss of ``family``'s model over the last
-    :data:`TAIL` steps of ``steps`` Celo steps (initialisation, task and batches from one
-    generator per seed)."""
+    :data:`TAIL` steps of ``steps`` steps of ``rule``'s optimizer (initialisation, task and
+    batches from one generator per seed)."""
     finals = []
     for seed in range(seeds):
         generator = torch.Generator().manual_seed(seed)
-        params = {name: torch.nn.Parameter(value) for name, value in family.model.init(generator).items()}
-        ones = {name: torch.ones(1, *value.shape) for name, value in params.items()}
+        init = family.model.init(generator)
+        params = rule.parameters(init)
+        ones = {name: torch.ones(1, *value.shape) for name, value in init.items()}
         task = family.sample_task(generator)
-        optimizer = Celo(params.values(), total_steps=steps, weights=copy.deepcopy(net))
+        optimizer = rule.optimizer(net, params, steps)
         tail = []
         for step in range(steps):
             batch = tuple(t[None] for t in family.sample_batch(task, generator, family.batch_size))
-            loss = inner.model_losses(family.model, {n: p[None] for n, p in params.items()}, ones, batch)[0]
+            loss = inner.model_losses(family.model, rule.inner_weights(params), ones, batch)[0]
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step(loss=loss.detach())
+            rule.step(optimizer, loss)
             if step >= steps - TAIL:
                 tail.append(loss.item())
         finals.append(sum(tail) / len(tail))
     return sum(finals) / len(finals)
 
 
-def held_in_loss(net: CeloNet, seeds: int = 3, steps: int = 300) -> float:
+def held_in_loss(net: nn.Module, seeds: int = 3, steps: int = 300, rule: Rule = RULES["celo"]) -> float:
     """The MLP on digits (the 80% training split)."""
-    return final_loss(net, tasks.digits_family(), seeds, steps)
+    return final_loss(net, tasks.digits_family(), seeds, steps, rule)
 
 
-def finetune_loss(net: CeloNet, seeds: int = 2, steps: int = 200) -> float:
+def finetune_loss(net: nn.Module, seeds: int = 2, steps: int = 200, rule: Rule = RULES["celo"]) -> float:
     """The comedies LM fine-tuned on the romances."""
     model = finetune.FullFineTune(tasks.lm_model(tasks.FINETUNE_LM), tasks.pretrained_lm())
-    return final_loss(net, tasks.text_family("held_in_finetune", model, HELD_IN_TEXT, tasks.FINETUNE_LM), seeds, steps)
+    family = tasks.text_family("held_in_finetune", model, HELD_IN_TEXT, tasks.FINETUNE_LM)
+    return final_loss(net, family, seeds, steps, rule)
 
 
-def lm_loss(net: CeloNet, seeds: int = 2, steps: int = 200) -> float:
+def lm_loss(net: nn.Module, seeds: int = 2, steps: int = 200, rule: Rule = RULES["celo"]) -> float:
     """A tiny transformer from scratch on the romances."""
     family = tasks.text_family("held_in_lm", tasks.lm_model(HELD_IN_LM), HELD_IN_TEXT, HELD_IN_LM)
-    return final_loss(net, family, seeds, steps)
+    return final_loss(net, family, seeds, steps, rule)
 
 
 def drift(net: CeloNet) -> float:
@@ -89,25 +95,26 @@ def drift(net: CeloNet) -> float:
     return max(zero_gradient_drift(list(w.values()), net) for w in (tasks.pretrained_digits_mlp(), tasks.pretrained_lm()))
 
 
-def run_checks(net: CeloNet, suite: str) -> dict[str, float]:
-    """The checks of ``suite`` (one of :data:`SUITES`): ``name -> value``."""
+def run_checks(net: nn.Module, suite: str, rule: Rule = RULES["celo"]) -> dict[str, float]:
+    """The checks of ``suite`` (one of :data:`SUITES`) with ``rule``'s optimizer: ``name -> value``."""
     if suite == "digits":
-        return {"held_in_loss": held_in_loss(net)}
+        return {"held_in_loss": held_in_loss(net, rule=rule)}
     if suite == "trainer":
-        return {"held_in_loss": held_in_loss(net), "finetune_loss": finetune_loss(net), "lm_loss": lm_loss(net),
-                "zero_gradient_drift": drift(net)}
+        losses = {"held_in_loss": held_in_loss(net, rule=rule), "finetune_loss": finetune_loss(net, rule=rule),
+                  "lm_loss": lm_loss(net, rule=rule)}
+        return losses | ({"zero_gradient_drift": drift(net)} if rule.zero_gradient_fixed_point else {})
     raise ValueError(f"unknown held-in suite {suite!r}; expected one of {SUITES}")
 
 
 def scored(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``record`` (one :func:`run_checks` result) with ``held_in_score`` and ``held_in_eligible``
     added; ``previous``: the run's earlier records, oldest first (the first is the reference)."""
-    if "zero_gradient_drift" not in record:
+    if not all(key in record for key in LOSS_CHECKS):
         return {**record, "held_in_score": record["held_in_loss"], "held_in_eligible": True}
     reference = previous[0] if previous else record
     ratios = [record[key] / reference[key] for key in LOSS_CHECKS]
     return {**record, "held_in_score": sum(ratios) / len(ratios),
-            "held_in_eligible": record["zero_gradient_drift"] <= MAX_DRIFT}
+            "held_in_eligible": record.get("zero_gradient_drift", 0.0) <= MAX_DRIFT}
 
 
 def is_best(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]]) -> bool:

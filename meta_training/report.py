@@ -13,17 +13,16 @@ CARD_TEMPLATE = """---
 library_name: celo_hf
 tags:
 - learned-optimizer
-- celo
+- {tag}
 ---
-# Celo meta-model trained with celo_hf
+# {name} meta-model trained with celo_hf
 
-Learned optimizer weights for celo_hf, a PyTorch port of Celo (Moudgil et al., TMLR 2025,
-arXiv 2501.12670; original JAX code: https://github.com/amoudgl/celo), meta-trained with truncated
+Learned optimizer weights for celo_hf, a PyTorch port of {paper}; original JAX code: https://github.com/amoudgl/celo), meta-trained with truncated
 PES by celo_hf's `meta_training/` (see its `docs/meta-training.md`).
 
 ```python
 import celo_hf
-optimizer = celo_hf.Celo(model.parameters(), total_steps=1000, weights="{repo_id}")
+optimizer = {usage}
 ```
 
 ## Training command
@@ -108,10 +107,22 @@ def budget_lines(metrics_paths: list[Path], inner_steps_per_iteration: list[int]
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, repo_id: str, command: str, budget: str, evaluation: str) -> None:
-    (folder / "README.md").write_text(
-        CARD_TEMPLATE.format(repo_id=repo_id, command=command, budget=budget, evaluation=evaluation)
-    )
+#: Per update rule (``meta_training.rules.RULES``'s keys): the card's name, paper and usage line.
+CARD_RULES = {
+    "celo": ("Celo", "Celo (Moudgil et al., TMLR 2025,\narXiv 2501.12670",
+             'celo_hf.Celo(model.parameters(), total_steps=1000, weights="{repo_id}")'),
+    "celo2": ("Celo2", "Celo2 (Moudgil, Knyazev, Belilovsky, ICLR 2026,\narXiv 2602.19142",
+              'celo_hf.Celo2(model.named_parameters(), lr=1e-3, weights="{repo_id}")'),
+}
+
+
+def write_model_card(folder: Path, repo_id: str, command: str, budget: str, evaluation: str, rule: str = "celo") -> None:
+    """``folder/README.md``: the card of a meta-model of ``rule`` (a key of :data:`CARD_RULES`)."""
+    name, paper, usage = CARD_RULES[rule]
+    (folder / "README.md").write_text(CARD_TEMPLATE.format(
+        tag=name.lower(), name=name, paper=paper, usage=usage.format(repo_id=repo_id),
+        command=command, budget=budget, evaluation=evaluation,
+    ))
 
 
 def push_folder(folder: Path, repo_id: str, token: str | None = None) -> str:

