@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REFERENCE
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -110,15 +109,12 @@ def test_finetune_classification_with_celo(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["final_train_loss"] == float(rows[-1]["loss"])
 
 
-@pytest.mark.reference
 @pytest.mark.parametrize(("task", "from_scratch"), [("sequence-classification", "false"), ("causal-lm", "true")])
 def test_celo2_fine_tunes_and_trains_from_scratch(tmp_path, task, from_scratch):
-    """--optim celo2 through Celo2Factory: lr 1e-3 by default under Trainer's linear decay and
-    Trainer's weight-decay groups, every weight moved (the test checkpoint's random meta-model
-    need not lower the loss), the recipe's outputs written."""
-    weights = str(REFERENCE / "celo2" / "theta_random.state")
-    argv = tiny_argv(tmp_path, task, optim="celo2", celo2_weights=weights, from_scratch=from_scratch, max_steps="6",
-                     weight_decay="0.01")
+    """--optim celo2 through Celo2Factory with the embedded Celo2 weights: lr 1e-3 by default under
+    Trainer's linear decay and Trainer's weight-decay groups, every weight moved, the recipe's
+    outputs written."""
+    argv = tiny_argv(tmp_path, task, optim="celo2", from_scratch=from_scratch, max_steps="6", weight_decay="0.01")
     model_args, data_args, args = finetune.parse_args(argv)
     assert (args.optim, args.learning_rate, args.lr_scheduler_type) == ("celo2", 1e-3, "linear")
     trainer, curve = finetune.build_trainer(model_args, data_args, args)
