@@ -68,13 +68,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import celo_hf
 import celo_hf.population
-from celo_hf.celo2.network import Celo2Net
 from celo_hf.optimizer import BACKENDS
+
+if TYPE_CHECKING:
+    from celo_hf.celo2.network import Celo2Net
 
 Shape = tuple[int, ...]
 StepFn = Callable[[], object]
@@ -186,12 +189,12 @@ def celo_contender(net: celo_hf.CeloNet, backend: str) -> Contender:
     return Contender(f"Celo[{backend}]", make_step)
 
 
-def celo2_contender(net: Celo2Net) -> Contender:
+def celo2_contender(net: Celo2Net, backend: str = "auto") -> Contender:
     """Celo2 with its default routing by name (biases and embeddings to the Adam branch)."""
     def make_step(named: list[tuple[str, torch.Tensor]], loss: torch.Tensor) -> StepFn:
-        return celo_hf.Celo2(named, weights=net).step
+        return celo_hf.Celo2(named, weights=net, backend=backend).step
 
-    return Contender("Celo2", make_step)
+    return Contender("Celo2" if backend == "auto" else f"Celo2[{backend}]", make_step)
 
 
 def adamw_contender(name: str, **options: bool) -> Contender:
@@ -201,11 +204,14 @@ def adamw_contender(name: str, **options: bool) -> Contender:
     return Contender(name, make_step)
 
 
-def contenders(net: celo_hf.CeloNet, celo_backends: Sequence[str], celo2: Celo2Net | None) -> list[Contender]:
-    """Celo (one contender per backend), Celo2 (unless ``None``), then the two AdamW baselines the ratios refer to."""
+def contenders(
+    net: celo_hf.CeloNet, celo_backends: Sequence[str], celo2: Celo2Net | None, celo2_backends: Sequence[str] = ("auto",)
+) -> list[Contender]:
+    """Celo (one contender per backend), Celo2 (per backend; none if ``celo2`` is ``None``), then the
+    two AdamW baselines the ratios refer to."""
     return [
         *(celo_contender(net, backend) for backend in celo_backends),
-        *([celo2_contender(celo2)] if celo2 is not None else []),
+        *(celo2_contender(celo2, backend) for backend in (celo2_backends if celo2 is not None else ())),
         adamw_contender(FOREACH, foreach=True),
         adamw_contender(FUSED, fused=True),
     ]
@@ -418,6 +424,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", help="Celo weights (file, folder, Hub id); default: a random CeloNet()")
     parser.add_argument("--no-celo2", dest="celo2", action="store_false", help="leave Celo2 out (a random Celo2Net())")
     parser.add_argument(
+        "--celo2-backends", nargs="+", default=["auto"], choices=["auto", "eager", "compile", "cpp"],
+        help="one Celo2 contender per backend (default: auto, the optimizer's default, named plain 'Celo2')",
+    )
+    parser.add_argument(
         "--celo-backends", nargs="+", choices=[b for b in BACKENDS if b != "reference"],
         help="one Celo contender per backend (default: eager, plus on CPU cpp, which the default 'auto' runs there)",
     )
@@ -481,9 +491,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: this torch build has no usable CUDA device")
-    log = lambda text: print(text, file=sys.stderr, flush=True)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     net = celo_hf.load_celo_net(args.weights) if args.weights else celo_hf.CeloNet()
-    racers = contenders(net, args.celo_backends, Celo2Net() if args.celo2 else None)
+    from celo_hf.celo2.network import Celo2Net  # here: benchmarks/step_instructions.py imports this file's models
+    # with an older celo_hf, which has no Celo2
+
+    racers = contenders(net, args.celo_backends, Celo2Net() if args.celo2 else None, args.celo2_backends)
     gc.freeze()  # the many long-lived objects of torch's imports: keep collections short and rare
     info = environment(args, device)
     log(" ".join(f"{k}={v}" for k, v in info.items()))

@@ -1,4 +1,4 @@
-"""The driver: one Celo update of a batch of same-shaped tensors, on any registered backend.
+"""The driver: one update of a batch of same-shaped tensors, on any registered backend.
 
 :func:`update_batch_` is what :class:`celo_hf.Celo` and meta-training (:mod:`celo_hf.population`)
 run. It updates ``B`` same-shaped tensors in place, each with its own meta-weights (the optimizer
@@ -9,7 +9,9 @@ feature's tensor-wide normaliser into the first-layer weights, computes the fact
 features on their own small grids, completes every statistic across processes when the tensors are
 row-sharded (FSDP2), and hands the per-element work to a backend's kernels
 (:class:`celo_hf.layout.Kernels`, chosen in :mod:`celo_hf.backends`). Nothing synchronises with the
-host. Layout, constants and types: :mod:`celo_hf.layout`.
+host. Layout, constants and types: :mod:`celo_hf.layout`. The rule's configuration
+(``w.config``) gives the constants; for Celo2 the driver returns the MLP's directions of vectors and
+matrices (``direction_out``), from which :mod:`celo_hf.celo2.update` makes the step.
 """
 
 from __future__ import annotations
@@ -18,12 +20,7 @@ import torch
 
 from . import backends
 from .layout import (
-    FACTOR_FLOOR,
-    FACTORED_EPS,
-    GRAD_CLIP,
-    NORMALISER_EPS,
-    PARAM_SCALE_EPS,
-    ROW_COL_EPS,
+    VECTORLESS_GROUPS,
     Decays,
     FactoredStatistics,
     Factors,
@@ -32,6 +29,7 @@ from .layout import (
     Kernels,
     Preconditioners,
     RowSharding,
+    RuleConstants,
     TensorState,
     UpdateWeights,
     drop_axis,
@@ -55,8 +53,8 @@ def _sum_over_rows(t: torch.Tensor, sharding: RowSharding | None) -> torch.Tenso
     return t
 
 
-def _normaliser(sum_sq: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.rsqrt(NORMALISER_EPS + sum_sq / count)
+def _normaliser(sum_sq: torch.Tensor, count: int, constants: RuleConstants) -> torch.Tensor:
+    return torch.rsqrt(constants.normaliser_eps + sum_sq / count)
 
 
 def _chunks(rows: int, elements_per_row: int, chunk_elements: int) -> list[slice]:
@@ -90,7 +88,8 @@ def _first_layer_part(
 
 
 def _grid_hidden(
-    v: torch.Tensor, value_w: torch.Tensor, rsqrt_w: torch.Tensor, count: int, sharding: RowSharding | None
+    v: torch.Tensor, value_w: torch.Tensor, rsqrt_w: torch.Tensor, count: int, sharding: RowSharding | None,
+    constants: RuleConstants,
 ) -> torch.Tensor:
     """First-layer contribution of a factored accumulator ``v (B, k, *grid)`` on its own grid.
 
@@ -99,10 +98,10 @@ def _grid_hidden(
     computed here. ``value_w``/``rsqrt_w`` ``(B, k, H)``. Returns ``(B, H, *grid)``.
     """
     flat = v.flatten(2)
-    rsqrt_flat = torch.rsqrt(flat + ROW_COL_EPS)
+    rsqrt_flat = torch.rsqrt(flat + constants.row_col_eps)
     sums = _sum_over_rows(torch.stack([(flat * flat).sum(2), (rsqrt_flat * rsqrt_flat).sum(2)]), sharding)
-    value_w = value_w * _normaliser(sums[0], count)[..., None]
-    rsqrt_w = rsqrt_w * _normaliser(sums[1], count)[..., None]
+    value_w = value_w * _normaliser(sums[0], count, constants)[..., None]
+    rsqrt_w = rsqrt_w * _normaliser(sums[1], count, constants)[..., None]
     hidden = _first_layer_part(flat, value_w, rsqrt_flat, rsqrt_w)
     return hidden.view(*hidden.shape[:2], *v.shape[2:])
 
@@ -138,11 +137,16 @@ def factored_statistics(
     v_col.mul_(beta).add_((col_sum / full[d1]).unsqueeze(1) * (1 - beta))
     row_total = v_row.sum(dim=2 + row_mean_axis(d0, d1), keepdim=True)
     row_mean = (_sum_over_rows(row_total, sharding) if d1 == 0 else row_total) / full[d1]
-    row_scale, col_scale = factor_scales(v_row, v_col, d0, d1, lead=2, row_mean=row_mean)
+    constants = w.config.constants
+    row_scale, col_scale = factor_scales(v_row, v_col, d0, d1, lead=2, row_mean=row_mean, floor=constants.factor_floor)
     count = numel(full)
     bias = w.first_bias.view(*w.first_bias.shape, *([1] * (len(shape) - 1)))
-    row_hidden = _grid_hidden(v_row, w.group("row"), w.group("rsqrt_row"), count // full[d0], sharding if d0 != 0 else None)
-    col_hidden = _grid_hidden(v_col, w.group("col"), w.group("rsqrt_col"), count // full[d1], sharding if d1 != 0 else None)
+    row_hidden = _grid_hidden(
+        v_row, w.group("row"), w.group("rsqrt_row"), count // full[d0], sharding if d0 != 0 else None, constants
+    )
+    col_hidden = _grid_hidden(
+        v_col, w.group("col"), w.group("rsqrt_col"), count // full[d1], sharding if d1 != 0 else None, constants
+    )
     return FactoredStatistics(
         row_scale, col_scale, (row_hidden + bias).unsqueeze(2 + d0), col_hidden.unsqueeze(2 + d1), matrix=len(shape) == 2
     )
@@ -185,6 +189,7 @@ class _DiagonalMoments:
     both ``v_diag``, so their first-layer weights are summed."""
 
     def __init__(self, g: torch.Tensor, state: TensorState, w: UpdateWeights, count: int, sharding: RowSharding | None):
+        self.constants = w.config.constants
         self.v_diag = state["v_diag"]
         self.beta = w.factored_decays.view(1, -1, 1)
         self.sum_sq = torch.zeros(2, g.shape[0], self.beta.shape[1], dtype=torch.float32, device=g.device)
@@ -196,23 +201,26 @@ class _DiagonalMoments:
 
     def accumulate(self, g: torch.Tensor, rows: slice) -> None:
         """Update this chunk of ``v_diag`` and add its features' sums of squares."""
-        gc = g[:, rows].float().clamp(-GRAD_CLIP, GRAD_CLIP)
+        c = self.constants
+        gc = g[:, rows].float().clamp(-c.grad_clip, c.grad_clip)
         v = _flat(self.v_diag, rows, 2)
-        v.mul_(self.beta).add_((gc * gc + FACTORED_EPS).view(gc.shape[0], 1, -1) * (1 - self.beta))
-        rsqrt_v = torch.rsqrt(v + ROW_COL_EPS)
+        v.mul_(self.beta).add_((gc * gc + c.factored_eps).view(gc.shape[0], 1, -1) * (1 - self.beta))
+        rsqrt_v = torch.rsqrt(v + c.row_col_eps)
         self.sum_sq += torch.stack([(v * v).sum(2), (rsqrt_v * rsqrt_v).sum(2)])
 
     def finish_statistics(self) -> None:
         """Complete the sums of squares across processes and turn them into normalisers."""
-        self.norm = _normaliser(_sum_over_rows(self.sum_sq, self.sharding), self.count)[..., None]
+        self.norm = _normaliser(_sum_over_rows(self.sum_sq, self.sharding), self.count, self.constants)[..., None]
 
     def preconditioners(self, rows: slice) -> Preconditioners:
         v = _flat(self.v_diag, rows, 2).unsqueeze(2)
-        return Preconditioners((torch.rsqrt(torch.clamp(v + FACTOR_FLOOR, min=FACTOR_FLOOR)),), (v.rsqrt(),))
+        floor = self.constants.factor_floor
+        return Preconditioners((torch.rsqrt(torch.clamp(v + floor, min=floor)),), (v.rsqrt(),))
 
     def hidden_input(self, rows: slice) -> Factors:
         v = _flat(self.v_diag, rows, 2)
-        hidden = _first_layer_part(v, self.value_w * self.norm[0], torch.rsqrt(v + ROW_COL_EPS), self.rsqrt_w * self.norm[1])
+        rsqrt_v = torch.rsqrt(v + self.constants.row_col_eps)
+        hidden = _first_layer_part(v, self.value_w * self.norm[0], rsqrt_v, self.rsqrt_w * self.norm[1])
         return ((hidden + self.bias).unsqueeze(2),)
 
 
@@ -232,8 +240,9 @@ def update_batch_(
     backend: str = "eager",
     chunk_elements: int | None = None,
     sharding: RowSharding | None = None,
+    direction_out: torch.Tensor | None = None,
 ) -> None:
-    """One Celo update of ``B`` same-shaped tensors, in place on ``p`` and ``state``.
+    """One update of ``B`` same-shaped tensors by the rule of ``w.config``, in place on ``p`` and ``state``.
 
     Three streaming passes over chunks of axis 1 (the tensors' first axis): (0) factored second
     moments (rank >= 2 only), (1) accumulators and each feature's sum of squares, (2) features, MLP
@@ -251,8 +260,13 @@ def update_batch_(
             backend's default).
         sharding: set when ``p`` holds only this process's rows of the tensors (FSDP2); every
             statistic is then completed across processes.
+        direction_out: ``None`` (Celo: the step is taken), or a float32 ``(B, *S)`` tensor that
+            receives the MLP's raw direction instead, ``p`` left unchanged (Celo2, which makes its
+            step from the whole tensor's directions; rank <= 2 only, normalised over the tensor).
     """
     spec = backends.get(backend)
+    if direction_out is not None and spec.per_tensor:
+        raise ValueError(f"backend={spec.name!r} updates tensor by tensor and cannot return directions")
     if spec.per_tensor:
         _update_tensor_by_tensor_(spec, p, g, state, lr_scale, w, sharding)
         return
@@ -264,6 +278,8 @@ def update_batch_(
     count = numel(full)
     chunks = _chunks(shape[0], p.shape[0] * numel(shape[1:]), chunk_elements)
     dims = factored_dims(full)
+    if dims is None and not w.config.vector_factored_groups:
+        w = w.without_groups(VECTORLESS_GROUPS)
     if dims is None:
         moments: _FactoredMoments | _DiagonalMoments = _DiagonalMoments(g, state, w, count, sharding)
     else:
@@ -300,11 +316,14 @@ def update_batch_(
     sum_sq = _sum_over_rows(sum_sq, sharding)
     moments.finish_statistics()
 
-    first = w.element_first * _normaliser(sum_sq, count)[..., None]
+    constants = w.config.constants
+    first = w.element_first * _normaliser(sum_sq, count, constants)[..., None]
     param_channel = kernel_channel_offsets(w.config.num_decays)["param"]
-    param_scale = torch.sqrt(sum_sq[:, param_channel] / count + PARAM_SCALE_EPS)
+    param_scale = torch.sqrt(sum_sq[:, param_channel] / count + constants.param_scale_eps)
     mlp = FoldedMlp(first, w.hidden_layers, w.last, w.config.exp_mult, param_scale * w.config.step_mult * lr_scale)
     for rows in chunks:
+        if direction_out is not None:
+            mlp = mlp._replace(direction_out=_grid(direction_out, rows, 1, matrix))
         if whole_batch is not None:
             whole_batch[1](_grid(p, rows, 1, matrix), channels, moments.hidden_input(rows), mlp)
         else:

@@ -24,39 +24,58 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 if TYPE_CHECKING:
-    from .network import CeloNet
+    from .meta_model import MetaModel
 
 # ---- constants --------------------------------------------------------------------------------------
 
-#: Gradients are clipped to +-GRAD_CLIP before anything else.
-GRAD_CLIP = 1000.0
-#: The clipped-gradient feature clips again, to +-FEATURE_GRAD_CLIP.
-FEATURE_GRAD_CLIP = 0.1
-#: ``rsqrt(rms + RMS_EPS)``.
-RMS_EPS = 1e-6
-#: Added to ``g^2`` before the factored moments average it.
-FACTORED_EPS = 1e-30
-#: Floor of the factored preconditioner's statistics (and of the row mean's denominator).
-FACTOR_FLOOR = 1e-9
-#: ``rsqrt(row + ROW_COL_EPS)``, ``rsqrt(col + ROW_COL_EPS)`` features.
-ROW_COL_EPS = 1e-8
-#: Each feature is divided by ``sqrt(NORMALISER_EPS + mean square over the tensor)``.
-NORMALISER_EPS = 1e-5
-#: The step is scaled by ``sqrt(mean(p^2) + PARAM_SCALE_EPS)``.
-PARAM_SCALE_EPS = 1e-9
 
-#: Every constant above by name (what :func:`c_defines` passes to the C++ kernels).
-CONSTANTS = {
-    "GRAD_CLIP": GRAD_CLIP, "FEATURE_GRAD_CLIP": FEATURE_GRAD_CLIP, "RMS_EPS": RMS_EPS, "FACTORED_EPS": FACTORED_EPS,
-    "FACTOR_FLOOR": FACTOR_FLOOR, "ROW_COL_EPS": ROW_COL_EPS, "NORMALISER_EPS": NORMALISER_EPS,
-    "PARAM_SCALE_EPS": PARAM_SCALE_EPS,
-}
+@dataclass(frozen=True)
+class RuleConstants:
+    """An update rule's numerical constants; the defaults are Celo's (``docs/celo-algorithm.md`` §4,
+    §7, §8), Celo2 changes two (:data:`celo_hf.celo2.rule.CONSTANTS`).
+
+    ``grad_clip``: gradients are clipped to +-grad_clip before anything else; ``feature_grad_clip``:
+    the clipped-gradient feature clips again; ``rms_eps``: ``rsqrt(rms + rms_eps)``; ``factored_eps``:
+    added to ``g^2`` before the factored moments average it; ``factor_floor``: floor of the factored
+    preconditioner's statistics (and of the row mean's denominator); ``row_col_eps``:
+    ``rsqrt(row + row_col_eps)`` features; ``normaliser_eps``: each feature is divided by
+    ``sqrt(normaliser_eps + its mean square)``; ``param_scale_eps``: the step is scaled by
+    ``sqrt(mean(p^2) + param_scale_eps)`` (Celo only).
+    """
+
+    grad_clip: float = 1000.0
+    feature_grad_clip: float = 0.1
+    rms_eps: float = 1e-6
+    factored_eps: float = 1e-30
+    factor_floor: float = 1e-9
+    row_col_eps: float = 1e-8
+    normaliser_eps: float = 1e-5
+    param_scale_eps: float = 1e-9
+
+    def by_name(self) -> dict[str, float]:
+        """Every constant by its upper-case name (what :func:`c_defines` passes to the C++ kernels)."""
+        return {field.name.upper(): getattr(self, field.name) for field in fields(self)}
+
+
+#: Celo's constants; the names below are its values, for the code that only ever runs Celo.
+CELO_CONSTANTS = RuleConstants()
+GRAD_CLIP = CELO_CONSTANTS.grad_clip
+FEATURE_GRAD_CLIP = CELO_CONSTANTS.feature_grad_clip
+RMS_EPS = CELO_CONSTANTS.rms_eps
+FACTORED_EPS = CELO_CONSTANTS.factored_eps
+FACTOR_FLOOR = CELO_CONSTANTS.factor_floor
+ROW_COL_EPS = CELO_CONSTANTS.row_col_eps
+NORMALISER_EPS = CELO_CONSTANTS.normaliser_eps
+PARAM_SCALE_EPS = CELO_CONSTANTS.param_scale_eps
+#: Celo's constants by name.
+CONSTANTS = CELO_CONSTANTS.by_name()
 
 # ---- features ---------------------------------------------------------------------------------------
 
@@ -74,6 +93,9 @@ PER_DECAY_GROUPS = frozenset(
 ELEMENT_GROUPS = tuple(name for name in FEATURE_GROUP_NAMES if name not in ("row", "col", "rsqrt_row", "rsqrt_col"))
 #: Groups that come from the factored moments (broadcast along one axis of a matrix, or ``v_diag``).
 ROW_COL_GROUPS = ("row", "col", "rsqrt_row", "rsqrt_col")
+#: The groups a rule without factored groups for vectors (``RuleConfig.vector_factored_groups``
+#: false: Celo2) does not feed tensors of rank < 2.
+VECTORLESS_GROUPS = (*ROW_COL_GROUPS, "factored_momentum")
 
 
 def feature_group_widths(num_decays: int) -> tuple[int, ...]:
@@ -148,7 +170,7 @@ def init_tensor_state(
     accumulators ``m`` and ``rms`` (arithmetic stays float32; bfloat16 halves their memory).
     """
     shape = state_shape(shape)
-    zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)
+    zeros = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
     state = {
         "m": torch.zeros(num_decays, *shape, dtype=moment_dtype, device=device),
         "rms": torch.zeros(*shape, dtype=moment_dtype, device=device),
@@ -197,11 +219,12 @@ def total(terms: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class KernelShape(NamedTuple):
     """What compiled kernels are specialised for: ``decays`` decays, ``hidden`` units per hidden
-    layer, ``hidden_layers`` hidden layers after the first."""
+    layer, ``hidden_layers`` hidden layers after the first, and the rule's ``constants``."""
 
     decays: int
     hidden: int
     hidden_layers: int
+    constants: RuleConstants = CELO_CONSTANTS
 
 
 @dataclass(frozen=True)
@@ -209,7 +232,10 @@ class RuleConfig:
     """The configuration of the update rule a meta-model was trained with: what every layer reads
     (and what the C++ kernels are compiled for).
 
-    ``hidden``: width of the MLP's hidden layers; ``hidden_layers``: how many follow the first.
+    ``hidden``: width of the MLP's hidden layers; ``hidden_layers``: how many follow the first;
+    ``constants``: the rule's; ``vector_factored_groups``: tensors of rank < 2 feed the row / column
+    groups and the factored momentum from their diagonal moment ``v_diag`` (Celo), or do not have
+    those groups at all (Celo2: their first-layer rows are not used).
     """
 
     momentum_decays: tuple[float, ...]
@@ -219,6 +245,8 @@ class RuleConfig:
     exp_mult: float
     hidden: int
     hidden_layers: int
+    constants: RuleConstants = CELO_CONSTANTS
+    vector_factored_groups: bool = True
 
     @property
     def num_decays(self) -> int:
@@ -226,24 +254,20 @@ class RuleConfig:
 
     @property
     def kernel_shape(self) -> KernelShape:
-        return KernelShape(self.num_decays, self.hidden, self.hidden_layers)
+        return KernelShape(self.num_decays, self.hidden, self.hidden_layers, self.constants)
 
     @classmethod
-    def of(cls, net: CeloNet) -> RuleConfig:
-        """``net``'s configuration."""
-        layers = net.mlp_layers()
-        return cls(
-            net.momentum_decays, net.factored_decays, net.rms_decay, net.step_mult, net.exp_mult,
-            hidden=layers[0][0].shape[0], hidden_layers=len(layers) - 2,
-        )
+    def of(cls, net: MetaModel) -> RuleConfig:
+        """``net``'s configuration (``CeloNet`` or ``Celo2Net``: :meth:`MetaModel.rule_config`)."""
+        return net.rule_config()
 
 
 def c_defines(shape: KernelShape) -> tuple[str, ...]:
     """The compiler flags that give the C++ kernels this layout: the configuration (``CELO_K``
-    decays, ``CELO_H`` hidden units, ``CELO_L`` hidden layers after the first), every constant
-    (``CELO_<NAME>``, float literals) and the channel offsets (``CELO_CH_<GROUP>``)."""
+    decays, ``CELO_H`` hidden units, ``CELO_L`` hidden layers after the first), every constant of
+    the rule (``CELO_<NAME>``, float literals) and the channel offsets (``CELO_CH_<GROUP>``)."""
     defines = [f"-DCELO_K={shape.decays}", f"-DCELO_H={shape.hidden}", f"-DCELO_L={shape.hidden_layers}"]
-    defines += [f"-DCELO_{name}={value!r}f" for name, value in CONSTANTS.items()]
+    defines += [f"-DCELO_{name}={value!r}f" for name, value in shape.constants.by_name().items()]
     defines += [f"-DCELO_CH_{name.upper()}={offset}" for name, offset in kernel_channel_offsets(shape.decays).items()]
     return tuple(defines)
 
@@ -275,13 +299,19 @@ class UpdateWeights:
 
     @classmethod
     def from_mlp_layers(
-        cls, net: CeloNet, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+        cls, net: MetaModel, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
     ) -> UpdateWeights:
         """From per-row MLP layers ``[(weight (B, out, in), bias (B, out)), ...]`` and ``net``'s
         configuration (decays, multipliers)."""
+        return cls.from_layers(RuleConfig.of(net), layers, device)
+
+    @classmethod
+    def from_layers(
+        cls, config: RuleConfig, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str
+    ) -> UpdateWeights:
+        """From per-row MLP layers ``[(weight (B, out, in), bias (B, out)), ...]`` and a configuration."""
         layers = [(w.float().to(device), b.float().to(device)) for w, b in layers]
         (w0, b0), *hidden, (w_last, b_last) = layers
-        config = RuleConfig.of(net)
         first = w0.transpose(1, 2).contiguous()
         slices = group_slices(config.num_decays)
         return cls(
@@ -296,7 +326,7 @@ class UpdateWeights:
         )
 
     @classmethod
-    def from_net(cls, net: CeloNet, device: torch.device | str) -> UpdateWeights:
+    def from_net(cls, net: MetaModel, device: torch.device | str) -> UpdateWeights:
         """One row holding ``net``'s MLP (expand it with :meth:`expand`)."""
         with torch.no_grad():
             layers = [(w.detach()[None], b.detach()[None]) for w, b in net.mlp_layers()]
@@ -326,6 +356,16 @@ class UpdateWeights:
     def group(self, name: str) -> torch.Tensor:
         """First-layer rows of feature group ``name``: ``(B, width, hidden)``."""
         return self.first[:, group_slices(self.config.num_decays)[name]]
+
+    def without_groups(self, names: Sequence[str]) -> UpdateWeights:
+        """These weights with the first-layer rows of the groups ``names`` zero (features that do
+        not exist for some tensors contribute nothing)."""
+        first = self.first.clone()
+        slices = group_slices(self.config.num_decays)
+        for name in names:
+            first[:, slices[name]] = 0.0
+        element_first = torch.cat([first[:, slices[name]] for name in ELEMENT_GROUPS], dim=1)
+        return dataclasses.replace(self, first=first, element_first=element_first)
 
 
 @dataclass(frozen=True)
@@ -386,6 +426,9 @@ class FoldedMlp(NamedTuple):
     ``first`` ``(B, C, H)``: the first layer's rows of the kernels' channels, times each channel's
     normaliser; ``hidden_layers`` ``((B, out, in), (B, out))`` pairs; ``last`` the direction and
     magnitude rows ``((B, 2, H), (B, 2))``; ``step_scale`` ``(B,)`` = param RMS x step_mult x lr.
+    ``direction_out``: ``None`` (the step is taken: ``p <- p - step``), or a float32 ``(B, a, b)``
+    grid that receives the MLP's raw direction instead, ``p`` left alone (Celo2, whose step is made
+    from the whole tensor's directions).
     """
 
     first: torch.Tensor
@@ -393,6 +436,7 @@ class FoldedMlp(NamedTuple):
     last: tuple[torch.Tensor, torch.Tensor]
     exp_mult: float
     step_scale: torch.Tensor
+    direction_out: torch.Tensor | None = None
 
 
 @dataclass

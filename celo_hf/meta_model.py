@@ -11,20 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
-from typing_extensions import Self
 
-from .weight_files import (
-    UPDATE_RULE_KEY,
-    CeloWeightsError,
-    UpdateRule,
-    WeightFiles,
-    read_weights,
-)
+from .weight_files import UPDATE_RULE_KEY, CeloWeightsError, UpdateRule, WeightFiles, read_weights
+
+if TYPE_CHECKING:
+    from .layout import RuleConfig
 
 _Model = TypeVar("_Model", bound="MetaModel")
 
@@ -108,6 +104,15 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
         """The MLP's ``(weight (out, in), bias (out,))`` pairs, first layer first."""
         return [(m.weight, m.bias) for m in self.mlp if isinstance(m, nn.Linear)]
 
+    def rule_config(self) -> RuleConfig:
+        """The configuration of the update rule these weights drive (what the driver and the kernels read)."""
+        raise NotImplementedError
+
+    def _mlp_shape(self) -> dict[str, int]:
+        """``hidden`` (the MLP's hidden width) and ``hidden_layers`` (after the first), for :meth:`rule_config`."""
+        layers = self.mlp_layers()
+        return {"hidden": layers[0][0].shape[0], "hidden_layers": len(layers) - 2}
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Apply the update MLP to normalised features ``(..., F)``; returns ``(..., 3)``."""
         return self.mlp(features)
@@ -124,7 +129,7 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls,
+        cls: type[_Model],
         pretrained: str | Path,
         *,
         revision: str | None = None,
@@ -132,7 +137,7 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
-    ) -> Self:
+    ) -> _Model:
         """Load this rule's weights from a local folder or file, or a Hub model id, in either format.
 
         Accepted: a folder or Hub repo with ``config.json`` + ``model.safetensors`` (this project's
@@ -152,7 +157,7 @@ class MetaModel(nn.Module, PyTorchModelHubMixin):
         return cls.from_weight_files(files)
 
     @classmethod
-    def from_weight_files(cls, files: WeightFiles) -> Self:
+    def from_weight_files(cls: type[_Model], files: WeightFiles) -> _Model:
         """The meta-model a checkpoint holds, strictly: its configuration must be one this class takes
         and its state dict must have exactly this configuration's entries and shapes; in eval mode."""
         try:

@@ -22,14 +22,8 @@ import torch
 from torch import nn
 
 from .features import SCHEDULER_INPUT_SIZE
-from .layout import feature_group_widths
-from .meta_model import (
-    MetaModel,
-    model_card_template,
-    paired_decays,
-    per_parameter_mlp,
-    reset_linear,
-)
+from .layout import RuleConfig, feature_group_widths
+from .meta_model import MetaModel, model_card_template, paired_decays, per_parameter_mlp, reset_linear
 from .weight_files import CELO
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights.
@@ -131,6 +125,12 @@ class CeloNet(
         nn.init.zeros_(self.init_cell)
 
     # ---- the scheduler -------------------------------------------------------------------------
+
+    def rule_config(self) -> RuleConfig:
+        """Celo's configuration with these weights' decays, multipliers and MLP shape."""
+        return RuleConfig(
+            self.momentum_decays, self.factored_decays, self.rms_decay, self.step_mult, self.exp_mult, **self._mlp_shape()
+        )
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the learned initial LSTM state ``(hidden, cell)``, each ``(1, H)`` float32."""

@@ -58,7 +58,7 @@ class _Scheduler(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor):
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor):  # noqa: D102
         return self.net.schedule(inputs, (hidden, cell))
 
 

@@ -39,19 +39,21 @@ def prepare(config: RuleConfig) -> None:
 
 
 def factor_scales(
-    v_row: torch.Tensor, v_col: torch.Tensor, d0: int, d1: int, lead: int, row_mean: torch.Tensor | None = None
+    v_row: torch.Tensor, v_col: torch.Tensor, d0: int, d1: int, lead: int, row_mean: torch.Tensor | None = None,
+    floor: float = FACTOR_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adafactor-style row and column scales, re-expanded so they broadcast against the tensor.
 
     ``v_row`` / ``v_col`` carry ``lead`` leading axes (decay, or batch and decay) before the
     parameter axes. Returns ``rsqrt(max(v_row / (mean of v_row over the d1 axis + 1e-9), 1e-9))``
     with a size-1 axis re-inserted at ``d0``, and ``rsqrt(max(v_col, 1e-9))`` re-inserted at ``d1``.
-    ``row_mean`` (keepdim) may be given when that mean spans several processes.
+    ``row_mean`` (keepdim) may be given when that mean spans several processes; ``floor`` is the
+    rule's (``RuleConstants.factor_floor``).
     """
     if row_mean is None:
         row_mean = v_row.mean(dim=lead + row_mean_axis(d0, d1), keepdim=True)
-    row = torch.rsqrt(torch.clamp(v_row / (row_mean + FACTOR_FLOOR), min=FACTOR_FLOOR))
-    col = torch.rsqrt(torch.clamp(v_col, min=FACTOR_FLOOR))
+    row = torch.rsqrt(torch.clamp(v_row / (row_mean + floor), min=floor))
+    col = torch.rsqrt(torch.clamp(v_col, min=floor))
     return row.unsqueeze(lead + d0), col.unsqueeze(lead + d1)
 
 

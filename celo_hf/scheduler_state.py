@@ -93,7 +93,7 @@ class SchedulerState:
                 f"saved scheduler state lacks {missing}: expected the entries iteration, "
                 f"{', '.join(_BUFFER_KEYS + _LSTM_KEYS)} (got {sorted(saved)})"
             )
-        f32 = lambda key: torch.as_tensor(saved[key]).to(device=device, dtype=torch.float32)
+        f32 = lambda key: torch.as_tensor(saved[key]).to(device=device, dtype=torch.float32)  # noqa: E731
         iteration = saved["iteration"]
         if isinstance(iteration, torch.Tensor):
             iteration = iteration.to(device=device, dtype=torch.int64)

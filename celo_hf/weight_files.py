@@ -183,7 +183,7 @@ def read_paper_checkpoint(path: str | Path) -> WeightFiles:
     mlp = _MLP_KEYS
     widths = feature_group_widths(_PAPER_NUM_DECAYS)
     w0 = torch.cat([_leaf(tree, str(path), (*mlp, f"w0__{i}"), (1, k, 4))[0] for i, k in enumerate(widths)])
-    rnn = lambda name, key, shape: _leaf(tree, str(path), ("rnn_params", name, key), shape)
+    rnn = lambda name, key, shape: _leaf(tree, str(path), ("rnn_params", name, key), shape)  # noqa: E731
     lstm_w = rnn("rnn/linear", "w", (2 * hidden, 4 * hidden))
     lstm_b = _reorder_haiku_gates(rnn("rnn/linear", "b", (4 * hidden,)), hidden)
     lstm_b[hidden : 2 * hidden] += 1.0  # haiku adds +1 to the forget gate at run time

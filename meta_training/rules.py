@@ -35,7 +35,6 @@ from torch import nn
 from celo_hf import Celo, CeloNet, population
 from celo_hf.celo2 import population as celo2_population
 from celo_hf.celo2.routing import DEFAULT_ADAM_REGEX
-from celo_hf.celo2.rule import Celo2Config
 from celo_hf.hub import load_celo_net
 from celo_hf.layout import TensorState
 
@@ -267,8 +266,7 @@ class Celo2Rule:
     @staticmethod
     def settings(net: nn.Module) -> celo2_population.Settings:
         """The population's settings: ``Celo2``'s defaults at lr :data:`CELO2_LR`, ``net``'s decays."""
-        config = Celo2Config(tuple(net.momentum_decays), net.rms_decay, tuple(net.factored_decays))
-        return celo2_population.Settings(config, lr=CELO2_LR, adam_regex=DEFAULT_ADAM_REGEX, layout="jax")
+        return celo2_population.Settings(net.rule_config(), lr=CELO2_LR, adam_regex=DEFAULT_ADAM_REGEX, layout="jax")
 
     def init(self, net: nn.Module, params: Weights, total_steps: torch.Tensor, meta_weights: Weights) -> Celo2State:
         """Zero state (Celo2 reads no planned length)."""

@@ -33,8 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, load_dataset
-from loss_curve import LossCurve, LossCurveCallback, plot_curves
-from shakespeare import genre_dataset, speech_dataset
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -52,6 +50,8 @@ from transformers import (
 from transformers.training_args import OptimizerNames
 
 import celo_hf
+from loss_curve import LossCurve, LossCurveCallback, plot_curves
+from shakespeare import genre_dataset, speech_dataset
 
 TASKS = ("sequence-classification", "causal-lm")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -64,7 +64,8 @@ def test_adamw_keeps_two_float32_moments(name, options, peak_per_param):
 @pytest.mark.reference
 def test_celo2_state_is_four_floats_per_matrix_element_and_two_per_adam_element():
     """A (300, 200) matrix on the learned branch (momenta 3 + second moment 1 per element, factored
-    rows / columns 3 x (200 + 300)) and its bias on the Adam branch (m1 + v1)."""
+    rows / columns 3 x (200 + 300)) and its bias on the Adam branch (m1 + v1), float32; plus the
+    meta-model's 347 weights laid out once for the kernels (under 2 KB)."""
     from helpers import REFERENCE
 
     named = [("w", torch.nn.Parameter(torch.randn(300, 200))), ("w.bias", torch.nn.Parameter(torch.randn(200)))]
@@ -72,7 +73,8 @@ def test_celo2_state_is_four_floats_per_matrix_element_and_two_per_adam_element(
         p.grad = torch.randn_like(p)
     net = celo_hf.celo2.hub.load_celo2_net(REFERENCE / "celo2" / "theta_random.state")
     state, _ = step_speed.optimizer_memory(step_speed.celo2_contender(net), named, torch.tensor(1.0), CPU)
-    assert state == 4 * (4 * 300 * 200 + 3 * (200 + 300) + 2 * 200)
+    expected = 4 * (4 * 300 * 200 + 3 * (200 + 300) + 2 * 200)
+    assert expected <= state <= expected + 2048
 
 
 @pytest.mark.parametrize("text, count", [("50M", 50_000_000), ("250k", 250_000), ("1.5M", 1_500_000), ("123", 123)])
@@ -142,6 +144,6 @@ def test_compare_revisions_tabulates_both_trees(tmp_path):
         check=True, capture_output=True, text=True, cwd=REPO,
     )
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| tiny40")]
-    assert [row[2].strip() for row in rows] == ["Celo[eager]"]
-    before, after, quotient = (float(cell) for cell in rows[0][3:6])
+    assert [row[2].strip() for row in rows] == ["Celo2", "Celo[eager]"]
+    before, after, quotient = (float(cell) for cell in rows[1][3:6])
     assert before > 0 and after > 0 and math.isclose(quotient, after / before, rel_tol=0.01)

@@ -16,14 +16,15 @@ import torch
 from helpers import REFERENCE
 
 from celo_hf.celo2 import reference
-from celo_hf.celo2.rule import Celo2Config
-from celo_hf.celo2.update import MlpWeights, adam_update_, learned_update_
+from celo_hf.celo2.network import Celo2Net
+from celo_hf.celo2.update import adam_update_, learned_update_
+from celo_hf.layout import UpdateWeights
 from celo_hf.layout import factored_dims, init_tensor_state
 from celo_hf.weight_files import read_flax_msgpack
 
 pytestmark = pytest.mark.reference
 CELO2 = REFERENCE / "celo2"
-CONFIG = Celo2Config()
+CONFIG = Celo2Net().rule_config()
 #: Tolerances of reference/celo2/README.md (max |x - ref| / max |ref| per tensor and step).
 STEP_RTOL = 5e-4
 INTERMEDIATE_RTOL = 1e-5
@@ -138,11 +139,20 @@ def _stacked_state(shape: tuple[int, ...], batch: int) -> dict[str, torch.Tensor
     return {k: v.expand(batch, *v.shape).clone() for k, v in init_tensor_state(shape, 3).items()}
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
-def test_batched_branches_replay_the_recording_free_running(name):
+#: The learned branch's implementations, scenario by scenario: every registered backend that runs
+#: Celo2 on CPU (vectors and matrices through the driver and its kernels; higher ranks through
+#: celo2.update's torch path) and the literal reference tensor by tensor; ``compile`` (a minute or
+#: more of compiling) on the scenario with Newton-Schulz, clipped gradients and no rank >= 3.
+IMPLEMENTATIONS = [
+    *((name, backend) for name in SCENARIOS for backend in ("eager", "cpp", "reference")), ("celo2_clip", "compile"),
+]
+
+
+@pytest.mark.parametrize(("name", "backend"), IMPLEMENTATIONS)
+def test_batched_branches_replay_the_recording_free_running(name, backend):
     """The batched learned branch (one tensor per call, tiny chunks) and the Adam branch, never re-synced."""
     replay = Replay(name)
-    weights = MlpWeights.shared(checkpoint_layers(), "cpu")
+    weights = UpdateWeights.from_layers(CONFIG, [(w[None], b[None]) for w, b in checkpoint_layers()], "cpu")
     for param in replay.names:
         p = torch.tensor(replay[f"init/{param}"]).reshape(1, *(replay[f"init/{param}"].shape or (1,)))
         learned = replay.branch[param] == "celo2"
@@ -152,7 +162,7 @@ def test_batched_branches_replay_the_recording_free_running(name):
         for t in range(replay.steps):
             g = replay.grad(param, t).reshape(p.shape)
             if learned:
-                learned_update_(p, g, state, weights, CONFIG, lr, wd, replay.orthogonalize, chunk_elements=7)
+                learned_update_(p, g, state, weights, lr, wd, replay.orthogonalize, backend, chunk_elements=7)
             else:
                 adam_update_(p, g, state, lr * torch.tensor(20.0), wd)
             assert replay.param_error(param, t, p) <= 1.0, (name, param, t)
@@ -161,10 +171,11 @@ def test_batched_branches_replay_the_recording_free_running(name):
 SHAPES = [(1,), (7,), (6, 6), (7, 5), (4, 9), (6, 1), (1, 6), (3, 8, 4), (3, 3, 4, 6), (6, 4, 3, 3), (40, 33)]
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("orthogonalize", [True, False], ids=["celo2", "celo2base"])
 @pytest.mark.parametrize("chunk_elements", [1 << 16, 7])
-def test_batched_learned_branch_equals_the_reference(shape, orthogonalize, chunk_elements):
+def test_batched_learned_branch_equals_the_reference(shape, orthogonalize, chunk_elements, backend):
     """Three tensors of one shape, each with its own random meta-model (a population's rows),
     three steps at growing gradient scales, against the reference one tensor at a time."""
     generator = torch.Generator().manual_seed(sum(shape) + chunk_elements)
@@ -183,7 +194,8 @@ def test_batched_learned_branch_equals_the_reference(shape, orthogonalize, chunk
             out = reference.learned_step(expected[b], g[b], states[b], [(w[b], c[b]) for w, c in layers], CONFIG, orthogonalize)
             states[b] = out.state
             expected[b] = reference.apply_step(expected[b], out.step, 1e-2, 0.1)
-        learned_update_(p, g, state, MlpWeights.from_layers(layers), CONFIG, lr, wd, orthogonalize, chunk_elements)
+        learned_update_(p, g, state, UpdateWeights.from_layers(CONFIG, layers, "cpu"), lr, wd, orthogonalize, backend,
+                        chunk_elements)
     torch.testing.assert_close(p, expected, rtol=0, atol=2e-6)
     for b in range(batch):
         for key, value in states[b].items():

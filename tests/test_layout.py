@@ -14,6 +14,7 @@ import torch
 import celo_hf
 from celo_hf import layout
 from celo_hf.backends import cpp
+from celo_hf.celo2 import rule as celo2_rule
 
 PACKAGE = Path(celo_hf.__file__).parent
 BACKENDS = PACKAGE / "backends"
@@ -51,13 +52,14 @@ def test_triton_kernels_take_every_layout_value_as_a_constexpr():
     pytest.importorskip("triton")
     from celo_hf.backends import triton_kernels
 
-    values = triton_kernels._constexprs(3)
-    assert values["C"] == layout.kernel_channel_offsets(3)["channels"] and values["K"] == 3
-    assert {k: values[k] for k in ("GRAD_CLIP", "FEATURE_GRAD_CLIP", "RMS_EPS")} == {
-        k: layout.CONSTANTS[k] for k in ("GRAD_CLIP", "FEATURE_GRAD_CLIP", "RMS_EPS")
-    }
-    for kernel in (triton_kernels._accumulate_kernel, triton_kernels._step_kernel):
-        assert set(values) <= set(kernel.arg_names), kernel
+    for constants in (layout.CELO_CONSTANTS, celo2_rule.CONSTANTS):  # the rule's, not module constants
+        values = triton_kernels._constexprs(3, constants)
+        assert values["C"] == layout.kernel_channel_offsets(3)["channels"] and values["K"] == 3
+        assert {k: values[k] for k in ("GRAD_CLIP", "FEATURE_GRAD_CLIP", "RMS_EPS")} == {
+            k: constants.by_name()[k] for k in ("GRAD_CLIP", "FEATURE_GRAD_CLIP", "RMS_EPS")
+        }
+        for kernel in (triton_kernels._accumulate_kernel, triton_kernels._step_kernel):
+            assert set(values) <= set(kernel.arg_names), kernel
 
 
 def _module_name(path: Path) -> str:

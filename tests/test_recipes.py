@@ -12,25 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REFERENCE
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
-import compare
-import finetune
-from shakespeare import parse_speeches
+import compare  # noqa: E402
+import finetune  # noqa: E402
+from shakespeare import parse_speeches  # noqa: E402
 
-from celo_hf import Celo2
+from celo_hf import Celo2  # noqa: E402
 
-WORDS = ["good", "bad", "the", "a", "of", "and", "to", "in", "is", "it", "that", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from"]
+WORDS = "good bad the a of and to in is it that was for on are as with his they at be this from".split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
@@ -86,7 +79,7 @@ def read_curve(path: Path) -> list[dict[str, str]]:
 
 
 def test_optim_accepts_celo_and_every_transformers_name():
-    parse = lambda *argv: finetune.parse_args(["--output_dir", "unused", *argv])[2]
+    parse = lambda *argv: finetune.parse_args(["--output_dir", "unused", *argv])[2]  # noqa: E731
     assert parse().uses_celo  # the default
     celo = parse("--optim", "celo", "--lr_scheduler_type", "linear")
     assert celo.optim == "celo" and celo.lr_scheduler_type == "constant"
@@ -116,15 +109,12 @@ def test_finetune_classification_with_celo(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["final_train_loss"] == float(rows[-1]["loss"])
 
 
-@pytest.mark.reference
 @pytest.mark.parametrize(("task", "from_scratch"), [("sequence-classification", "false"), ("causal-lm", "true")])
 def test_celo2_fine_tunes_and_trains_from_scratch(tmp_path, task, from_scratch):
-    """--optim celo2 through Celo2Factory: lr 1e-3 by default under Trainer's linear decay and
-    Trainer's weight-decay groups, every weight moved (the test checkpoint's random meta-model
-    need not lower the loss), the recipe's outputs written."""
-    weights = str(REFERENCE / "celo2" / "theta_random.state")
-    argv = tiny_argv(tmp_path, task, optim="celo2", celo2_weights=weights, from_scratch=from_scratch, max_steps="6",
-                     weight_decay="0.01")
+    """--optim celo2 through Celo2Factory with the embedded Celo2 weights: lr 1e-3 by default under
+    Trainer's linear decay and Trainer's weight-decay groups, every weight moved, the recipe's
+    outputs written."""
+    argv = tiny_argv(tmp_path, task, optim="celo2", from_scratch=from_scratch, max_steps="6", weight_decay="0.01")
     model_args, data_args, args = finetune.parse_args(argv)
     assert (args.optim, args.learning_rate, args.lr_scheduler_type) == ("celo2", 1e-3, "linear")
     trainer, curve = finetune.build_trainer(model_args, data_args, args)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..layout import Kernels, RuleConfig, UpdateWeights
+from ..layout import Kernels, RuleConfig, RuleConstants, UpdateWeights
 from . import eager
 
 #: Inductor settings for the compiled kernels: inline every intermediate (the MLP's hidden units
@@ -28,8 +28,9 @@ def prepare(config: RuleConfig) -> None:
 
 
 def kernels(weights: UpdateWeights) -> Kernels:
-    """The compiled kernels (one set per process; inductor specialises them per configuration)."""
-    return _compiled()
+    """The compiled kernels for the rule's constants (one set per process and rule; inductor
+    specialises them per configuration)."""
+    return _compiled(weights.config.constants)
 
 
 def _without_view_bases(kernel: Callable[..., torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
@@ -49,20 +50,12 @@ def _without_view_bases(kernel: Callable[..., torch.Tensor | None]) -> Callable[
     return lambda *args: kernel(*(plain(a) for a in args))
 
 
-def _accumulate_unrolled_(*args: object) -> torch.Tensor:
-    return eager.accumulate_(*args, unrolled=True)  # type: ignore[arg-type]
-
-
-def _mlp_step_unrolled_(*args: object) -> None:
-    eager.mlp_step_(*args, unrolled=True)  # type: ignore[arg-type]
-
-
 @functools.cache
-def _compiled() -> Kernels:
-    compiled = lambda f: _without_view_bases(torch.compile(f, dynamic=True, options=_FUSE_EVERYTHING))
+def _compiled(constants: RuleConstants) -> Kernels:
+    compiled = lambda f: _without_view_bases(torch.compile(f, dynamic=True, options=_FUSE_EVERYTHING))  # noqa: E731
     return Kernels(
-        square_sums=compiled(eager.square_sums),
+        square_sums=compiled(functools.partial(eager.square_sums, constants=constants)),
         factored_statistics=None,
-        accumulate_=compiled(_accumulate_unrolled_),
-        mlp_step_=compiled(_mlp_step_unrolled_),
+        accumulate_=compiled(functools.partial(eager.accumulate_, unrolled=True, constants=constants)),
+        mlp_step_=compiled(functools.partial(eager.mlp_step_, unrolled=True, constants=constants)),
     )

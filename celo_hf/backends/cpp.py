@@ -42,9 +42,11 @@ from ..layout import (
     FoldedMlp,
     Grid,
     Kernels,
+    CELO_CONSTANTS,
     KernelShape,
     Preconditioners,
     RuleConfig,
+    RuleConstants,
     TensorState,
     UpdateWeights,
     c_defines,
@@ -85,6 +87,7 @@ class MlpArgs(ctypes.Structure):
     _fields_ = [
         *((name, _Pointer) for name in ("first", "hidden_w", "hidden_b", "last_w", "last_b", "step_scale")),
         ("exp_mult", ctypes.c_float),
+        ("direction_out", _Pointer), ("out_sb", _I64), ("out_sa", _I64),
     ]
 
 
@@ -181,8 +184,12 @@ def library(shape: KernelShape) -> ctypes.CDLL:
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, restype
     built = layout_of(lib)
-    if KernelShape(built.k, built.h, built.l) != shape:
-        raise RuntimeError(f"{path} was built for {KernelShape(built.k, built.h, built.l)}, not {shape}")
+    wanted_constants = torch.tensor(list(shape.constants.by_name().values()), dtype=torch.float32).tolist()
+    if (built.k, built.h, built.l) != shape[:3] or list(built.constants) != wanted_constants:
+        raise RuntimeError(
+            f"{path} was built for {(built.k, built.h, built.l)} and constants {list(built.constants)}, "
+            f"not {shape[:3]} and {wanted_constants}"
+        )
     return lib
 
 
@@ -201,7 +208,7 @@ def kernels(weights: UpdateWeights) -> Kernels:
 def _kernels(shape: KernelShape) -> Kernels:
     lib = library(shape)
     return Kernels(
-        square_sums=functools.partial(square_sums, lib),
+        square_sums=functools.partial(square_sums, lib, constants=shape.constants),
         factored_statistics=functools.partial(factored_statistics, lib),
         accumulate_=functools.partial(accumulate_, lib),
         mlp_step_=functools.partial(mlp_step_, lib),
@@ -267,7 +274,7 @@ def _factor_args(
     parts, and the tensors their addresses point into (keep them alive). A preconditioner shared by
     the gradient and the momentum is passed once, twice."""
     batch, decays, rows, cols = m.shape
-    split = lambda q: _row_and_column(q, product, 1.0, batch, decays, rows, cols)
+    split = lambda q: _row_and_column(q, product, 1.0, batch, decays, rows, cols)  # noqa: E731
     q_g = split(pre.q_g)
     q_m = split(pre.q_m) if pre.q_m is not pre.q_g else q_g
     hidden = (None, None) if hidden_in is None else _row_and_column(hidden_in, total, 0.0, batch, width, rows, cols)
@@ -278,11 +285,13 @@ def _factor_args(
 # ---- the kernels ----------------------------------------------------------------------------------
 
 
-def square_sums(lib: ctypes.CDLL, g: torch.Tensor, d0: int, d1: int) -> tuple[torch.Tensor, torch.Tensor]:
+def square_sums(
+    lib: ctypes.CDLL, g: torch.Tensor, d0: int, d1: int, constants: RuleConstants = CELO_CONSTANTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 0 (contract of :func:`celo_hf.backends.eager.square_sums`); matrices in C++, higher
     ranks through the eager kernel."""
     if g.dim() != 3:
-        return eager.square_sums(g, d0, d1)
+        return eager.square_sums(g, d0, d1, constants=constants)
     g = _float32(g)
     batch, rows, cols = g.shape
     row_sums = torch.empty(batch, rows, dtype=torch.float32)
@@ -296,7 +305,7 @@ def accumulate_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, decays: Deca
     """Pass 1 (contract of :func:`celo_hf.backends.eager.accumulate_`)."""
     batch, decays_count = grid.m.shape[:2]
     sums = torch.zeros(batch, kernel_channel_offsets(decays_count)["channels"], dtype=torch.float64)
-    factors, keep_alive = _factor_args(pre, grid.m)
+    factors, keep_alive = _factor_args(pre, grid.m)  # noqa: F841 (the pointers point into them)
     p, g = _float32(grid.p), _float32(grid.g)
     momentum = decays.momentum.float().contiguous()
 
@@ -312,7 +321,7 @@ def accumulate_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, decays: Deca
 
 def mlp_step_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, hidden_in: Factors, mlp: FoldedMlp) -> None:
     """Pass 2 (contract of :func:`celo_hf.backends.eager.mlp_step_`)."""
-    factors, keep_alive = _factor_args(pre, grid.m, hidden_in, mlp.first.shape[2])
+    factors, keep_alive = _factor_args(pre, grid.m, hidden_in, mlp.first.shape[2])  # noqa: F841 (the pointers point into them)
     g, m, rms = _float32(grid.g), _float32(grid.m), _float32(grid.rms)
     if mlp.hidden_layers:
         hidden_w = torch.stack([w for w, _ in mlp.hidden_layers], 1).float().contiguous()
@@ -320,15 +329,20 @@ def mlp_step_(lib: ctypes.CDLL, grid: Grid, pre: Preconditioners, hidden_in: Fac
     else:
         hidden_w = hidden_b = torch.zeros(1)
     dense = [t.float().contiguous() for t in (mlp.first, hidden_w, hidden_b, *mlp.last, mlp.step_scale)]
-    weights = MlpArgs(*(_ptr(t) for t in dense), mlp.exp_mult)
+    out = mlp.direction_out
 
-    def run(p32: torch.Tensor) -> None:
+    def run(p32: torch.Tensor, out32: torch.Tensor | None = None) -> None:
+        target = (0, 0, 0) if out32 is None else (_ptr(out32), out32.stride(0), out32.stride(1))
+        weights = MlpArgs(*(_ptr(t) for t in dense), mlp.exp_mult, *target)
         lib.celo_mlp_step(
             ctypes.byref(_grid_args(p32, g, m, rms)), ctypes.byref(factors), ctypes.byref(weights),
             torch.get_num_threads(),
         )
 
-    _in_place(run, (grid.p,))
+    if out is None:
+        _in_place(run, (grid.p,))
+    else:  # p is only read
+        _in_place(lambda out32: run(_float32(grid.p), out32), (out,))
 
 
 # ---- factored moments ------------------------------------------------------------------------------

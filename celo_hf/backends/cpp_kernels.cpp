@@ -371,11 +371,11 @@ struct Mlp {
     float direction_bias, magnitude_bias;
 };
 
-// Pass 2 at j: features, MLP, p <- p - step. The first layer takes the channels grouped by what they
+// Pass 2 at j: features, MLP, p <- p - step, or the raw direction into out_row (when not null). The first layer takes the channels grouped by what they
 // multiply (momentum k enters as m_k * (w_m + w_mr r + w_mq q_m), one product per hidden unit instead
 // of three products shared by all), which saves multiplications but not accuracy.
 template <typename T>
-inline void step_at(const Row& row, const Mlp& mlp, int64_t j) {
+inline void step_at(const Row& row, const Mlp& mlp, int64_t j, float* out_row) {
     const auto& w = mlp.first;
     const T g = clamp(load<T>(row.g + j), -GRAD_CLIP, GRAD_CLIP);
     const T rms = load<T>(row.rms + j);
@@ -422,6 +422,10 @@ inline void step_at(const Row& row, const Mlp& mlp, int64_t j) {
     for (int u = 0; u < H; ++u) {
         direction += mlp.direction[u] * h[u];
         magnitude += mlp.magnitude[u] * h[u];
+    }
+    if (out_row != nullptr) {
+        store(out_row + j, direction);
+        return;
     }
     float* out = const_cast<float*>(row.p) + j;
     store(out, p - direction * exp_(magnitude));
@@ -639,10 +643,13 @@ void celo_accumulate(
 
 // Pass 2's MLP: first (B, C, H) holds the first layer's weights of the channels with the normalisers
 // folded in; hidden_w (B, L, H, H) as (out, in), hidden_b (B, L, H); last_w (B, 2, H), last_b (B, 2);
-// step_scale (B).
+// step_scale (B). direction_out: null (the step is taken), or a (B, rows, cols) grid with strides
+// out_sb, out_sa (unit stride along cols) that receives the raw direction instead, p left alone.
 struct MlpArgs {
     const float *first, *hidden_w, *hidden_b, *last_w, *last_b, *step_scale;
     float exp_mult;
+    float* direction_out;
+    int64_t out_sb, out_sa;
 };
 
 // Pass 2: features from the stored accumulators, the MLP, and p <- p - direction * exp(exp_mult *
@@ -685,9 +692,11 @@ void celo_mlp_step(const GridArgs* grid, const Factors* factors, const MlpArgs* 
                     on_row.first[precond_g(k)][u] = mlp.first[precond_g(k)][u] * row.qg_row[k];
                     on_row.first[precond_m(k)][u] = mlp.first[precond_m(k)][u] * row.qm_row[k];
                 }
+            float* out_row = weights->direction_out == nullptr ? nullptr
+                             : weights->direction_out + t * weights->out_sb + i * weights->out_sa;
             int64_t j = 0;
-            for (; j + W <= cols; j += W) step_at<Vec>(row, on_row, j);
-            for (; j < cols; ++j) step_at<float>(row, on_row, j);
+            for (; j + W <= cols; j += W) step_at<Vec>(row, on_row, j, out_row);
+            for (; j < cols; ++j) step_at<float>(row, on_row, j, out_row);
         }
     });
 }

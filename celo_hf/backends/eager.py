@@ -10,15 +10,13 @@ with every intermediate inlined (:mod:`celo_hf.backends.compiled`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from ..layout import (
-    FACTORED_EPS,
-    FEATURE_GRAD_CLIP,
-    GRAD_CLIP,
-    RMS_EPS,
+    CELO_CONSTANTS,
     Decays,
     Factors,
     FoldedMlp,
@@ -26,6 +24,7 @@ from ..layout import (
     Kernels,
     Preconditioners,
     RuleConfig,
+    RuleConstants,
     UpdateWeights,
     product,
     total,
@@ -40,22 +39,36 @@ def prepare(config: RuleConfig) -> None:
 
 
 def kernels(weights: UpdateWeights) -> Kernels:
-    """The eager kernels (any configuration, any device)."""
-    return KERNELS
+    """The eager kernels (any configuration, any device) with the rule's constants."""
+    return kernels_for(weights.config.constants)
 
 
-def square_sums(g: torch.Tensor, d0: int, d1: int) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def kernels_for(constants: RuleConstants) -> Kernels:
+    """The eager kernels bound to ``constants`` (every function below takes them as ``constants=``)."""
+    bind = lambda f: functools.partial(f, constants=constants)  # noqa: E731
+    return Kernels(
+        square_sums=bind(square_sums),
+        factored_statistics=None,
+        accumulate_=bind(accumulate_),
+        mlp_step_=bind(mlp_step_),
+        whole_batch=(bind(stacked_channels_), mlp_step_on_channels_),
+    )
+
+
+def square_sums(g: torch.Tensor, d0: int, d1: int, constants: RuleConstants = CELO_CONSTANTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 0: ``clip(g)^2 + eps`` summed over parameter axis ``d0`` and over ``d1``.
 
     ``g`` ``(B, *S)`` (a chunk of rows of a rank >= 2 tensor); returns float32 ``(B, *S without
     d0)`` and ``(B, *S without d1)``.
     """
-    gsq = g.float().clamp(-GRAD_CLIP, GRAD_CLIP).square() + FACTORED_EPS
+    gsq = g.float().clamp(-constants.grad_clip, constants.grad_clip).square() + constants.factored_eps
     return gsq.sum(1 + d0), gsq.sum(1 + d1)
 
 
 def _element_channels(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rms: torch.Tensor, q_g: torch.Tensor, q_m: torch.Tensor,
+    constants: RuleConstants,
 ) -> list[torch.Tensor]:
     """The per-element feature channels (groups ``layout.ELEMENT_GROUPS``), un-normalised, each
     ``(B, a, b)``.
@@ -64,10 +77,11 @@ def _element_channels(
     accumulators; ``q_g``/``q_m`` (broadcastable to ``m``) the factored preconditioners of the
     gradient and of the momentum.
     """
-    r = torch.rsqrt(rms + RMS_EPS)
+    r = torch.rsqrt(rms + constants.rms_eps)
     ms = m.unbind(1)
+    clip = constants.feature_grad_clip
     return [
-        g, g.clamp(-FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP), p, *ms, rms, *(mj * r for mj in ms), r,
+        g, g.clamp(-clip, clip), p, *ms, rms, *(mj * r for mj in ms), r,
         *(g * qj for qj in q_g.unbind(1)), g * r, *(mj * qj for mj, qj in zip(ms, q_m.unbind(1))),
     ]
 
@@ -82,27 +96,34 @@ def _moving_average_(average: torch.Tensor, decay: torch.Tensor | float, value: 
     return new
 
 
-def channels_(grid: Grid, pre: Preconditioners, decays: Decays) -> list[torch.Tensor]:
+def channels_(
+    grid: Grid, pre: Preconditioners, decays: Decays, constants: RuleConstants = CELO_CONSTANTS
+) -> list[torch.Tensor]:
     """Update ``m`` and ``rms`` in place; return the per-element channels at the new accumulators."""
-    g = grid.g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
+    g = grid.g.float().clamp(-constants.grad_clip, constants.grad_clip)
     m32 = _moving_average_(grid.m, decays.momentum.view(-1, 1, 1), g[:, None])
     rms32 = _moving_average_(grid.rms, decays.rms, g * g)
-    return _element_channels(grid.p.float(), g, m32, rms32, product(pre.q_g), product(pre.q_m))
+    return _element_channels(grid.p.float(), g, m32, rms32, product(pre.q_g), product(pre.q_m), constants)
 
 
-def stacked_channels_(grid: Grid, pre: Preconditioners, decays: Decays) -> torch.Tensor:
+def stacked_channels_(
+    grid: Grid, pre: Preconditioners, decays: Decays, constants: RuleConstants = CELO_CONSTANTS
+) -> torch.Tensor:
     """:func:`channels_` stacked ``(B, C, a, b)``."""
-    return torch.stack(channels_(grid, pre, decays), dim=1)
+    return torch.stack(channels_(grid, pre, decays, constants), dim=1)
 
 
-def accumulate_(grid: Grid, pre: Preconditioners, decays: Decays, unrolled: bool | None = None) -> torch.Tensor:
+def accumulate_(
+    grid: Grid, pre: Preconditioners, decays: Decays, unrolled: bool | None = None,
+    constants: RuleConstants = CELO_CONSTANTS,
+) -> torch.Tensor:
     """Pass 1: :func:`channels_`, then each channel's sum of squares ``(B, C)``.
 
     ``unrolled``: one reduction per channel (what ``torch.compile`` fuses best, and faster eagerly
     on large chunks) instead of one reduction over the stacked channels (fewest eager operations,
     faster on small chunks); ``None`` chooses by size.
     """
-    channels = channels_(grid, pre, decays)
+    channels = channels_(grid, pre, decays, constants)
     if unrolled or (unrolled is None and grid.p.numel() > _STACKED_SUM_ELEMENTS):
         return torch.stack([(c * c).sum((-2, -1)) for c in channels], dim=1)
     x = torch.stack(channels, dim=1)
@@ -118,16 +139,21 @@ def _affine(inputs: Sequence[torch.Tensor], weight: torch.Tensor, start: torch.T
     return out
 
 
-def mlp_step_(grid: Grid, pre: Preconditioners, hidden_in: Factors, mlp: FoldedMlp, unrolled: bool = False) -> None:
-    """Pass 2: features, MLP and ``p <- p - step``, in place on ``grid.p``.
+def mlp_step_(
+    grid: Grid, pre: Preconditioners, hidden_in: Factors, mlp: FoldedMlp, unrolled: bool = False,
+    constants: RuleConstants = CELO_CONSTANTS,
+) -> None:
+    """Pass 2: features, MLP and ``p <- p - step``, in place on ``grid.p`` (or the direction into
+    ``mlp.direction_out``).
 
     ``unrolled``: the MLP as explicit multiply-adds per unit (one fused loop under ``torch.compile``)
     instead of batched matrix products (fewest eager operations).
     """
     p = grid.p
+    clip = constants.grad_clip
     channels = _element_channels(
-        p.float(), grid.g.float().clamp(-GRAD_CLIP, GRAD_CLIP), grid.m.float(), grid.rms.float(),
-        product(pre.q_g), product(pre.q_m),
+        p.float(), grid.g.float().clamp(-clip, clip), grid.m.float(), grid.rms.float(),
+        product(pre.q_g), product(pre.q_m), constants,
     )
     if not unrolled:
         mlp_step_on_channels_(p, torch.stack(channels, dim=1), hidden_in, mlp)
@@ -155,13 +181,11 @@ def mlp_step_on_channels_(p: torch.Tensor, channels: torch.Tensor, hidden_in: Fa
 
 
 def _take_step_(p: torch.Tensor, direction: torch.Tensor, magnitude: torch.Tensor, mlp: FoldedMlp) -> None:
+    if mlp.direction_out is not None:
+        mlp.direction_out.copy_(direction)
+        return
     p.copy_(p.float() - direction * torch.exp(mlp.exp_mult * magnitude) * mlp.step_scale[:, None, None])
 
 
-KERNELS = Kernels(
-    square_sums=square_sums,
-    factored_statistics=None,
-    accumulate_=accumulate_,
-    mlp_step_=mlp_step_,
-    whole_batch=(stacked_channels_, mlp_step_on_channels_),
-)
+#: The kernels with Celo's constants.
+KERNELS = kernels_for(CELO_CONSTANTS)

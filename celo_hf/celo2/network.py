@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..layout import feature_group_widths
+from ..layout import RuleConfig, feature_group_widths
 from ..meta_model import (
     MetaModel,
     model_card_template,
@@ -28,6 +28,7 @@ from ..meta_model import (
     reset_linear,
 )
 from ..weight_files import CELO2
+from .rule import CONSTANTS
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights.
 MODEL_CARD_TEMPLATE = model_card_template(
@@ -35,8 +36,8 @@ MODEL_CARD_TEMPLATE = model_card_template(
     contents="its per-parameter update MLP",
     class_name="celo_hf.celo2.network.Celo2Net",
     usage=(
-        "from celo_hf.celo2.network import Celo2Net\n"
-        'net = Celo2Net.from_pretrained("<this folder or Hub id>")'
+        "import celo_hf\n"
+        'optimizer = celo_hf.Celo2(model, lr=1e-3, weights="<this folder or Hub id>")'
     ),
     rule_reference="`docs/celo2-algorithm.md` in celo_hf (Celo2 and Celo2-base)",
 )
@@ -80,6 +81,14 @@ class Celo2Net(
         self.num_features = sum(self.group_widths)
         self.mlp = per_parameter_mlp(self.num_features, mlp_hidden_size, mlp_hidden_layers)
         self.reset_parameters()
+
+    def rule_config(self) -> RuleConfig:
+        """Celo2's configuration: these decays, Celo2's constants, no step or magnitude multiplier
+        (the step's size is the learning rate), no factored groups for vectors."""
+        return RuleConfig(
+            self.momentum_decays, self.factored_decays, self.rms_decay, step_mult=1.0, exp_mult=0.0,
+            constants=CONSTANTS, vector_factored_groups=False, **self._mlp_shape(),
+        )
 
     def reset_parameters(self) -> None:
         """The original's fresh initialisation: truncated-normal weights with std ``1/sqrt(fan_in)``

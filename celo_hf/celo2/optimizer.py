@@ -19,16 +19,14 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from ..layout import init_tensor_state, numel
+from .. import backends
+from ..layout import UpdateWeights, init_tensor_state, numel
 from ..optim_contract import Copyable, check_lr
 from ..optimizer import trainer_parameter_groups
 from .hub import load_celo2_net
 from .network import Celo2Net
 from .routing import DEFAULT_ADAM_REGEX, LAYOUTS, Layout, Route, module_kinds, route
-from .rule import Celo2Config
 from .update import (
-    CHUNK_ELEMENTS,
-    MlpWeights,
     adam_update_,
     apply_step_,
     directions_,
@@ -59,8 +57,9 @@ class Celo2(Copyable, torch.optim.Optimizer):
     steps are orthogonalised with Newton-Schulz; biases and embeddings take an Adam branch.
 
     Args:
-        params: parameters or param groups as torch takes them; give names
-            (``model.named_parameters()``, or groups with ``param_names``) for the routing, or ``model``.
+        params: the model itself (its trainable parameters, named, with ``model`` set to it), or
+            parameters or param groups as torch takes them; give names (``model.named_parameters()``,
+            or groups with ``param_names``) for the routing, or ``model``.
         lr: the original's ``step_mult`` (default 1e-3): every learned step has RMS ``lr`` per slice;
             the Adam branch runs at ``mult_1d * lr``. A number or a 1-element tensor; per group.
         weight_decay: decoupled, ``p <- p - wd * lr * p`` with the branch's ``lr`` (the original
@@ -79,7 +78,13 @@ class Celo2(Copyable, torch.optim.Optimizer):
             from the module types (GPT-2's ``Conv1D`` is already ``(in, out)``), and ``nn.Embedding``
             weights to the Adam branch whatever their name.
         revision, token, cache_dir: Hub download options for ``weights``.
-        chunk_elements: elements whose features are built at once (bounds temporary memory).
+        backend: how the learned branch's per-element work runs for vectors and matrices (higher
+            ranks always in torch): ``"auto"`` (default: ``"cpp"`` on CPU when the C++ kernels build
+            here, else ``"eager"``), ``"eager"``, ``"cpp"``, ``"compile"``, ``"triton"`` (fused kernels for
+            CUDA tensors; needs ``triton``), or ``"reference"`` (the literal specification, tensor by
+            tensor; slow).
+        chunk_elements: elements whose features are built at once (bounds temporary memory;
+            ``None``: the backend's default).
 
     Parameters whose ``.grad`` is ``None`` are left alone (the original fed zeros: a zero gradient
     still moves a learned-branch tensor by ``lr`` per element). Under FSDP2 each sharded tensor is
@@ -104,7 +109,8 @@ class Celo2(Copyable, torch.optim.Optimizer):
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | Path | None = None,
-        chunk_elements: int = CHUNK_ELEMENTS,
+        backend: str = "auto",
+        chunk_elements: int | None = None,
     ) -> None:
         check_lr(lr, "Celo2's lr is the RMS of its learned steps")
         if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
@@ -113,15 +119,22 @@ class Celo2(Copyable, torch.optim.Optimizer):
             raise ValueError(f"mult_1d must be a finite number >= 0, got {mult_1d!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if not (isinstance(chunk_elements, int) and chunk_elements > 0):
+        if chunk_elements is not None and not (isinstance(chunk_elements, int) and chunk_elements > 0):
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
+        if backend not in backends.NAMES:
+            raise ValueError(f"backend must be one of {backends.NAMES}, got {backend!r}")
+        if isinstance(params, nn.Module):
+            model, params = params, [(n, p) for n, p in params.named_parameters() if p.requires_grad]
         super().__init__(params, {"lr": lr, "weight_decay": float(weight_decay)})
         for p in chain.from_iterable(g["params"] for g in self.param_groups):
             if not p.is_floating_point() or p.is_complex():
                 raise TypeError(f"Celo2 optimizes real floating-point parameters, got one of dtype {p.dtype}")
         self.net = load_celo2_net(weights, revision=revision, token=token, cache_dir=cache_dir)
         self.net.float().eval().requires_grad_(False)
-        self.config = Celo2Config(self.net.momentum_decays, self.net.rms_decay, self.net.factored_decays)
+        self.config = self.net.rule_config()
+        if backend not in ("auto", "reference"):
+            backends.get(backend).prepare(self.config)  # a missing compiler or package shows here
+        self.backend = backend
         self.orthogonalize = bool(orthogonalize)
         self.adam_regex = adam_regex
         self.mult_1d = float(mult_1d)
@@ -130,7 +143,8 @@ class Celo2(Copyable, torch.optim.Optimizer):
         self._model_names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._kinds, self._embeddings = module_kinds(model) if model is not None else (None, set())
         self.routes = {p: self._route(p, name) for p, name in self._named_params()}
-        self._weights: dict[torch.device, MlpWeights] = {}
+        self._weights: dict[torch.device, UpdateWeights] = {}
+        self._auto_backends: dict[str, str] = {}  # what "auto" runs, by device type
 
     def _named_params(self) -> Iterable[tuple[torch.Tensor, str | None]]:
         for group in self.param_groups:
@@ -179,28 +193,42 @@ class Celo2(Copyable, torch.optim.Optimizer):
             _write_back(item)
         return loss
 
-    def _learned_step(self, items: list[_Work], w: MlpWeights) -> None:
+    def _learned_step(self, items: list[_Work], w: UpdateWeights) -> None:
         """The learned branch for same-shape tensors: directions (small ones stacked), Newton-Schulz
         and the output normalisation on the whole group at once, then each tensor's step."""
         small = numel(items[0].full.shape) <= SMALL_TENSOR_ELEMENTS
+        backend = self._backend_on(items[0].full.device)
         directions = []
         for batch in ([items] if small else [[item] for item in items]):
             states = [self.state[item.param] for item in batch]
-            stacked = {key: torch.stack([s[key] for s in states]) for key in states[0]}
-            p = torch.stack([item.full for item in batch])
-            g = torch.stack([item.grad for item in batch])
-            directions.append(directions_(p, g, stacked, w, self.config, self.chunk_elements))
+            tensors = [item.full for item in batch], [item.grad for item in batch]
+            if len(batch) == 1 and all(t[0].is_contiguous() for t in tensors):  # a large tensor: views, no copies
+                p, g = (t[0].unsqueeze(0) for t in tensors)
+                stacked = {key: value.unsqueeze(0) for key, value in states[0].items()}
+            else:
+                p, g = (torch.stack(t) for t in tensors)
+                stacked = {key: torch.stack([s[key] for s in states]) for key in states[0]}
+            directions.append(directions_(p, g, stacked, w.expand(len(batch)), backend, self.chunk_elements))
             for i, s in enumerate(states):
                 for key, value in stacked.items():
-                    s[key].copy_(value[i])
+                    if value[i].data_ptr() != s[key].data_ptr():
+                        s[key].copy_(value[i])
         steps = steps_from_directions(torch.cat(directions), self.orthogonalize)
         for item, step in zip(items, steps):
             apply_step_(item.full, step, _f32(item.lr, step), _f32(item.weight_decay, step))
 
-    def _weights_on(self, device: torch.device) -> MlpWeights:
+    def _weights_on(self, device: torch.device) -> UpdateWeights:
         if device not in self._weights:
-            self._weights[device] = MlpWeights.shared(self.net.mlp_layers(), device)
+            self._weights[device] = UpdateWeights.from_net(self.net, device)
         return self._weights[device]
+
+    def _backend_on(self, device: torch.device) -> str:
+        """The backend for tensors on ``device`` (``"auto"``: decided once per device type)."""
+        if self.backend != "auto":
+            return self.backend
+        if device.type not in self._auto_backends:
+            self._auto_backends[device.type] = backends.auto(device, self.config)[0]
+        return self._auto_backends[device.type]
 
     # ---- checkpointing -------------------------------------------------------------------------
 

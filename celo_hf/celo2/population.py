@@ -17,25 +17,33 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import TensorState, init_tensor_state, state_shape
-from .routing import Layout, Route, route
-from .rule import Celo2Config
-from .update import MlpWeights, adam_update_, init_adam_state, learned_update_
+from .. import backends
+from ..layout import (
+    RuleConfig,
+    TensorState,
+    UpdateWeights,
+    init_tensor_state,
+    state_shape,
+)
+from .routing import DEFAULT_ADAM_REGEX, Layout, Route, route
+from .update import adam_update_, init_adam_state, learned_update_
 
 MetaWeights = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What a population step needs besides the weights: the optimizer's arguments of the same names."""
+    """What a population step needs besides the weights: ``config`` (``Celo2Net.rule_config()``) and
+    the optimizer's arguments of the same names, with its defaults."""
 
-    config: Celo2Config
+    config: RuleConfig
     lr: float = 1e-3
     weight_decay: float = 0.0
     orthogonalize: bool = True
-    adam_regex: str | None = None
+    adam_regex: str | None = DEFAULT_ADAM_REGEX
     mult_1d: float = 20.0
     layout: Layout = "jax"
+    backend: str = "auto"
 
 
 def routes(params: dict[str, torch.Tensor], settings: Settings) -> dict[str, Route]:
@@ -61,10 +69,11 @@ def init(params: dict[str, torch.Tensor], settings: Settings) -> dict[str, Tenso
     return state
 
 
-def mlp_weights(meta_weights: MetaWeights) -> MlpWeights:
+def mlp_weights(meta_weights: MetaWeights, config: RuleConfig) -> UpdateWeights:
     """The members' MLPs from stacked ``Celo2Net`` weights (keys ``mlp.<i>.weight`` / ``mlp.<i>.bias``)."""
     indices = sorted({int(key.split(".")[1]) for key in meta_weights if key.startswith("mlp.")})
-    return MlpWeights.from_layers([(meta_weights[f"mlp.{i}.weight"], meta_weights[f"mlp.{i}.bias"]) for i in indices])
+    layers = [(meta_weights[f"mlp.{i}.weight"], meta_weights[f"mlp.{i}.bias"]) for i in indices]
+    return UpdateWeights.from_layers(config, layers, layers[0][0].device)
 
 
 def update(
@@ -72,7 +81,10 @@ def update(
     meta_weights: MetaWeights, settings: Settings,
 ) -> None:
     """One Celo2 step for every member: ``params`` (``name -> (P, *S)``) and ``state`` in place."""
-    weights = mlp_weights(meta_weights)
+    weights = mlp_weights(meta_weights, settings.config)
+    backend = settings.backend
+    if backend == "auto":  # what Celo2(backend="auto") runs on this device
+        backend = backends.auto(weights.first.device, settings.config)[0]
     for name, r in routes(params, settings).items():
         p, g = _rule_view(params[name], r), _rule_view(grads[name], r)
         members = p.shape[0]
@@ -82,4 +94,7 @@ def update(
             lr_1d = (lr * torch.tensor(settings.mult_1d, dtype=torch.float32)).view(-1, *([1] * (p.dim() - 1)))
             adam_update_(p, g, state[name], lr_1d, wd.view_as(lr_1d))
         else:
-            learned_update_(p, g, state[name], weights, settings.config, lr, wd, settings.orthogonalize)
+            work = p.contiguous()  # the driver streams over contiguous rows; a permuted view is copied
+            learned_update_(work, g.contiguous(), state[name], weights, lr, wd, settings.orthogonalize, backend)
+            if work is not p:
+                p.copy_(work)

@@ -14,22 +14,13 @@ from typing import NamedTuple
 
 import torch
 
-from ..layout import TensorState, factored_dims, state_shape
+from ..layout import RuleConfig, TensorState, factored_dims, state_shape
 from ..reference import factor_scales
 from .newton_schulz import orthogonalize
-from .rule import (
-    ADAM_BETA1,
-    ADAM_BETA2,
-    ADAM_EPS,
-    FACTOR_FLOOR,
-    FACTORED_EPS,
-    FEATURE_GRAD_CLIP,
-    GRAD_CLIP,
-    NORMALISER_EPS,
-    RMS_EPS,
-    ROW_COL_EPS,
-    Celo2Config,
-)
+from .rule import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, CONSTANTS
+
+#: Celo2's constants (short name for the formulas below).
+C = CONSTANTS
 
 #: An MLP as ``[(weight (out, in), bias (out,)), ...]``, first layer first (``Celo2Net.mlp_layers()``).
 MlpLayers = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -62,11 +53,11 @@ def normalise_last_two_axes(x: torch.Tensor, lead: int = 0, trail: int = 0) -> t
     """
     rank = x.dim() - lead - trail
     axes = tuple(range(lead + max(rank - 2, 0), lead + rank))
-    return x * torch.rsqrt(NORMALISER_EPS + (x * x).mean(dim=axes, keepdim=True))
+    return x * torch.rsqrt(C.normaliser_eps + (x * x).mean(dim=axes, keepdim=True))
 
 
 def learned_step(
-    param: torch.Tensor, grad: torch.Tensor, state: TensorState, layers: MlpLayers, config: Celo2Config,
+    param: torch.Tensor, grad: torch.Tensor, state: TensorState, layers: MlpLayers, config: RuleConfig,
     orthogonalize_matrices: bool,
 ) -> LearnedStep:
     """One learned-branch update of one tensor.
@@ -75,40 +66,42 @@ def learned_step(
         param, grad: the parameter (before the step) and its unclipped gradient, shape ``S``.
         state: the tensor's accumulators (not modified), layout of :func:`~celo_hf.layout.init_tensor_state`.
         layers: the meta-model's MLP.
-        config: its decays.
+        config: the rule's configuration (its decays; ``Celo2Net.rule_config()``).
         orthogonalize_matrices: Celo2 (Newton-Schulz on tensors of rank >= 2) rather than Celo2-base.
     """
     shape = state_shape(param.shape)
     last = {key: value.float().movedim(0, -1) for key, value in state.items() if key != "rms"}
     p = param.detach().float().reshape(shape)
-    g = grad.float().reshape(shape).clamp(-GRAD_CLIP, GRAD_CLIP)
+    g = grad.float().reshape(shape).clamp(-C.grad_clip, C.grad_clip)
     mom_b = torch.tensor(config.momentum_decays, device=p.device)
     fac_b = torch.tensor(config.factored_decays, device=p.device)
 
     m = mom_b * last["m"] + (1 - mom_b) * g[..., None]
     rms = config.rms_decay * state["rms"].float() + (1 - config.rms_decay) * g * g
-    gsq = (g * g + FACTORED_EPS)[..., None]
+    gsq = (g * g + C.factored_eps)[..., None]
     new = {"m": m}
-    s = torch.rsqrt(rms + RMS_EPS)[..., None]
-    groups = [g[..., None], g.clamp(-FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP)[..., None], p[..., None], m, rms[..., None], m * s, s]
+    s = torch.rsqrt(rms + C.rms_eps)[..., None]
+    groups = [g[..., None], g.clamp(-C.feature_grad_clip, C.feature_grad_clip)[..., None], p[..., None], m, rms[..., None], m * s, s]
     dims = factored_dims(param.shape)
     if dims is None:
         v_diag = fac_b * last["v_diag"] + (1 - fac_b) * gsq
         new["v_diag"] = v_diag
-        groups += [g[..., None] * torch.rsqrt(torch.clamp(v_diag + FACTOR_FLOOR, min=FACTOR_FLOOR)), g[..., None] * s]
+        groups += [g[..., None] * torch.rsqrt(torch.clamp(v_diag + C.factor_floor, min=C.factor_floor)), g[..., None] * s]
     else:
         d0, d1 = dims
         v_row = fac_b * last["v_row"] + (1 - fac_b) * gsq.mean(dim=d0)
         v_col = fac_b * last["v_col"] + (1 - fac_b) * gsq.mean(dim=d1)
         new.update(v_row=v_row, v_col=v_col)
-        row_scale, col_scale = factor_scales(v_row.movedim(-1, 0), v_col.movedim(-1, 0), d0, d1, lead=1)
+        row_scale, col_scale = factor_scales(
+            v_row.movedim(-1, 0), v_col.movedim(-1, 0), d0, d1, lead=1, floor=C.factor_floor
+        )
         scale = (row_scale * col_scale).movedim(0, -1)
         full = (*shape, m.shape[-1])
         row = v_row.unsqueeze(d0).expand(full)
         col = v_col.unsqueeze(d1).expand(full)
         groups += [
             g[..., None] * scale, g[..., None] * s,
-            row, col, torch.rsqrt(row + ROW_COL_EPS), torch.rsqrt(col + ROW_COL_EPS), m * scale,
+            row, col, torch.rsqrt(row + C.row_col_eps), torch.rsqrt(col + C.row_col_eps), m * scale,
         ]
     features_raw = torch.cat(groups, dim=-1)
     features = normalise_last_two_axes(features_raw, trail=1)

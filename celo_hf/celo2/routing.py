@@ -36,18 +36,23 @@ class Route(NamedTuple):
     axes: tuple[int, ...] | None
 
 
-def torch_to_jax_axes(rank: int, kind: str | None) -> tuple[int, ...] | None:
-    """The permutation from a PyTorch weight of ``rank`` to the flax / haiku layout of that layer.
+def torch_to_jax_axes(shape: tuple[int, ...], kind: str | None) -> tuple[int, ...] | None:
+    """The permutation from a PyTorch weight of ``shape`` to the flax / haiku layout of that layer,
+    or ``None`` where none is needed.
 
     ``kind``: ``"linear"`` (``(out, in)`` -> ``(in, out)``), ``"conv"`` (``(out, in, *spatial)`` ->
     ``(*spatial, in, out)``), ``"other"`` (kept: GPT-2's ``Conv1D`` is already ``(in, out)``, embeddings
     are ``(vocab, dim)`` in both), or ``None`` when the module is unknown: rank 2 is taken as a Linear
-    weight and rank >= 3 as a convolution's, PyTorch's usual layers.
+    weight and rank >= 3 as a convolution's, PyTorch's usual layers. A non-square matrix is not
+    transposed: the rule gives its transpose's update transposed (the factored axes follow the
+    sizes, the normalisations cover both axes, Newton-Schulz commutes with transposition), up to
+    float32 rounding, without the copy.
     """
+    rank = len(shape)
     if kind is None:
         kind = "linear" if rank == 2 else "conv" if rank >= 3 else "other"
     if kind == "linear" and rank == 2:
-        return (1, 0)
+        return (1, 0) if shape[0] == shape[1] else None
     if kind == "conv" and rank >= 3:
         return (*range(2, rank), 1, 0)
     return None
@@ -83,5 +88,5 @@ def route(
         )
     else:
         adam = re.search(adam_regex, name) is not None or name in embeddings
-    axes = None if adam or layout == "as_given" else torch_to_jax_axes(param.dim(), (kinds or {}).get(name or ""))
+    axes = None if adam or layout == "as_given" else torch_to_jax_axes(tuple(param.shape), (kinds or {}).get(name or ""))
     return Route(adam, axes)

@@ -1,77 +1,42 @@
-"""Celo2's learned branch, batched: the fast form the optimizer and meta-training both run.
+"""Celo2's learned branch, batched: the form the optimizer and meta-training both run.
 
-:func:`learned_update_` advances ``B`` same-shape tensors at once, in place: the accumulators,
-the features (never all at once: each group's normaliser is found from its own values, the
-normalisers are folded into the first layer, then the features are rebuilt chunk by chunk for the
-MLP), the MLP's direction, Newton-Schulz over every matrix of the batch in one chain of batched
-products, the output normalisation and the parameter step. It equals the literal
-:mod:`celo_hf.celo2.reference` to float32 rounding. Each batch row may have its own MLP (a
-meta-training population) or share one (the optimizer: :meth:`MlpWeights.shared`).
+A learned-branch step of ``B`` same-shape tensors has three stages:
 
-Shapes: parameters ``(B, *S)`` (scalars as ``S = (1,)``), the state of
-:func:`celo_hf.layout.init_tensor_state` with a leading ``B`` axis; ``k`` decays, ``F`` features,
-``H`` hidden units; a tensor's *slices* are its matrices over the last two axes (one for rank <= 2).
+1. :func:`directions_`: the accumulators (in place) and the MLP's direction of every element.
+   Vectors and matrices (rank <= 2: one normalisation slice per tensor) go through the driver
+   (:func:`celo_hf.driver.update_batch_` with ``direction_out``) and so through any registered
+   kernel backend (``eager``, ``compile``, ``cpp``), with Celo2's constants and without the factored
+   groups for vectors (``Celo2Net.rule_config()``). Higher ranks, normalised per matrix of the last
+   two axes (which the driver's tensor-wide normalisers cannot express), run here in torch: each
+   group's normaliser per slice is found from its own values, folded into the first layer, and the
+   features are rebuilt block by block for the MLP. ``"reference"`` runs the literal
+   :mod:`celo_hf.celo2.reference` tensor by tensor.
+2. :func:`steps_from_directions`: Newton-Schulz over every matrix of the batch in one chain of
+   batched products, then RMS 1 per slice.
+3. :func:`apply_step_`: ``p <- (p - lr u) - (wd p) lr``.
+
+Each batch row may have its own MLP (a meta-training population) or share one (the optimizer:
+:meth:`celo_hf.layout.UpdateWeights.expand`). Shapes: parameters ``(B, *S)`` (scalars as ``S =
+(1,)``), the state of :func:`celo_hf.layout.init_tensor_state` with a leading ``B`` axis; ``k``
+decays, ``F`` features, ``H`` hidden units; a tensor's *slices* are its matrices over the last two
+axes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
-from ..layout import TensorState, factored_dims, numel
+from ..driver import update_batch_
+from ..layout import RuleConfig, TensorState, UpdateWeights, factored_dims, numel
 from ..reference import factor_scales
+from . import reference
 from .newton_schulz import orthogonalize
-from .rule import (
-    ADAM_BETA1,
-    ADAM_BETA2,
-    ADAM_EPS,
-    FACTOR_FLOOR,
-    FACTORED_EPS,
-    FEATURE_GRAD_CLIP,
-    GRAD_CLIP,
-    NORMALISER_EPS,
-    RMS_EPS,
-    ROW_COL_EPS,
-    Celo2Config,
-)
+from .rule import ADAM_BETA1, ADAM_BETA2, ADAM_EPS, CONSTANTS
 
 #: Elements (per batch row times rows) whose features one MLP chunk builds at a time.
 CHUNK_ELEMENTS = 1 << 16
-
-
-class MlpWeights(NamedTuple):
-    """The MLP of each of ``B`` batch rows, float32: ``first`` ``(B, H, F)`` and ``first_bias``
-    ``(B, H)``; ``hidden_layers`` ``((B, out, in), (B, out))`` pairs; ``direction`` the last layer's
-    first output ``((B, H), (B,))`` (the others have no effect on Celo2)."""
-
-    first: torch.Tensor
-    first_bias: torch.Tensor
-    hidden_layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    direction: tuple[torch.Tensor, torch.Tensor]
-
-    @classmethod
-    def from_layers(cls, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> MlpWeights:
-        """From per-row layers ``[(weight (B, out, in), bias (B, out)), ...]``."""
-        layers = [(w.detach().float(), b.detach().float()) for w, b in layers]
-        (w0, b0), *hidden, (w_last, b_last) = layers
-        return cls(w0, b0, tuple(hidden), (w_last[:, 0], b_last[:, 0]))
-
-    @classmethod
-    def shared(cls, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str) -> MlpWeights:
-        """One MLP ``[(weight (out, in), bias (out,)), ...]`` (``Celo2Net.mlp_layers()``) as a batch of one row."""
-        return cls.from_layers([(w.to(device)[None], b.to(device)[None]) for w, b in layers])
-
-    def rows(self, batch: int) -> MlpWeights:
-        """A one-row MLP broadcast to ``batch`` rows (views); a ``batch``-row MLP as it is."""
-        if self.first.shape[0] == batch:
-            return self
-        grow = lambda t: t.expand(batch, *t.shape[1:])
-        return MlpWeights(
-            grow(self.first), grow(self.first_bias), tuple((grow(w), grow(b)) for w, b in self.hidden_layers),
-            (grow(self.direction[0]), grow(self.direction[1])),
-        )
 
 
 def _decays(values: Sequence[float], like: torch.Tensor, rank: int) -> torch.Tensor:
@@ -87,37 +52,35 @@ class _Features:
     nine for rank < 2), each ``(B, width, *S_block)``, for the block ``rows`` of axis 0 of ``S``.
     """
 
-    def __init__(self, p: torch.Tensor, g: torch.Tensor, state: TensorState, config: Celo2Config):
+    def __init__(self, p: torch.Tensor, g: torch.Tensor, state: TensorState, config: RuleConfig):
         self.p, self.g, self.m, self.rms = p, g, state["m"], state["rms"]
+        self.constants = c = config.constants
         self.dims = factored_dims(p.shape[1:])
-        rank = p.dim() - 1
-        fac_b = _decays(config.factored_decays, g, rank - 1 if self.dims else rank)
-        gsq = (g * g + FACTORED_EPS).unsqueeze(1)
-        if self.dims is None:
-            v_diag = state["v_diag"]
-            v_diag.mul_(fac_b).add_((1 - fac_b) * gsq)
-            self.scale = torch.rsqrt(torch.clamp(v_diag + FACTOR_FLOOR, min=FACTOR_FLOOR))
-            return
+        assert self.dims is not None and p.dim() >= 4, "rank >= 3 tensors only (lower ranks go through the driver)"
+        fac_b = _decays(config.factored_decays, g, p.dim() - 2)
+        gsq = (g * g + c.factored_eps).unsqueeze(1)
         d0, d1 = self.dims
         v_row, v_col = state["v_row"], state["v_col"]
         v_row.mul_(fac_b).add_((1 - fac_b) * gsq.mean(dim=2 + d0))
         v_col.mul_(fac_b).add_((1 - fac_b) * gsq.mean(dim=2 + d1))
-        row_scale, col_scale = factor_scales(v_row, v_col, d0, d1, lead=2)
+        row_scale, col_scale = factor_scales(v_row, v_col, d0, d1, lead=2, floor=c.factor_floor)
         self.scale = row_scale * col_scale
         self.row = v_row.unsqueeze(2 + d0)
         self.col = v_col.unsqueeze(2 + d1)
 
     def groups(self, rows: slice) -> list[torch.Tensor]:
-        block = lambda t, axis=1: t if t.shape[axis] == 1 else t.narrow(axis, rows.start, rows.stop - rows.start)
+        block = lambda t, axis=1: t if t.shape[axis] == 1 else t.narrow(axis, rows.start, rows.stop - rows.start)  # noqa: E731
+        c = self.constants
         g, p = block(self.g).unsqueeze(1), block(self.p).unsqueeze(1)
         m, scale = block(self.m, 2), block(self.scale, 2)
-        s = torch.rsqrt(block(self.rms).unsqueeze(1) + RMS_EPS)
-        groups = [g, g.clamp(-FEATURE_GRAD_CLIP, FEATURE_GRAD_CLIP), p, m, block(self.rms).unsqueeze(1), m * s, s, g * scale, g * s]
-        if self.dims is not None:
-            full = (*m.shape[:2], *g.shape[2:])
-            row, col = block(self.row, 2).expand(full), block(self.col, 2).expand(full)
-            groups += [row, col, torch.rsqrt(row + ROW_COL_EPS), torch.rsqrt(col + ROW_COL_EPS), m * scale]
-        return groups
+        s = torch.rsqrt(block(self.rms).unsqueeze(1) + c.rms_eps)
+        full = (*m.shape[:2], *g.shape[2:])
+        row, col = block(self.row, 2).expand(full), block(self.col, 2).expand(full)
+        clip = c.feature_grad_clip
+        return [
+            g, g.clamp(-clip, clip), p, m, block(self.rms).unsqueeze(1), m * s, s, g * scale, g * s,
+            row, col, torch.rsqrt(row + c.row_col_eps), torch.rsqrt(col + c.row_col_eps), m * scale,
+        ]
 
 
 def _slices(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -132,8 +95,8 @@ def _to_slices(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(batch, channels, lead, elements).transpose(1, 2)
 
 
-def _directions(features: _Features, w: MlpWeights, chunk_elements: int) -> torch.Tensor:
-    """The MLP's direction ``(B, *S)``, float32, on features normalised over each slice.
+def _slice_directions(features: _Features, w: UpdateWeights, chunk_elements: int) -> torch.Tensor:
+    """The MLP's direction ``(B, *S)``, float32, on features normalised over each slice (rank >= 3).
 
     The normalisers (``(B, L, F)``: one per slice and channel) are folded into the first layer; the
     features are then built again for blocks of axis 0 of ``S`` of about ``chunk_elements`` in all
@@ -142,7 +105,8 @@ def _directions(features: _Features, w: MlpWeights, chunk_elements: int) -> torc
     p = features.p
     batch, shape = p.shape[0], tuple(p.shape[1:])
     mean_sq = torch.cat([_to_slices(x * x).mean(dim=-1) for x in features.groups(slice(0, shape[0]))], dim=2)
-    first = w.first[:, None, :, : mean_sq.shape[-1]] * torch.rsqrt(NORMALISER_EPS + mean_sq)[:, :, None, :]
+    normaliser = torch.rsqrt(features.constants.normaliser_eps + mean_sq)
+    first = w.first.transpose(1, 2)[:, None] * normaliser[:, :, None, :]  # (B, L, H, F)
     slices_per_row = _slices(shape)[0] // shape[0] if len(shape) >= 3 else 0  # (B, L, H, F) rows per index of axis 0
     rows_per_block = max(1, chunk_elements // (batch * numel(shape[1:])))
     direction = torch.empty(batch, *shape, dtype=torch.float32, device=p.device)
@@ -153,34 +117,56 @@ def _directions(features: _Features, w: MlpWeights, chunk_elements: int) -> torc
         h = torch.relu(block_first @ x + w.first_bias[:, None, :, None])  # (B, L_block, H, E)
         for weight, bias in w.hidden_layers:
             h = torch.relu(weight[:, None] @ h + bias[:, None, :, None])
-        d = (w.direction[0][:, None, None, :] @ h).squeeze(2) + w.direction[1][:, None, None]  # (B, L_block, E)
+        weight, bias = w.last[0][:, 0], w.last[1][:, 0]  # the direction output
+        d = (weight[:, None, None, :] @ h).squeeze(2) + bias[:, None, None]  # (B, L_block, E)
         direction[:, rows] = d.reshape(batch, rows.stop - rows.start, *shape[1:])
     return direction
 
 
 def directions_(
-    p: torch.Tensor, g: torch.Tensor, state: TensorState, w: MlpWeights, config: Celo2Config,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    p: torch.Tensor, g: torch.Tensor, state: TensorState, w: UpdateWeights, backend: str = "eager",
+    chunk_elements: int | None = None,
 ) -> torch.Tensor:
     """Stage 1 of a learned-branch step of ``B`` same-shape tensors: update the accumulators in
     place and return the MLP's direction ``(B, *S)`` float32.
 
     Args:
-        p: parameters ``(B, *S)``, before the step (any float dtype; read in float32).
+        p: parameters ``(B, *S)``, before the step (any float dtype; read in float32; contiguous).
         g: their unclipped gradients ``(B, *S)``.
         state: their accumulators (:func:`celo_hf.layout.init_tensor_state` of ``S`` with a leading
             ``B`` axis; float32), updated in place.
-        w: the MLP of each row (or one, broadcast).
-        config: the decays.
-        chunk_elements: bound on the features built at once (elements times batch rows).
+        w: the MLP of each row (or one, expanded), with Celo2's configuration.
+        backend: a registered kernel backend for ranks <= 2, or ``"reference"``.
+        chunk_elements: bound on the features built at once (``None``: the backend's default).
     """
+    if backend == "reference":
+        return _reference_directions_(p, g, state, w)
+    if p.dim() <= 3:
+        direction = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        ones = torch.ones(p.shape[0], dtype=torch.float32, device=p.device)
+        update_batch_(p, g, state, ones, w, backend, chunk_elements, direction_out=direction)
+        return direction
+    constants = w.config.constants
+    gf = g.float().clamp(-constants.grad_clip, constants.grad_clip)
     rank = p.dim() - 1
-    gf = g.float().clamp(-GRAD_CLIP, GRAD_CLIP)
-    mom_b = _decays(config.momentum_decays, gf, rank)
+    mom_b = _decays(w.config.momentum_decays, gf, rank)
     state["m"].mul_(mom_b).add_((1 - mom_b) * gf.unsqueeze(1))
-    state["rms"].mul_(config.rms_decay).add_((1 - config.rms_decay) * gf * gf)
-    features = _Features(p.detach().float(), gf, state, config)
-    return _directions(features, w.rows(p.shape[0]), chunk_elements)
+    state["rms"].mul_(w.config.rms_decay).add_((1 - w.config.rms_decay) * gf * gf)
+    features = _Features(p.detach().float(), gf, state, w.config)
+    return _slice_directions(features, w, chunk_elements or CHUNK_ELEMENTS)
+
+
+def _reference_directions_(p: torch.Tensor, g: torch.Tensor, state: TensorState, w: UpdateWeights) -> torch.Tensor:
+    """:func:`directions_` by the literal reference, one batch row at a time."""
+    directions = []
+    for row in range(p.shape[0]):
+        layers = [(w.first[row].T, w.first_bias[row]), *((weight[row], bias[row]) for weight, bias in w.hidden_layers),
+                  (w.last[0][row], w.last[1][row])]
+        out = reference.learned_step(p[row], g[row], {k: v[row] for k, v in state.items()}, layers, w.config, False)
+        for key, value in out.state.items():
+            state[key][row].copy_(value)
+        directions.append(out.direction.reshape(p.shape[1:]))
+    return torch.stack(directions)
 
 
 def steps_from_directions(direction: torch.Tensor, orthogonalize_matrices: bool) -> torch.Tensor:
@@ -190,7 +176,7 @@ def steps_from_directions(direction: torch.Tensor, orthogonalize_matrices: bool)
     rank = direction.dim() - 1
     step = orthogonalize(direction) if orthogonalize_matrices and rank >= 2 else direction
     mean_sq = (step * step).mean(dim=tuple(range(max(1, rank - 1), rank + 1)), keepdim=True)
-    return step * torch.rsqrt(NORMALISER_EPS + mean_sq)
+    return step * torch.rsqrt(CONSTANTS.normaliser_eps + mean_sq)
 
 
 def apply_step_(p: torch.Tensor, step: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
@@ -204,16 +190,16 @@ def learned_update_(
     p: torch.Tensor,
     g: torch.Tensor,
     state: TensorState,
-    w: MlpWeights,
-    config: Celo2Config,
+    w: UpdateWeights,
     lr: torch.Tensor,
     weight_decay: torch.Tensor,
     orthogonalize_matrices: bool,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    backend: str = "eager",
+    chunk_elements: int | None = None,
 ) -> None:
     """A whole learned-branch step of ``B`` same-shape tensors, in place (the three stages);
     ``lr``, ``weight_decay`` ``(B,)`` float32; other arguments as :func:`directions_`."""
-    direction = directions_(p, g, state, w, config, chunk_elements)
+    direction = directions_(p, g, state, w, backend, chunk_elements)
     step = steps_from_directions(direction, orthogonalize_matrices)
     shape = (-1, *([1] * (p.dim() - 1)))
     apply_step_(p, step, lr.view(shape), weight_decay.view(shape))
