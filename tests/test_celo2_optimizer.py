@@ -13,14 +13,7 @@ import pytest
 import torch
 from helpers import REFERENCE
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from trainer_setup import tiny_model
 
 from celo_hf import Celo2
 from celo_hf.celo2 import reference
@@ -66,27 +59,21 @@ def _routes(opt: Celo2, model: nn.Module) -> dict[str, tuple[bool, tuple[int, ..
     return {name: tuple(opt.routes[p]) for name, p in model.named_parameters()}
 
 
-def _gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
-
-
 def test_default_routing_on_gpt2_llama_and_bert():
     """Biases and embedding tables (GPT-2's wte / wpe, Llama's embed_tokens, BERT's embeddings.*)
     take the Adam branch by name alone; norm gains and matrices the learned rule. GPT-2's head is
     tied to wte (the same tensor): it follows it."""
-    gpt2 = _gpt2()
+    gpt2 = tiny_model("gpt2")
     routes = _routes(Celo2(gpt2.named_parameters(), weights=WEIGHTS), gpt2)
     adam = {name for name, (is_adam, _) in routes.items() if is_adam}
     assert adam == {"transformer.wte.weight", "transformer.wpe.weight"} | {n for n in routes if n.endswith(".bias")}
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight and "lm_head.weight" not in routes
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+    llama = tiny_model("llama")
     routes = _routes(Celo2(llama.named_parameters(), weights=WEIGHTS), llama)
     assert {n for n, (a, _) in routes.items() if a} == {"model.embed_tokens.weight"}
     assert routes["model.norm.weight"] == (False, None) and routes["lm_head.weight"] == (False, None)  # not square
     assert routes["model.layers.0.self_attn.q_proj.weight"] == (False, (1, 0))  # square: transposed
-    bert = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                    intermediate_size=32, vocab_size=50, max_position_embeddings=16))
+    bert = tiny_model("bert")
     routes = _routes(Celo2(bert.named_parameters(), weights=WEIGHTS), bert)
     adam = {n for n, (a, _) in routes.items() if a}
     assert adam == {n for n in routes if n.startswith("bert.embeddings.") or n.endswith(".bias")}
@@ -95,7 +82,7 @@ def test_default_routing_on_gpt2_llama_and_bert():
 def test_model_gives_layout_by_module_type_and_embeddings_whatever_their_name():
     """With the model known, GPT-2's Conv1D (already (in, out)) is kept, nn.Linear transposed,
     convolutions permuted to (*kernel, in, out), and an nn.Embedding called 'table' is sent to Adam."""
-    gpt2 = _gpt2()
+    gpt2 = tiny_model("gpt2")
     for opt in (create(gpt2, weights=WEIGHTS), Celo2(gpt2, weights=WEIGHTS)):
         routes = _routes(opt, gpt2)
         assert routes["transformer.h.0.attn.c_attn.weight"] == (False, None)

@@ -202,16 +202,17 @@ class Celo2(Copyable, torch.optim.Optimizer):
         for batch in ([items] if small else [[item] for item in items]):
             states = [self.state[item.param] for item in batch]
             tensors = [item.full for item in batch], [item.grad for item in batch]
-            if len(batch) == 1 and all(t[0].is_contiguous() for t in tensors):  # a large tensor: views, no copies
+            views = len(batch) == 1 and all(t[0].is_contiguous() for t in tensors)  # a large tensor: no copies
+            if views:
                 p, g = (t[0].unsqueeze(0) for t in tensors)
                 stacked = {key: value.unsqueeze(0) for key, value in states[0].items()}
             else:
                 p, g = (torch.stack(t) for t in tensors)
                 stacked = {key: torch.stack([s[key] for s in states]) for key in states[0]}
             directions.append(directions_(p, g, stacked, w.expand(len(batch)), backend, self.chunk_elements))
-            for i, s in enumerate(states):
-                for key, value in stacked.items():
-                    if value[i].data_ptr() != s[key].data_ptr():
+            if not views:  # the stacked copies' new state back into each tensor's own
+                for i, s in enumerate(states):
+                    for key, value in stacked.items():
                         s[key].copy_(value[i])
         steps = steps_from_directions(torch.cat(directions), self.orthogonalize)
         for item, step in zip(items, steps):

@@ -26,15 +26,11 @@ from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer_setup import (
-    collate,
-    parameter_vector,
-    ragged_examples,
-    tiny_model,
-    training_args,
-)
+from trainer_setup import collate, parameter_vector, ragged_examples, tiny_model, training_args  # noqa: E402
 
-from celo_hf import Celo2
+from celo_hf import Celo2  # noqa: E402
+
+from fsdp_equivalence import make_model  # noqa: E402 -- Celo's FSDP2 check's model: uneven, empty and square shards
 
 GLOBAL_BATCH = 4
 
@@ -50,18 +46,6 @@ def ddp(weights: str, out_dir: Path, world_size: int) -> torch.Tensor:
     return parameter_vector(model)
 
 
-def mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 5),  # 5-row weight: rows split 3 + 2
-        torch.nn.LayerNorm(5),
-        torch.nn.Linear(5, 16),
-        torch.nn.Tanh(),
-        torch.nn.Linear(16, 16),  # square
-        torch.nn.Linear(16, 1),  # one row: rank 1 holds none
-    )
-
-
 def train_mlp(model: torch.nn.Module, weights: str, steps: int = 5) -> None:
     optimizer = Celo2(model.named_parameters(), lr=1e-2, weight_decay=0.1, weights=weights, model=model)
     generator = torch.Generator().manual_seed(1)
@@ -73,7 +57,7 @@ def train_mlp(model: torch.nn.Module, weights: str, steps: int = 5) -> None:
 
 
 def fsdp(weights: str) -> float:
-    unsharded = mlp()
+    unsharded = make_model()
     sharded = copy.deepcopy(unsharded)
     for layer in sharded:
         if any(True for _ in layer.parameters()):
@@ -82,7 +66,7 @@ def fsdp(weights: str) -> float:
     assert all(isinstance(p, DTensor) for p in sharded.parameters())
     train_mlp(unsharded, weights)
     train_mlp(sharded, weights)
-    moved = max((p - q).abs().max().item() for p, q in zip(unsharded.parameters(), mlp().parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(unsharded.parameters(), make_model().parameters()))
     assert moved > 1e-2, moved
     return max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), unsharded.parameters()))
 
