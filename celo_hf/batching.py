@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from .driver import SMALL_TENSOR_ELEMENTS, update_batch_
 from .layout import RowSharding, TensorState, UpdateWeights, state_shape
 from .network import CeloNet
-from .step_gain import row_norms, step_gain
+from .step_gain import model_start_gain, row_norms, step_gain
 
 
 class WorkItem(NamedTuple):
@@ -81,20 +81,34 @@ def weight_decay_penalty(work: list[WorkItem], device: torch.device) -> torch.Te
     return penalty([item for item in work if item.sharding is None]) + shards
 
 
-def gradient_scale_gains(work: list[WorkItem], net: CeloNet) -> dict[torch.Tensor, torch.Tensor] | None:
-    """Each parameter's gradient-scale gain (:mod:`celo_hf.step_gain`), 0-d float32 on its device,
-    or ``None`` when ``net`` has none. Sharded tensors' norms are completed across their group."""
-    if net.gain_threshold is None:
-        return None
+def tensor_norms(work: list[WorkItem]) -> torch.Tensor:
+    """``(len(work), 2)`` float32 on the first item's device: each parameter's ``||g||`` and
+    ``||p||``; sharded tensors' norms are completed across their group."""
     squares = []
     for item in work:
         pair = torch.cat([row_norms(t.reshape(1, -1)) for t in (item.grad, item.local)]).square()
         if item.sharding is not None:
             torch.distributed.all_reduce(pair, group=item.sharding.group)
         squares.append(pair)
-    norms = torch.stack([pair.to(work[0].local.device) for pair in squares]).sqrt()
+    return torch.stack([pair.to(work[0].local.device) for pair in squares]).sqrt()
+
+
+def gradient_scale_gains(work: list[WorkItem], net: CeloNet) -> dict[torch.Tensor, torch.Tensor] | None:
+    """Each parameter's ``"tensor"``-signal gradient-scale gain (:mod:`celo_hf.step_gain`), 0-d
+    float32 on its device, or ``None`` when ``net`` has none of that signal."""
+    if net.gain_threshold is None or net.gain_signal != "tensor":
+        return None
+    norms = tensor_norms(work)
     gains = step_gain(norms[:, 0], norms[:, 1], net.gain_threshold, net.gain_power)
     return {item.param: gain.to(item.local.device) for item, gain in zip(work, gains)}
+
+
+def first_step_gain(work: list[WorkItem], net: CeloNet) -> torch.Tensor:
+    """The ``"model_start"`` gain (:func:`celo_hf.step_gain.model_start_gain`) of ``work`` at the
+    run's first step: ``(1,)`` float32 on the first item's device."""
+    assert net.gain_threshold is not None
+    norms = tensor_norms(work)
+    return model_start_gain(norms[:, 0], norms[:, 1], net.gain_threshold, net.gain_power).reshape(1)
 
 
 def batches(work: list[WorkItem], chunk_elements: int) -> list[list[WorkItem]]:

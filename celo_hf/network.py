@@ -24,6 +24,7 @@ from torch import nn
 from .features import SCHEDULER_INPUT_SIZE
 from .layout import RuleConfig, feature_group_widths
 from .meta_model import MetaModel, model_card_template, paired_decays, per_parameter_mlp, reset_linear
+from .step_gain import GAIN_SIGNALS
 from .weight_files import CELO
 
 #: The model card ``save_pretrained`` / ``push_to_hub`` write next to the weights.
@@ -60,8 +61,10 @@ class CeloNet(
         exp_mult: multiplier of the MLP's log-magnitude output before ``exp`` (0.001 in the paper).
         learned_schedule: multiply steps by the LSTM's ``lr_mult`` (the paper's phase 2). ``False`` is
             phase 1 of meta-training: the MLP alone sets the step.
-        gain_threshold, gain_power: the gradient-scale gain (:mod:`celo_hf.step_gain`): each tensor's
-            step times ``min(1, (||g|| / ||p||) / gain_threshold) ** gain_power``. ``None`` (the
+        gain_threshold, gain_power, gain_signal: the gradient-scale gain (:mod:`celo_hf.step_gain`):
+            steps times ``min(1, r / gain_threshold) ** gain_power``, where ``r`` is each tensor's
+            ``||g|| / ||p||`` at each step (``gain_signal="tensor"``) or the median over tensors of
+            it at the first step, one gain for the whole run (``"model_start"``). ``None`` (the
             paper's Celo v1) leaves every step as the MLP and scheduler set it.
     """
 
@@ -80,6 +83,7 @@ class CeloNet(
         learned_schedule: bool = True,
         gain_threshold: float | None = None,
         gain_power: float = 1.0,
+        gain_signal: str = "tensor",
     ) -> None:
         super().__init__()
         self.momentum_decays, self.factored_decays = paired_decays(momentum_decays, factored_decays)
@@ -87,12 +91,15 @@ class CeloNet(
             raise ValueError(f"gain_threshold must be a positive number or None, got {gain_threshold!r}")
         if not gain_power >= 0:
             raise ValueError(f"gain_power must be >= 0, got {gain_power!r}")
+        if gain_signal not in GAIN_SIGNALS:
+            raise ValueError(f"gain_signal must be one of {GAIN_SIGNALS}, got {gain_signal!r}")
         self.rms_decay = float(rms_decay)
         self.step_mult = float(step_mult)
         self.exp_mult = float(exp_mult)
         self.learned_schedule = bool(learned_schedule)
         self.gain_threshold = None if gain_threshold is None else float(gain_threshold)
         self.gain_power = float(gain_power)
+        self.gain_signal = gain_signal
         self.group_widths = feature_group_widths(len(self.momentum_decays))
         self.num_features = sum(self.group_widths)
 

@@ -23,6 +23,7 @@ from .batching import (
     StateStacks,
     WorkItem,
     batches,
+    first_step_gain,
     gradient_scale_gains,
     local_tensor,
     process_group,
@@ -131,6 +132,7 @@ class Celo(Copyable, torch.optim.Optimizer):
         self.total_steps = total_steps
         self.skipped_steps = 0
         self._scheduler: SchedulerState | None = None  # from the first step on
+        self._run_gain: torch.Tensor | None = None  # a "model_start" gradient-scale gain, from the first step on
         self._decays: tuple[int, torch.Tensor] | None = None  # (total_steps, the loss buffer's decays)
         self._pending_loss: PendingLoss | None = None
         self._update_weights: dict[tuple[torch.device, int], UpdateWeights] = {}
@@ -231,6 +233,10 @@ class Celo(Copyable, torch.optim.Optimizer):
             return closure_loss
 
         lr_mult = self._schedule(loss_t, device)
+        if self.net.gain_threshold is not None and self.net.gain_signal == "model_start":
+            if self._run_gain is None:
+                self._run_gain = first_step_gain(work, self.net)
+            lr_mult = lr_mult * self._run_gain.to(device)
         num_decays = len(self.net.momentum_decays)
         for item in work:
             if not self.state[item.param]:
@@ -367,12 +373,16 @@ class Celo(Copyable, torch.optim.Optimizer):
         }
         if self._scheduler is not None:
             celo.update(self._scheduler.to_dict())
+        if self._run_gain is not None:
+            celo["run_gain"] = self._run_gain.clone()
         return celo
 
     def _restore_global_state(self, celo: dict[str, Any]) -> None:
         self.total_steps = celo["total_steps"]
         self.skipped_steps = int(celo["skipped_steps"])
         self._warned_past_end = False
+        run_gain = celo.get("run_gain")
+        self._run_gain = None if run_gain is None else torch.as_tensor(run_gain, dtype=torch.float32).to(self._params()[0].device)
         if "lstm_hidden" in celo:
             device = self._params()[0].device
             self._scheduler = SchedulerState.from_dict(celo, device)

@@ -23,7 +23,7 @@ from .driver import update_batch_
 from .layout import TensorState, UpdateWeights, init_tensor_state, state_shape
 from .network import CeloNet
 from .scheduler_state import LstmState, Schedule, SchedulerState
-from .step_gain import row_norms, step_gain
+from .step_gain import model_start_gain, row_norms, step_gain
 
 MetaWeights = dict[str, torch.Tensor]
 
@@ -34,21 +34,27 @@ class PopulationState:
 
     ``total_steps``: ``(P,)`` int64; ``scheduler``: the members' scheduler states (``iteration``
     ``(P,)``, LSTM state ``(P, 1, H)``); ``tensors`` maps each inner-model tensor name to its stacked
-    accumulators.
+    accumulators; ``run_gain`` ``(P,)`` float32: each member's ``"model_start"`` gradient-scale gain
+    (:mod:`celo_hf.step_gain`), set at its first step (1 before, and for other meta-models).
     """
 
     total_steps: torch.Tensor
     scheduler: SchedulerState
     tensors: dict[str, TensorState]
+    run_gain: torch.Tensor
 
     def to_dict(self) -> dict[str, object]:
-        """The state as a flat dict (the scheduler's entries, ``total_steps``, ``tensors``) for a checkpoint."""
-        return self.scheduler.to_dict() | {"total_steps": self.total_steps, "tensors": self.tensors}
+        """The state as a flat dict (the scheduler's entries, ``total_steps``, ``tensors``,
+        ``run_gain``) for a checkpoint."""
+        return self.scheduler.to_dict() | {"total_steps": self.total_steps, "tensors": self.tensors, "run_gain": self.run_gain}
 
     @classmethod
     def from_dict(cls, saved: dict[str, object]) -> PopulationState:
-        """The state :meth:`to_dict` saved, or a meta-training checkpoint's state written before it."""
-        return cls(saved["total_steps"], SchedulerState.from_dict(saved), saved["tensors"])  # type: ignore[arg-type]
+        """The state :meth:`to_dict` saved, or a meta-training checkpoint's state written before it
+        (without ``run_gain``: gains of 1)."""
+        total_steps: torch.Tensor = saved["total_steps"]  # type: ignore[assignment]
+        run_gain = saved.get("run_gain", torch.ones(total_steps.shape, device=total_steps.device))
+        return cls(total_steps, SchedulerState.from_dict(saved), saved["tensors"], run_gain)  # type: ignore[arg-type]
 
 
 class _Scheduler(nn.Module):
@@ -82,6 +88,7 @@ def init(
         total_steps=total_steps.to(torch.int64),
         scheduler=_fresh_scheduler(meta_weights, population, device),
         tensors=tensors,
+        run_gain=torch.ones(population, device=device),
     )
 
 
@@ -107,6 +114,7 @@ def reset_members(
             name: {key: pick(torch.zeros_like(value), value) for key, value in accumulators.items()}
             for name, accumulators in state.tensors.items()
         },
+        run_gain=pick(torch.ones_like(state.run_gain), state.run_gain),
     )
 
 
@@ -134,14 +142,26 @@ def update(
         if isinstance(module, nn.Linear)
     ]
     weights = UpdateWeights.from_mlp_layers(net, layers, loss.device)
+    run_gain = state.run_gain
+    if net.gain_threshold is not None and net.gain_signal == "model_start":
+        run_gain = torch.where(state.scheduler.iteration == 0, _first_step_gains(params, grads, net), run_gain)
+        lr_mult = lr_mult * run_gain
     for name, p in params.items():
         shape = (p.shape[0], *state_shape(p.shape[1:]))
         scale = lr_mult
-        if net.gain_threshold is not None:
+        if net.gain_threshold is not None and net.gain_signal == "tensor":
             norms = (row_norms(t.reshape(shape[0], -1)) for t in (grads[name], p))
             scale = lr_mult * step_gain(*norms, net.gain_threshold, net.gain_power)
         update_batch_(p.view(shape), grads[name].reshape(shape), state.tensors[name], scale, weights, backend)
-    return PopulationState(state.total_steps, scheduler, state.tensors)
+    return PopulationState(state.total_steps, scheduler, state.tensors, run_gain)
+
+
+def _first_step_gains(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], net: CeloNet) -> torch.Tensor:
+    """Every member's ``"model_start"`` gain were this its first step: ``(P,)`` float32."""
+    assert net.gain_threshold is not None
+    norms = [torch.stack([row_norms(t.reshape(t.shape[0], -1)) for t in (grads[name], p)]) for name, p in params.items()]
+    grad_norms, param_norms = torch.stack(norms, dim=-1)  # each (P, tensors)
+    return model_start_gain(grad_norms, param_norms, net.gain_threshold, net.gain_power)
 
 
 def _member_schedules(net: CeloNet, meta_weights: MetaWeights) -> Schedule:

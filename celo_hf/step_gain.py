@@ -8,10 +8,18 @@ next to the tensor itself, ``r = ||g|| / ||p||`` (the same as the ratio of their
 step of a fine-tune, a median of 6e-4 over MiniLM-L6's pretrained matrices against 0.2 for its fresh
 classifier head (``python -m meta_training.finetune_probe``).
 
-The gain multiplies each tensor's step by ``min(1, r / threshold) ** power``: 1 (Celo v1 unchanged)
-for tensors whose relative gradient is at least ``threshold``, smaller below. It is an option of the
-meta-model (:class:`celo_hf.CeloNet`'s ``gain_threshold``, ``gain_power``), off (``None``) in the
-paper's checkpoint. A tensor that is all zeros gets gain 1.
+The gain multiplies steps by ``min(1, r / threshold) ** power``: 1 (Celo v1 unchanged) where the
+relative gradient is at least ``threshold``, smaller below. It is an option of the meta-model
+(:class:`celo_hf.CeloNet`'s ``gain_threshold``, ``gain_power``, ``gain_signal``), off (``None``) in
+the paper's checkpoint. Which ``r`` it reads is the ``gain_signal``:
+
+* ``"tensor"``: each tensor's own ``r`` at every step (:func:`step_gain`); a tensor that is all zeros
+  gets gain 1. A tensor next to a fresh head (MiniLM's pooler: ``r`` 0.08-0.33) still takes full
+  steps, and from-scratch runs slow down late as their gradients shrink.
+* ``"model_start"``: one gain per run for every tensor, from the median over tensors of ``r`` at the
+  first step (:func:`model_start_gain`): "was this model trained before?" is a property of the
+  model, not of each tensor. Tensors with ``||g|| = 0`` or ``||p|| = 0`` at that step (zero-initialised
+  adapters, parts the loss does not reach yet) carry no evidence and are left out.
 """
 
 from __future__ import annotations
@@ -31,3 +39,18 @@ def step_gain(grad_norm: torch.Tensor, param_norm: torch.Tensor, threshold: floa
     ratio = grad_norm.float() / (param_norm.float() * threshold)
     gain = torch.clamp(ratio, max=1.0).pow(power)
     return torch.where(param_norm > 0, gain, torch.ones_like(gain))
+
+
+#: The values of ``CeloNet(gain_signal=...)``: see the module docstring.
+GAIN_SIGNALS = ("tensor", "model_start")
+
+
+def model_start_gain(grad_norm: torch.Tensor, param_norm: torch.Tensor, threshold: float, power: float) -> torch.Tensor:
+    """The ``"model_start"`` gain from the first step's norms ``(..., n)`` of ``n`` tensors: float32
+    ``(...)``, ``min(1, median_r / threshold) ** power`` with ``median_r`` the (lower) median of
+    ``||g|| / ||p||`` over the tensors where both norms are positive; 1 where there is none."""
+    informative = (grad_norm > 0) & (param_norm > 0)
+    ratio = grad_norm.float() / param_norm.float()
+    median = torch.where(informative, ratio, torch.full_like(ratio, float("nan"))).nanmedian(dim=-1).values
+    gain = torch.clamp(median / threshold, max=1.0).pow(power)
+    return torch.where(median.isnan(), torch.ones_like(gain), gain)
