@@ -1,4 +1,5 @@
-"""The gradient-scale gain: each tensor's step times min(1, (||g|| / ||p||) / threshold) ** power."""
+"""The gradient-scale gain: steps times min(1, r / threshold) ** power, with r each tensor's
+||g|| / ||p|| ("tensor") or the median of it over tensors at the first step ("model_start")."""
 
 import copy
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from celo_hf import Celo, CeloNet, load_celo_net
-from celo_hf.step_gain import step_gain
+from celo_hf.step_gain import model_start_gain, step_gain
 
 
 def test_step_gain_values():
@@ -16,11 +17,35 @@ def test_step_gain_values():
     torch.testing.assert_close(gain, torch.tensor([1.0, 0.01, 1.0, 0.0, 1.0]))
 
 
-def _gain_net(threshold: float | None, power: float = 1.0) -> CeloNet:
-    base = load_celo_net(None)
-    net = CeloNet(**{**base._hub_mixin_config, "gain_threshold": threshold, "gain_power": power})
-    net.load_state_dict(base.state_dict())
-    return net
+def test_model_start_gain_takes_the_median_over_informative_tensors():
+    """Tensors with ||g|| = 0 or ||p|| = 0 are left out; the median of an even count is the lower
+    middle value; a row with no informative tensor gets gain 1."""
+    grad_norm = torch.tensor([[1e-3, 0.0, 0.5, 2e-3, 3.0], [1e-3, 4e-3, 3e-3, 2e-3, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    param_norm = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0, 1.0]])
+    gain = model_start_gain(grad_norm, param_norm, threshold=0.01, power=2.0)
+    torch.testing.assert_close(gain, torch.tensor([0.2**2, 0.3**2, 1.0]))
+    one = model_start_gain(grad_norm[1], param_norm[1], threshold=0.01, power=2.0)
+    assert torch.equal(one, gain[1])  # one optimizer's tensors give the bits of a population's row
+
+
+def _gain_net(threshold: float | None, power: float = 1.0, signal: str = "tensor") -> CeloNet:
+    from meta_training.select_gain import gain_net
+
+    return gain_net(load_celo_net(None), threshold, power, signal)
+
+
+def _steps(net: CeloNet, lrs: list[float], grads: list[list[torch.Tensor]], values: list[torch.Tensor],
+           backend: str) -> tuple[list[torch.Tensor], Celo]:
+    """Parameters after one step per entry of ``grads`` (each a gradient per tensor), tensor ``i``
+    in its own group at lr ``lrs[i]``; and the optimizer."""
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    groups = [{"params": [p], "lr": lr} for p, lr in zip(params, lrs)]
+    optimizer = Celo(groups, total_steps=10, weights=copy.deepcopy(net), backend=backend)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step(loss=1.0)
+    return [p.detach() for p in params], optimizer
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "reference"])
@@ -34,30 +59,66 @@ def test_gain_scales_each_tensors_step_as_an_lr_would(backend):
     expected = [min(1.0, float(g.norm() / v.norm()) / threshold) ** power for g, v in zip(grads, values)]
     assert min(expected) < 0.2 and max(expected) == 1.0
 
-    def one_step(net: CeloNet, lrs: list[float]) -> list[torch.Tensor]:
-        params = [torch.nn.Parameter(v.clone()) for v in values]
-        groups = [{"params": [p], "lr": lr} for p, lr in zip(params, lrs)]
-        optimizer = Celo(groups, total_steps=10, weights=copy.deepcopy(net), backend=backend)
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        optimizer.step(loss=1.0)
-        return [p.detach() for p in params]
-
-    with_gain = one_step(_gain_net(threshold, power), [1.0, 1.0, 1.0])
-    as_lr = one_step(_gain_net(None), expected)
+    with_gain, _ = _steps(_gain_net(threshold, power), [1.0, 1.0, 1.0], [grads], values, backend)
+    as_lr, _ = _steps(_gain_net(None), expected, [grads], values, backend)
     for a, b in zip(with_gain, as_lr):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _model_start_case() -> tuple[list[torch.Tensor], list[list[torch.Tensor]], float]:
+    """Three tensors and four steps of gradients whose scale grows 100x after the first step (a
+    per-step gain would follow it; the run's gain must not), and the gain expected for them."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(16, 8), (8,), (3, 3, 4)]
+    values = [torch.randn(s, generator=generator) for s in shapes]
+    scales = (1e-3, 3e-3, 1e-2)
+    grads = [[scale * (100.0 if t else 1.0) * torch.randn(s, generator=generator) for s, scale in zip(shapes, scales)]
+             for t in range(4)]
+    ratios = sorted(float(g.norm() / v.norm()) for g, v in zip(grads[0], values))
+    return values, grads, min(1.0, ratios[1] / 0.1) ** 1.5
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_model_start_gain_is_the_first_steps_and_scales_every_step_as_an_lr_would(backend):
+    values, grads, expected = _model_start_case()
+    assert 1e-3 < expected < 0.1
+    with_gain, optimizer = _steps(_gain_net(0.1, 1.5, "model_start"), [1.0] * 3, grads, values, backend)
+    as_lr, _ = _steps(_gain_net(None), [expected] * 3, grads, values, backend)
+    for a, b in zip(with_gain, as_lr):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(optimizer.state_dict()["celo"]["run_gain"], torch.tensor([expected]))
+    assert "run_gain" not in _steps(_gain_net(None), [1.0] * 3, grads, values, backend)[1].state_dict()["celo"]
+
+
+def test_model_start_gain_resumes_exactly(tmp_path):
+    """Saved after two steps and loaded into a fresh optimizer, the run continues bit for bit with
+    the first step's gain (not one recomputed from the resumed step's gradients)."""
+    values, grads, _ = _model_start_case()
+    net = _gain_net(0.1, 1.5, "model_start")
+    straight, _ = _steps(net, [1.0] * 3, grads, values, "eager")
+    first, optimizer = _steps(net, [1.0] * 3, grads[:2], values, "eager")
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    params = [torch.nn.Parameter(v.clone()) for v in first]
+    resumed = Celo([{"params": [p], "lr": 1.0} for p in params], total_steps=10, weights=copy.deepcopy(net), backend="eager")
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    for step_grads in grads[2:]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        resumed.step(loss=1.0)
+    for a, b in zip(straight, params):
+        assert torch.equal(a, b.detach())
+
+
 def test_gain_settings_round_trip_through_the_project_format(tmp_path):
-    net = _gain_net(0.03, 2.0)
+    net = _gain_net(0.03, 2.0, "model_start")
     net.save_pretrained(tmp_path)
     loaded = load_celo_net(tmp_path)
-    assert (loaded.gain_threshold, loaded.gain_power) == (0.03, 2.0)
+    assert (loaded.gain_threshold, loaded.gain_power, loaded.gain_signal) == (0.03, 2.0, "model_start")
     assert load_celo_net(None).gain_threshold is None  # Celo v1 weights: no gain
 
 
-@pytest.mark.parametrize("kwargs", [{"gain_threshold": 0.0}, {"gain_threshold": -1.0}, {"gain_power": -0.5}])
+@pytest.mark.parametrize("kwargs", [{"gain_threshold": 0.0}, {"gain_threshold": -1.0}, {"gain_power": -0.5},
+                                    {"gain_signal": "per_layer"}])
 def test_bad_gain_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="gain_"):
         CeloNet(**kwargs)
@@ -70,3 +131,7 @@ def test_selection_rule_takes_the_best_fine_tune_among_candidates_near_the_base_
     assert choose({"none": base, "0.01": {"digits": 0.0105, "finetune": 0.65},
                    "0.1": {"digits": 0.02, "finetune": 0.50}}) == "0.01"
     assert choose({"none": base, "0.1": {"digits": 0.02, "finetune": 0.50}}) is None
+    assert choose({"none": base, "0.01": {"digits": 0.0105, "finetune": 0.71}}) is None  # no better than the base
+    with_lm = {"digits": 0.010, "lm": 2.0, "finetune": 0.70}
+    assert choose({"none": with_lm, "0.01": {"digits": 0.0105, "lm": 2.3, "finetune": 0.60},
+                   "0.003": {"digits": 0.0100, "lm": 2.1, "finetune": 0.65}}) == "0.003"
