@@ -1,8 +1,9 @@
 """Run Celo on a FSDP2-sharded model and on the same model unsharded; the results must agree.
 
 Launched by tests/test_fsdp.py as ``torchrun --standalone --nproc_per_node 2 fsdp_equivalence.py WEIGHTS``.
-Without and with weight decay; prints one line ``max_abs_diff <value>`` on rank 0 (over the
-parameters and the losses the scheduler took in).
+Without and with weight decay, and with either gradient-scale gain (its norms are taken over whole
+tensors; threshold 10 puts every gain below 1); prints one line ``max_abs_diff <value>`` on rank 0
+(over the parameters and the losses the scheduler took in).
 """
 
 import copy
@@ -42,12 +43,22 @@ def run(model: torch.nn.Module, weights, weight_decay: float, steps: int = 6) ->
     return optimizer.state_dict()["celo"]["loss_means"]
 
 
+def with_gain(net, signal: str | None):
+    """A copy of ``net`` with the gradient-scale gain of ``signal`` at threshold 10 (``None``: none)."""
+    net = copy.deepcopy(net)
+    if signal is not None:
+        net.gain_threshold, net.gain_signal = 10.0, signal
+    return net
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     assert dist.get_world_size() == 2, f"expected 2 processes, got {dist.get_world_size()}"
-    net = load_celo_net(sys.argv[1])
+    base = load_celo_net(sys.argv[1])
     diffs = []
-    for weight_decay in (0.0, 0.1):  # with weight decay, the loss's L2 term sums over every shard
+    # with weight decay, the loss's L2 term sums over every shard
+    for weight_decay, signal in ((0.0, None), (0.1, None), (0.0, "tensor"), (0.0, "model_start")):
+        net = with_gain(base, signal)
         reference = make_model()
         sharded = copy.deepcopy(reference)
         for layer in sharded:
