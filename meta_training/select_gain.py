@@ -1,21 +1,23 @@
 """Score the gradient-scale gain's candidates on the held-in checks and apply the fixed rule.
 
-    python -m meta_training.select_gain --out meta_training/results/gain_selection
-    python -m meta_training.select_gain --signal model_start --out meta_training/results/gain_selection_model_start
+    python -m meta_training.select_gain --round tensor --out meta_training/results/gain_selection
+    python -m meta_training.select_gain --round model_start --out meta_training/results/gain_selection_model_start
+    python -m meta_training.select_gain --round model_start_power --out meta_training/results/gain_selection_model_start_power
 
-The rules and the candidates are in each folder's ``RULE.md`` (written before any score was seen):
-calibrated embedded weights with ``gain_signal`` ``"tensor"`` (``gain_threshold`` in {0.01, 0.03,
-0.1}; from-scratch check: digits) or ``"model_start"`` ({0.003, 0.01, 0.03}; digits and a d16 LM);
-eligible if every from-scratch held-in loss is at most 1.1x the calibrated base's; pick the lowest
-score on a MiniLM-L6 fine-tune (comedy vs tragedy, 100 steps of 16, mean training loss of the last
-10 steps), if it beats the base's. Writes ``scores.json``, ``scores.md`` and the chosen weights, if
-any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written ``scores.json``.
+Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
+any of its scores was seen: calibrated embedded weights with a ``gain_signal`` and candidate
+``(gain_threshold, gain_power)`` pairs; eligible if every from-scratch held-in loss of the round
+(digits; and a d16 LM for the ``model_start`` rounds) is at most 1.1x the calibrated base's; pick
+the lowest score on a MiniLM-L6 fine-tune (comedy vs tragedy, 100 steps of 16, mean training loss
+of the last 10 steps), if it beats the base's. Writes ``scores.json``, ``scores.md`` and the chosen
+weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written ``scores.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +29,31 @@ from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 from .finetune_probe import finetune_score
 from .held_in import held_in_loss, lm_loss
 
-#: Each signal's thresholds (``None``: the base, no gain) and its from-scratch checks.
-CANDIDATES = {"tensor": (None, 0.01, 0.03, 0.1), "model_start": (None, 0.003, 0.01, 0.03)}
-FROM_SCRATCH_CHECKS = {"tensor": ("digits",), "model_start": ("digits", "lm")}
 FROM_SCRATCH_TOLERANCE = 1.1
+
+
+@dataclass(frozen=True)
+class Round:
+    """One selection round: the gain's ``signal``, the candidate ``(threshold, power)`` pairs (the
+    base, no gain, is always scored too) and the from-scratch held-in checks."""
+
+    signal: str
+    candidates: tuple[tuple[float, float], ...]
+    from_scratch: tuple[str, ...]
+
+    def keyed(self) -> dict[str, tuple[float | None, float]]:
+        """Score keys -> ``(threshold, power)``: ``"none"``, ``"0.01"`` (power 1), ``"0.01^1.5"``."""
+        keys: dict[str, tuple[float | None, float]] = {"none": (None, 1.0)}
+        for threshold, power in self.candidates:
+            keys[f"{threshold:g}" if power == 1 else f"{threshold:g}^{power:g}"] = (threshold, power)
+        return keys
+
+
+ROUNDS = {
+    "tensor": Round("tensor", ((0.01, 1.0), (0.03, 1.0), (0.1, 1.0)), ("digits",)),
+    "model_start": Round("model_start", ((0.003, 1.0), (0.01, 1.0), (0.03, 1.0)), ("digits", "lm")),
+    "model_start_power": Round("model_start", ((0.01, 1.5), (0.01, 2.0), (0.005, 2.0)), ("digits", "lm")),
+}
 
 
 def gain_net(base: CeloNet, threshold: float | None, power: float = 1.0, signal: str = "tensor") -> CeloNet:
@@ -57,8 +80,9 @@ def choose(scores: dict[str, dict[str, float]]) -> str | None:
     return best if best is not None and eligible[best]["finetune"] < scores["none"]["finetune"] else None
 
 
-def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, signal: str = "tensor") -> str:
+def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, selection: Round = ROUNDS["tensor"]) -> str:
     """Apply the rule; write ``scores.md`` (and ``chosen/`` if a candidate wins); return the table."""
+    signal = selection.signal
     chosen = choose(scores)
     limits = _from_scratch_limits(scores)
     names = {"digits": "digits held-in loss", "lm": "LM held-in loss"}
@@ -74,31 +98,31 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, signal
     table = "\n".join(rows) + f"\n\n{verdict}\n"
     (out / "scores.md").write_text(table)
     if chosen is not None:
-        gain_net(base, float(chosen), signal=signal).save_pretrained(out / "chosen")
+        gain_net(base, *selection.keyed()[chosen], signal=signal).save_pretrained(out / "chosen")
     return table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--signal", choices=sorted(CANDIDATES), default="tensor", help="the gain's signal (default tensor)")
+    parser.add_argument("--round", choices=sorted(ROUNDS), default="tensor", help="the selection round (default tensor)")
     parser.add_argument("--from_scores", action="store_true", help="re-apply the rule to <out>/scores.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     base = calibrate_zero_gradient_(load_celo_net(None))
     if args.from_scores:
-        print(report(json.loads((args.out / "scores.json").read_text()), base, args.out, args.signal))
+        print(report(json.loads((args.out / "scores.json").read_text()), base, args.out, ROUNDS[args.round]))
         return
+    selection = ROUNDS[args.round]
     drift_tensors = [torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.full((32,), 0.1)]
     checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score}
     scores: dict[str, dict[str, float]] = {}
-    for threshold in tqdm(CANDIDATES[args.signal], desc="candidates"):
-        net = gain_net(base, threshold, signal=args.signal)
-        wanted = (*FROM_SCRATCH_CHECKS[args.signal], "finetune")
-        scores[str(threshold).lower()] = {name: checks[name](net) for name in wanted} | {
-            "drift": zero_gradient_drift(drift_tensors, net)}
+    for key, (threshold, power) in tqdm(selection.keyed().items(), desc="candidates"):
+        net = gain_net(base, threshold, power, selection.signal)
+        wanted = (*selection.from_scratch, "finetune")
+        scores[key] = {name: checks[name](net) for name in wanted} | {"drift": zero_gradient_drift(drift_tensors, net)}
         (args.out / "scores.json").write_text(json.dumps(scores, indent=2))
-    print(report(scores, base, args.out, args.signal))
+    print(report(scores, base, args.out, selection))
 
 
 if __name__ == "__main__":
