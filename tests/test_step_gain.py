@@ -135,3 +135,17 @@ def test_selection_rule_takes_the_best_fine_tune_among_candidates_near_the_base_
     with_lm = {"digits": 0.010, "lm": 2.0, "finetune": 0.70}
     assert choose({"none": with_lm, "0.01": {"digits": 0.0105, "lm": 2.3, "finetune": 0.60},
                    "0.003": {"digits": 0.0100, "lm": 2.1, "finetune": 0.65}}) == "0.003"
+
+
+def test_selection_rounds_key_their_candidates_and_save_the_pick_with_its_power(tmp_path):
+    from meta_training.select_gain import ROUNDS, report
+
+    keyed = ROUNDS["model_start_power"].keyed()
+    assert keyed["none"] == (None, 1.0) and keyed["0.01^1.5"] == (0.01, 1.5)
+    assert list(ROUNDS["tensor"].keyed()) == ["none", "0.01", "0.03", "0.1"]  # the keys of its committed scores
+    scores = {"none": {"digits": 0.01, "lm": 2.0, "finetune": 0.70, "drift": 0.0},
+              "0.01^1.5": {"digits": 0.01, "lm": 2.0, "finetune": 0.62, "drift": 0.0}}
+    table = report(scores, load_celo_net(None), tmp_path, ROUNDS["model_start_power"])
+    assert "0.01^1.5 (chosen)" in table
+    chosen = load_celo_net(tmp_path / "chosen")
+    assert (chosen.gain_threshold, chosen.gain_power, chosen.gain_signal) == (0.01, 1.5, "model_start")
