@@ -253,9 +253,9 @@ TRAINER_TASKS: dict[str, TrainerTask] = {
     task.name: task
     for task in (
         TrainerTask("genre_full", "MiniLM-L6 (pretrained) full fine-tune, 4-way genre of a Shakespeare speech",
-                    60, 16, 1, (3e-5, 1e-4, 3e-4), _genre_full),
+                    60, 16, 1, (3e-5, 1e-4, 3e-4, 1e-3), _genre_full),
         TrainerTask("genre_lora", "MiniLM-L6 (pretrained) LoRA r=8 on query/value (+ head), 4-way genre",
-                    60, 16, 1, (3e-4, 1e-3, 3e-3), _genre_lora),
+                    60, 16, 1, (3e-4, 1e-3, 3e-3, 1e-2), _genre_lora),
         TrainerTask("llama_ga", "Llama from config (2 layers, hidden 64), Shakespeare bytes, gradient accumulation 2",
                     400, 8, 2, (1e-3, 3e-3, 1e-2), _llama_ga),
         TrainerTask("gpt2_long", "GPT-2 from config (2 layers, width 32), Shakespeare bytes, 1000 steps",
