@@ -1,4 +1,5 @@
-"""The embedded default weights: present in the package, produced by the committed meta-training run."""
+"""The embedded default weights: present in the package, produced from the committed meta-training
+run by the committed calibration and gain selection."""
 
 import subprocess
 import sys
@@ -13,13 +14,26 @@ from celo_hf.hub import DEFAULT_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_BEST = REPO / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best"
+CHOSEN = REPO / "meta_training" / "results" / "gain_selection_model_start_power" / "chosen"
 
 
-def test_weights_none_loads_the_meta_trained_run_byte_for_byte():
+def test_weights_none_loads_the_selection_pick_byte_for_byte():
     for name in ("config.json", "model.safetensors"):
-        assert (DEFAULT_WEIGHTS_DIR / name).read_bytes() == (RUN_BEST / name).read_bytes(), name
+        assert (DEFAULT_WEIGHTS_DIR / name).read_bytes() == (CHOSEN / name).read_bytes(), name
     net = celo_hf.load_celo_net(None)
-    assert all(torch.equal(v, net.state_dict()[k]) for k, v in load_file(str(RUN_BEST / "model.safetensors")).items())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in load_file(str(CHOSEN / "model.safetensors")).items())
+    assert (net.gain_signal, net.gain_threshold, net.gain_power) == ("model_start", 0.005, 2.0)
+
+
+def test_the_default_is_the_meta_trained_run_calibrated_with_the_chosen_gain():
+    """Rebuilt from the run's best checkpoint by the committed code: the same weights exactly."""
+    from celo_hf.diagnostics import calibrate_zero_gradient_
+    from meta_training.select_gain import gain_net
+
+    rebuilt = gain_net(calibrate_zero_gradient_(celo_hf.load_celo_net(RUN_BEST)), 0.005, 2.0, "model_start")
+    default = celo_hf.load_celo_net(None)
+    assert rebuilt._hub_mixin_config == default._hub_mixin_config
+    assert all(torch.equal(v, default.state_dict()[k]) for k, v in rebuilt.state_dict().items())
 
 
 def test_the_default_optimizer_trains():
