@@ -21,3 +21,22 @@ def test_relative_steps_report_every_kind_and_tell_the_fresh_head_apart():
     assert ratios["head"]["step"] > 10 * ratios["matrix"]["step"]  # SGD's step is lr * g
     for kind, r in ratios.items():
         assert r["step"] > 0 and r["grad"] > 0, kind
+
+
+def test_gain_probe_tells_the_pretrained_fine_tune_from_a_model_trained_from_scratch():
+    """The first-step statistic of the model-start gain on the real MiniLM-L6 against a GPT-2 from config."""
+    from trainer_setup import tiny_model
+
+    from celo_hf import load_celo_net
+    from celo_hf.step_gain import model_start_gain
+    from meta_training.finetune_probe import genre_batches, minilm
+    from meta_training.gain_probe import first_step_norms
+
+    net = load_celo_net(None)
+    model, tokenize = minilm()
+    texts, labels = next(genre_batches(1))
+    pretrained = model_start_gain(*first_step_norms(model, {**tokenize(texts), "labels": labels}), net.gain_threshold, net.gain_power)
+    ids = torch.randint(2, 60, (4, 16), generator=torch.Generator().manual_seed(0))
+    scratch = model_start_gain(*first_step_norms(tiny_model("gpt2"), {"input_ids": ids, "labels": ids}),
+                               net.gain_threshold, net.gain_power)
+    assert float(scratch) == 1.0 and float(pretrained) < 0.1
