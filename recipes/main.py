@@ -16,9 +16,9 @@ times through Trainer from the same initialisation and batches:
 The three optimizers: **Celo** (``celo_hf.CeloTrainer`` + ``celo_hf.create``, lr 1, nothing
 tuned), Trainer's **AdamW at its default learning rate** (5e-5, linear decay), and **AdamW at a
 tuned learning rate**: the one the Trainer evaluation's grid search chose for that workload
-(``--tuning``, default the committed ``meta_training/results/trainer_embedded/results.json``; rule:
+(``--tuning``, default the committed ``meta_training/results/trainer_model_start_gain_grid/results.json``; rule:
 lowest final training loss over the grid fixed in ``meta_training/trainer_tasks.py``; made by
-``python -m meta_training.evaluate --tasks trainer --out meta_training/results/trainer_embedded``).
+``python -m meta_training.evaluate --tasks trainer --out meta_training/results/trainer_model_start_gain_grid``).
 
 Writes ``main.png`` (the loss curves, one panel per workload), ``main.md`` (the table) and
 ``main.json`` (every curve) to ``--output_dir``.
@@ -51,7 +51,7 @@ WORKLOADS = (("from scratch: Llama from config, Shakespeare bytes", "llama_ga"),
              ("fine-tune: MiniLM-L6, 4-way Shakespeare genre", "genre_full"))
 #: Trainer's default learning rate (``TrainingArguments.learning_rate``), what a user gets untuned.
 TRAINER_DEFAULT_LR: float = TrainingArguments.__dataclass_fields__["learning_rate"].default
-DEFAULT_TUNING = REPO / "meta_training" / "results" / "trainer_embedded" / "results.json"
+DEFAULT_TUNING = REPO / "meta_training" / "results" / "trainer_model_start_gain_grid" / "results.json"
 COLOURS = {"Celo": "tab:red", "default": "tab:gray", "tuned": "tab:blue"}
 
 
