@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: The tests/scripts/ runs that take two processes, all in one torchrun launch (tests/scripts/several.py).
+TWO_PROCESS_RUNS = ("fsdp_equivalence", "ddp_trainer", "plain_loops", "fsdp_trainer", "celo2_distributed")
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory):
+    """Every run of :data:`TWO_PROCESS_RUNS` in ONE torchrun launch of 2 gloo processes (each launch
+    costs about 15 s of CPU in imports alone): the folder holding each one's outputs in ``<name>/``.
+    They run Celo with the reference folder's checkpoints."""
+    from helpers import TWO_PROCESSES, require_reference, run_script
+
+    require_reference()
+    out_dir = tmp_path_factory.mktemp("two_processes")
+    run_script(Path(__file__).parent / "scripts" / "several.py", TWO_PROCESSES, out_dir, *TWO_PROCESS_RUNS)
+    return out_dir
 
 
 # ====================================== reference data (tests/helpers.py REFERENCE) ==================================

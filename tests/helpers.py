@@ -137,10 +137,10 @@ def scenario(name: str) -> Scenario:
 TWO_PROCESSES = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
-def run_script(script: Path, launcher: tuple[str, ...], out_dir: Path) -> None:
-    """Run ``python [launcher] script out_dir`` on one thread per process, importing this checkout's
-    ``celo_hf`` (not an installed copy); fail with its output."""
-    command = [sys.executable, *launcher, str(script), str(out_dir)]
+def run_script(script: Path, launcher: tuple[str, ...], out_dir: Path, *args: str) -> None:
+    """Run ``python [launcher] script out_dir [args]`` on one thread per process, importing this
+    checkout's ``celo_hf`` (not an installed copy); fail with its output."""
+    command = [sys.executable, *launcher, str(script), str(out_dir), *args]
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

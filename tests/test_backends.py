@@ -81,6 +81,23 @@ def test_backend_equals_reference(backend, net_name, chunk, paper_net, random_ne
     _assert_runs_close(run_celo(net, backend, SHAPES, chunk=chunk), run_celo(net, "reference", SHAPES))
 
 
+@pytest.mark.slow
+def test_each_compiled_kernel_has_its_own_dynamo_cache(paper_net):
+    """The compile backend compiles the eager kernels themselves: each keeps its variants (ranks,
+    layouts) in its own dynamo cache. (Compiled as functools.partials, all three went through one
+    wrapper frame and shared its cache: every call checked the other kernels' entries, and the
+    recompile limit, 8 variants, held for the three together.) Same run as the matrix's compile case."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from celo_hf.backends import eager
+
+    run_celo(paper_net, "compile", SHAPES, chunk=5000)
+    variants = {kernel.__name__: len(_debug_get_cache_entry_list(kernel.__code__))
+                for kernel in (eager.square_sums, eager.accumulate_, eager.mlp_step_)}
+    assert all(variants.values()), variants
+    assert sum(variants.values()) > torch._dynamo.config.recompile_limit, variants
+
+
 @pytest.mark.parametrize("backend", [b for b in OWN_KERNELS if b != "eager"])
 @pytest.mark.parametrize(
     ("dtype", "moment_dtype"),

@@ -3,9 +3,6 @@
 import dataclasses
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +12,8 @@ from helpers import PAPER_WEIGHTS
 from meta_training import eval_metrics as metrics
 from meta_training.eval_tasks import TASKS
 from celo_hf import CeloNet, load_celo_net
-from meta_training.evaluate import adamw, celo, evaluate, run_task
+from meta_training.evaluate import adamw, celo, evaluate, main, run_task
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
@@ -135,10 +131,8 @@ def test_evaluate_takes_a_celonet_reuses_the_tuning_run_and_runs_every_seed(tmp_
 @pytest.mark.reference
 def test_tiny_evaluation_writes_table_png_and_json_with_finite_numbers(tmp_path):
     out = tmp_path / "eval"
-    command = [sys.executable, "-m", "meta_training.evaluate", "--tiny", "--weights", str(PAPER_WEIGHTS), "--out", str(out)]
-    command += ["--tasks", "suite"]  # the Trainer tasks' tiny configuration: tests/test_trainer_eval.py
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The command line, in this process; the Trainer tasks' tiny configuration: tests/test_trainer_eval.py
+    main(["--tiny", "--weights", str(PAPER_WEIGHTS), "--out", str(out), "--tasks", "suite"])
     report = json.loads((out / "results.json").read_text())
     assert [t["name"] for t in report["tasks"]] == ["ill_conditioned_softmax", "wide_deep_mlp", "gru_lm"]
     for task in report["tasks"]:

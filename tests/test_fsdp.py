@@ -1,23 +1,15 @@
 """FSDP2: Celo on row-sharded DTensor parameters equals Celo on the unsharded model."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from helpers import PAPER_WEIGHTS
-
-SCRIPT = Path(__file__).parent / "scripts" / "fsdp_equivalence.py"
+import torch
 
 pytestmark = pytest.mark.reference  # every test reads the paper's checkpoint
 
 
 @pytest.mark.slow
-def test_fsdp2_sharded_update_equals_unsharded():
+def test_fsdp2_sharded_update_equals_unsharded(two_process_runs):
     """Two gloo processes, uneven and empty shards, a square matrix: every per-tensor statistic
-    (parameter RMS, feature normalisers, factored row / column means) is taken over the whole tensor."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(PAPER_WEIGHTS)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    diff = float(result.stdout.split("max_abs_diff")[1].split()[0])
+    (parameter RMS, feature normalisers, factored row / column means) is taken over the whole tensor
+    (tests/scripts/fsdp_equivalence.py, run by the conftest fixture ``two_process_runs``)."""
+    diff = torch.load(two_process_runs / "fsdp_equivalence" / "rank0.pt")["max_abs_diff"]
     assert diff < 1e-6, diff

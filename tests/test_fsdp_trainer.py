@@ -1,5 +1,6 @@
 """Celo through ``transformers.Trainer`` on an FSDP2-sharded model, 2 CPU processes (gloo):
-tests/scripts/fsdp_trainer.py under torchrun, against the same script in one plain process.
+tests/scripts/fsdp_trainer.py under torchrun (the conftest fixture ``two_process_runs``), against the
+same run in this process.
 
 Accelerate's FSDP plugin cannot be used on CPU (accelerate 1.15 enables FSDP only for GPU-like
 distributed types: under ``use_cpu=True`` / MULTI_CPU the plugin is silently dropped), so the model
@@ -9,13 +10,10 @@ DistributedConfig(fsdp_size=2))`` (``fully_shard``, ``Shard(0)`` DTensors), whic
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import TWO_PROCESSES, run_script
+from scripts import fsdp_trainer
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "fsdp_trainer.py"
 #: Largest |FSDP - single process| allowed on a final parameter. Measured ~7e-7 (float32 reduction
 #: order: reduce-scatter of the gradients, all-reduced Celo statistics); parameters move ~4e-2 from
 #: their initial values, and an update whose per-tensor statistics miss the other rank's rows is far off.
@@ -25,14 +23,13 @@ pytestmark = pytest.mark.reference  # tests/scripts/fsdp_trainer.py runs Celo wi
 
 
 @pytest.mark.slow
-def test_fsdp2_trainer_equals_one_process(tmp_path):
+def test_fsdp2_trainer_equals_one_process(two_process_runs, tmp_path):
     """Same global batch (2 x 2 vs 1 x 4, gradient accumulation 2, 4 steps), Celo built by Trainer
     through CeloFactory: on each rank fed loss == logged loss and Celo updated Shard(0) DTensors; the
     ranks end with identical full parameters, equal to the one-process run within PARAM_ATOL."""
-    run_script(SCRIPT, TWO_PROCESSES, tmp_path / "fsdp")
-    run_script(SCRIPT, (), tmp_path / "single")
-    ranks = [torch.load(tmp_path / "fsdp" / f"rank{r}.pt") for r in (0, 1)]
-    single = torch.load(tmp_path / "single" / "rank0.pt")
+    fsdp_trainer.run(tmp_path, world_size=1)
+    ranks = [torch.load(two_process_runs / "fsdp_trainer" / f"rank{r}.pt") for r in (0, 1)]
+    single = torch.load(tmp_path / "rank0.pt")
     assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
     for result in (*ranks, single):
         assert result["iteration"] == 4

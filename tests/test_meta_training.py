@@ -21,7 +21,7 @@ from celo_hf.diagnostics import zero_gradient_drift
 from meta_training import held_in, inner
 from meta_training.pes import antithetic_population
 from meta_training.tasks import families_by_name, pretrained_digits_mlp
-from meta_training.train import MetaTrainConfig, MetaTrainer, calibrated_rows, publish, run, unflatten
+from meta_training.train import MetaTrainConfig, MetaTrainer, calibrated_rows, main, publish, run, unflatten
 
 REPO = Path(__file__).resolve().parents[1]
 # Two slots, trajectories of 3-8 steps inside truncations of 4: resets happen mid-truncation.
@@ -88,7 +88,8 @@ def test_push_to_hub_then_celo_loads_it(tmp_path, hub, hf_cache):
 
 @pytest.mark.slow
 def test_kill_and_rerun_the_same_command(tmp_path):
-    command = [sys.executable, "-m", "meta_training.train", *MIXED_ARGS, "--iterations", "20", "--out", str(tmp_path / "killed")]
+    iterations = "10"  # killed after 3: 7 left to resume, with a checkpoint each
+    command = [sys.executable, "-m", "meta_training.train", *MIXED_ARGS, "--iterations", iterations, "--out", str(tmp_path / "killed")]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -96,18 +97,16 @@ def test_kill_and_rerun_the_same_command(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert len(metrics.read_text().splitlines()) < 20, "the run finished before it could be killed"
+    assert len(metrics.read_text().splitlines()) < int(iterations), "the run finished before it could be killed"
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
-    straight = [sys.executable, "-m", "meta_training.train", *MIXED_ARGS, "--iterations", "20", "--out", str(tmp_path / "straight")]
-    subprocess.run(straight, cwd=REPO, check=True, capture_output=True)
+    main([*MIXED_ARGS, "--iterations", iterations, "--out", str(tmp_path / "straight")])  # the same command, in this process
     a, b = _weights(tmp_path / "killed" / "final"), _weights(tmp_path / "straight" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_result(tmp_path):
-    single = [sys.executable, "-m", "meta_training.train", *MIXED_ARGS, "--out", str(tmp_path / "one")]
-    subprocess.run(single, cwd=REPO, check=True, capture_output=True)
+    main([*MIXED_ARGS, "--out", str(tmp_path / "one")])  # one process: this one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     double = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "meta_training.train", *MIXED_ARGS, "--out", str(tmp_path / "two")]

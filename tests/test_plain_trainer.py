@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TWO_PROCESSES, run_script
 from scripts.plain_loops import TRAINER_CASES, train_accelerate_loop, train_plain_trainer
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from transformers import Trainer
@@ -29,7 +28,6 @@ from trainer_setup import (
 import celo_hf
 from celo_hf.loss_recording import recorder_for
 
-SCRIPT = Path(__file__).resolve().parent / "scripts" / "plain_loops.py"
 
 pytestmark = pytest.mark.reference  # every Celo here runs with the paper's checkpoint
 
@@ -305,11 +303,12 @@ def test_accelerate_loop_one_process():
 
 
 @pytest.mark.slow
-def test_two_processes(tmp_path):
+def test_two_processes(two_process_runs):
     """2 gloo processes, per-device batch 2 (the one-process tests run 4): the same loss on every rank
     and bit-identical parameters; with the callback the logged loss, without it the logged loss times
-    one constant; the Accelerate loop feeds the mean of every process's micro-batch losses."""
-    run_script(SCRIPT, TWO_PROCESSES, tmp_path)
+    one constant; the Accelerate loop feeds the mean of every process's micro-batch losses
+    (tests/scripts/plain_loops.py, run by the conftest fixture ``two_process_runs``)."""
+    tmp_path = two_process_runs / "plain_loops"
     for name in [case.name for case in TRAINER_CASES] + ["accelerate"]:
         ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1)]
         assert ranks[0]["fed"] == ranks[1]["fed"] and len(ranks[0]["fed"]) == 4, name

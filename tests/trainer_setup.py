@@ -7,11 +7,14 @@ sequences of ragged length, so padding and token-count normalisation are exercis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from helpers import PAPER_WEIGHTS
 from transformers import (
     BertConfig,
@@ -133,9 +136,26 @@ def script_setup() -> tuple[Path, int]:
     anything else refused), with torch on one thread."""
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
-    out_dir = parser.parse_args().out_dir
+    return parser.parse_args().out_dir, process_setup()
+
+
+@contextlib.contextmanager
+def process_group(world_size: int) -> Iterator[None]:
+    """The gloo process group of a 2-process tests/scripts/ launch, joined for the block (nothing for
+    one process); torn down after a barrier, so no rank closes it while the other still uses it."""
+    if world_size == 1:
+        yield
+        return
+    dist.init_process_group("gloo")
+    yield
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def process_setup() -> int:
+    """The world size of a tests/scripts/ process (1 or 2, anything else refused), with torch on one thread."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size not in (1, 2):
         raise SystemExit(f"run with 1 or 2 processes, got WORLD_SIZE={world_size}")
     torch.set_num_threads(1)
-    return out_dir, world_size
+    return world_size

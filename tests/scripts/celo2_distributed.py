@@ -1,7 +1,9 @@
 """Celo2 under two gloo processes, or as one plain process; saves what each process ended with.
 
-    torchrun --standalone --nproc_per_node 2 tests/scripts/celo2_distributed.py WEIGHTS OUT_DIR
-    python tests/scripts/celo2_distributed.py WEIGHTS OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/scripts/celo2_distributed.py OUT_DIR
+    python tests/scripts/celo2_distributed.py OUT_DIR
+
+Celo2 runs with the reference folder's test weights (``helpers.CELO2_TEST_WEIGHTS``).
 
 * ``ddp``: a tiny GPT-2 through a plain ``transformers.Trainer(optimizers=(Celo2(...), None))``
   (data parallel over the processes; the same global batch either way), its default linear
@@ -26,11 +28,12 @@ from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer_setup import collate, parameter_vector, ragged_examples, tiny_model, training_args  # noqa: E402
+from helpers import CELO2_TEST_WEIGHTS  # noqa: E402
+from trainer_setup import collate, parameter_vector, ragged_examples, process_group, script_setup, tiny_model, training_args  # noqa: E402
 
 from celo_hf import Celo2  # noqa: E402
 
-from fsdp_equivalence import make_model  # noqa: E402 -- Celo's FSDP2 check's model: uneven, empty and square shards
+from scripts.fsdp_equivalence import make_model  # noqa: E402 -- Celo's FSDP2 check's model: uneven, empty and square shards
 
 GLOBAL_BATCH = 4
 
@@ -71,18 +74,20 @@ def fsdp(weights: str) -> float:
     return max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), unsharded.parameters()))
 
 
-def main() -> None:
-    weights, out_dir = sys.argv[1], Path(sys.argv[2])
-    torch.set_num_threads(1)
-    world_size = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+def run(out_dir: Path, world_size: int) -> None:
+    """The DDP run on ``world_size`` processes and, on two, the FSDP2 check; into ``out_dir``."""
+    weights = str(CELO2_TEST_WEIGHTS)
     result = {"ddp": ddp(weights, out_dir, world_size)}
     rank = dist.get_rank() if dist.is_initialized() else 0
     if world_size == 2:
         result["fsdp"] = fsdp(weights)
     torch.save(result, out_dir / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+
+
+def main() -> None:
+    out_dir, world_size = script_setup()
+    with process_group(world_size):
+        run(out_dir, world_size)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ CASES = (("gpt2", 1), ("gpt2", 2), ("bert", 2))
 GLOBAL_BATCH = 4
 
 
-def main() -> None:
-    out_dir, world_size = script_setup()
+def run(out_dir: Path, world_size: int) -> None:
+    """Every case of ``CASES`` on ``world_size`` processes (this one among them), into ``out_dir``."""
     batch = GLOBAL_BATCH // world_size
     for kind, accumulation in CASES:
         model = tiny_model(kind)
@@ -56,6 +56,10 @@ def main() -> None:
         rank = trainer.args.process_index
         result = {"fed": optimizer.fed, "logged": logged_losses(trainer), "params": parameter_vector(model)}
         torch.save(result, out_dir / f"{kind}-ga{accumulation}-rank{rank}.pt")
+
+
+def main() -> None:
+    run(*script_setup())
 
 
 if __name__ == "__main__":

@@ -1,20 +1,27 @@
 """Run Celo on a FSDP2-sharded model and on the same model unsharded; the results must agree.
 
-Launched by tests/test_fsdp.py as ``torchrun --standalone --nproc_per_node 2 fsdp_equivalence.py WEIGHTS``.
-Without and with weight decay, and with either gradient-scale gain (its norms are taken over whole
-tensors; threshold 10 puts every gain below 1); prints one line ``max_abs_diff <value>`` on rank 0
-(over the parameters and the losses the scheduler took in).
+    torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp_equivalence.py OUT_DIR
+
+With the paper's checkpoint (``helpers.PAPER_WEIGHTS``), without and with weight decay, and with
+either gradient-scale gain (its norms are taken over whole tensors; threshold 10 puts every gain
+below 1); writes ``OUT_DIR/rank0.pt``: ``{"max_abs_diff": value}`` over the parameters and the
+losses the scheduler took in.
 """
 
 import copy
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from celo_hf import Celo
-from celo_hf.hub import load_celo_net
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import PAPER_WEIGHTS  # noqa: E402
+from trainer_setup import process_group, script_setup  # noqa: E402
+
+from celo_hf import Celo  # noqa: E402
+from celo_hf.hub import load_celo_net  # noqa: E402
 
 
 def make_model() -> torch.nn.Module:
@@ -29,7 +36,7 @@ def make_model() -> torch.nn.Module:
     )
 
 
-def run(model: torch.nn.Module, weights, weight_decay: float, steps: int = 6) -> torch.Tensor:
+def train(model: torch.nn.Module, weights, weight_decay: float, steps: int = 6) -> torch.Tensor:
     """Train ``model``; returns the loss buffer's means (the losses Celo's scheduler took in)."""
     optimizer = Celo(model.parameters(), total_steps=steps, weights=weights, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(1)
@@ -51,10 +58,10 @@ def with_gain(net, signal: str | None):
     return net
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    assert dist.get_world_size() == 2, f"expected 2 processes, got {dist.get_world_size()}"
-    base = load_celo_net(sys.argv[1])
+def run(out_dir: Path, world_size: int) -> None:
+    """The sharded and unsharded runs in the (initialised) 2-process group; rank 0 writes the largest difference."""
+    assert world_size == dist.get_world_size() == 2, f"expected 2 processes, got {world_size}"
+    base = load_celo_net(PAPER_WEIGHTS)
     diffs = []
     # with weight decay, the loss's L2 term sums over every shard
     for weight_decay, signal in ((0.0, None), (0.1, None), (0.0, "tensor"), (0.0, "model_start")):
@@ -68,16 +75,20 @@ def main() -> None:
         local_rows = [p.to_local().shape[0] for p in sharded.parameters()]
         assert local_rows[0] == (3 if dist.get_rank() == 0 else 2), local_rows  # the 5-row weight is split
         assert 0 in local_rows or dist.get_rank() == 0, local_rows  # rank 1 holds no row of the 1-row weight
-        reference_losses = run(reference, copy.deepcopy(net), weight_decay)
-        sharded_losses = run(sharded, copy.deepcopy(net), weight_decay)
+        reference_losses = train(reference, copy.deepcopy(net), weight_decay)
+        sharded_losses = train(sharded, copy.deepcopy(net), weight_decay)
         diffs.append((sharded_losses - reference_losses).abs().max().item())
         diffs += [
             (p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), reference.parameters())
         ]
     if dist.get_rank() == 0:
-        print("max_abs_diff", max(diffs), flush=True)
-    dist.barrier()  # no rank tears its gloo group down while the other may still be using it
-    dist.destroy_process_group()
+        torch.save({"max_abs_diff": max(diffs)}, out_dir / "rank0.pt")
+
+
+def main() -> None:
+    out_dir, world_size = script_setup()
+    with process_group(world_size):
+        run(out_dir, world_size)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ count and the final full parameters by name (float64).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from trainer_setup import (  # noqa: E402
     PAPER_WEIGHTS,
     collate,
     logged_losses,
+    process_group,
     ragged_examples,
     script_setup,
     tiny_model,
@@ -96,12 +96,14 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def main() -> None:
-    out_dir, world_size = script_setup()
+def run(out_dir: Path, world_size: int) -> None:
+    """The tiny Llama sharded over ``world_size`` (2) processes, or unsharded in one; into ``out_dir``."""
     sharded = world_size == 2
-    # Each process saves the same seeded model and loads it back, sharded when there are two.
-    model_dir = out_dir / f"model-rank{os.environ.get('RANK', '0')}"
+    # The seeded model is saved (by rank 0) and loaded back by every process, sharded when there are two.
+    model_dir = out_dir / "model"
     tiny_model(KIND).save_pretrained(model_dir)
+    if sharded:
+        torch.distributed.barrier()
     distributed = {"distributed_config": DistributedConfig(fsdp_size=2)} if sharded else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **distributed)
     inspect = Inspect(sharded)
@@ -130,6 +132,12 @@ def main() -> None:
         "params": full_parameters(trainer.model),
     }
     torch.save(result, out_dir / f"rank{trainer.args.process_index}.pt")
+
+
+def main() -> None:
+    out_dir, world_size = script_setup()
+    with process_group(world_size):
+        run(out_dir, world_size)
 
 
 if __name__ == "__main__":

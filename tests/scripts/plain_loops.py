@@ -112,12 +112,16 @@ def train_accelerate_loop(world_size: int) -> dict[str, Any]:
             "params": parameter_vector(accelerator.unwrap_model(model))}
 
 
-def main() -> None:
-    out_dir, world_size = script_setup()
+def run(out_dir: Path, world_size: int) -> None:
+    """Every case of ``TRAINER_CASES`` and the Accelerate loop on ``world_size`` processes, into ``out_dir``."""
     rank = int(os.environ.get("RANK", "0"))
     for case in TRAINER_CASES:
         torch.save(train_plain_trainer(case, out_dir, world_size), out_dir / f"{case.name}-rank{rank}.pt")
     torch.save(train_accelerate_loop(world_size), out_dir / f"accelerate-rank{rank}.pt")
+
+
+def main() -> None:
+    run(*script_setup())
 
 
 if __name__ == "__main__":
