@@ -233,9 +233,9 @@ def test_trainer_suite_selection_rule():
 def test_held_in_checks_run_and_see_the_drift():
     from celo_hf.diagnostics import calibrate_zero_gradient_
 
-    embedded = load_celo_net(None)
-    calibrated = calibrate_zero_gradient_(load_celo_net(None))
-    assert held_in.drift(embedded) > 1e-3 and held_in.drift(calibrated) < 1e-6
+    cpu_run = load_celo_net(Path(__file__).parents[1] / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best")
+    calibrated = calibrate_zero_gradient_(copy.deepcopy(cpu_run))
+    assert held_in.drift(cpu_run) > 1e-3 and held_in.drift(calibrated) < 1e-6
     lm = held_in.lm_loss(calibrated, seeds=1, steps=20)
     assert 1.0 < lm < math.log(97), "a fresh LM starts at ln 97 and Celo lowers it"
     assert 0.5 < held_in.finetune_loss(calibrated, seeds=1, steps=20) < 3.5

@@ -83,6 +83,7 @@ def test_a_meta_training_checkpoint_written_before_loads():
     trainer.load_state_dict(saved)
     state, old = trainer.state_dict()["groups"][0]["state"], saved["state"]  # one slot group then
     renamed = {"hidden": "lstm_hidden", "cell": "lstm_cell"}
+    assert torch.equal(state.pop("run_gain"), torch.ones(len(state["total_steps"])))  # not saved then: gains of 1
     assert_identical(state, {renamed.get(k, k): v for k, v in old.items()})
     trainer.outer_step()  # and it continues
     assert trainer.iteration == 3
