@@ -104,6 +104,14 @@ def relative_steps(optimizer_for: Callable[[list[torch.nn.Parameter]], torch.opt
             for kind in step_ratios}
 
 
+def write_report(path: Path, heading: str, rows: list[str]) -> None:
+    """Write (and print) a probe's markdown: ``heading``, a blank line, then the table ``rows``."""
+    text = f"{heading}\n\n" + "\n".join(rows) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text, end="")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -120,10 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     rows += [f"| {name} | " + " | ".join(f"{r[k]['step']:.1e}" for k in kinds) + " |" for name, r in results.items()]
     grads = next(iter(results.values()))  # the same first step for every contender
     rows.append("| (first step's ||g|| / ||p||) | " + " | ".join(f"{grads[k]['grad']:.1e}" for k in kinds) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = "Medians over tensors of each kind and over steps 2-11 (MiniLM-L6, comedy vs tragedy, batch 16).\n\n"
-    (args.out / "relative_steps.md").write_text(text + "\n".join(rows) + "\n")
-    print(text + "\n".join(rows))
+    write_report(args.out / "relative_steps.md",
+                 "Medians over tensors of each kind and over steps 2-11 (MiniLM-L6, comedy vs tragedy, batch 16).", rows)
 
 
 if __name__ == "__main__":

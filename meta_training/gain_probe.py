@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, default_collate
 from celo_hf import load_celo_net
 from celo_hf.step_gain import model_start_gain
 
-from .finetune_probe import genre_batches, minilm
+from .finetune_probe import genre_batches, minilm, write_report
 from .trainer_tasks import TRAINER_TASKS, trainable_parameters
 
 
@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         median = (grad_norm[informative] / param_norm[informative]).median() if informative.any() else float("nan")
         gain = model_start_gain(grad_norm, param_norm, net.gain_threshold, net.gain_power)
         rows.append(f"| {name} | {len(grad_norm)} | {int((~informative).sum())} | {float(median):.2e} | {float(gain):.3g} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = "First-step statistics of the model-start gain (`python -m meta_training.gain_probe`; seed 0, one batch).\n\n"
-    (args.out / "median_ratios.md").write_text(text + "\n".join(rows) + "\n")
-    print(text + "\n".join(rows))
+    write_report(args.out / "median_ratios.md",
+                 "First-step statistics of the model-start gain (`python -m meta_training.gain_probe`; seed 0, one batch).", rows)
 
 
 if __name__ == "__main__":
