@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from population_setup import stepped_together
 from torch import nn
 
 from celo_hf import Celo2
@@ -15,7 +16,7 @@ from celo_hf.celo2.routing import DEFAULT_ADAM_REGEX, route
 from meta_training import held_in, inner, rules
 from meta_training.evaluate import evaluate
 from meta_training.tasks import digits_family, families_by_name, lm_model
-from meta_training.train import MetaTrainConfig, MetaTrainer, publish, run, unflatten
+from meta_training.train import MetaTrainConfig, MetaTrainer, publish, run
 from meta_training.trainer_tasks import TRAINER_TASKS, train_through_trainer
 
 CELO2 = rules.RULES["celo2"]
@@ -37,39 +38,26 @@ def test_zero_noise_population_steps_as_celo2_on_each_member():
     products differently would leave float32 rounding differences, which Newton-Schulz amplifies to
     about 1e-5 relative, ``docs/celo2-algorithm.md`` §10.)"""
     config = replace(TINY, std=0.0, min_unroll=50, max_unroll=50)
-    trainer = MetaTrainer(config, families_by_name(config.families))
-    trainer.counter.zero_()
-    trainer.done[:] = False
-    assert len(trainer.groups) == 3, [g.model.name for g in trainer.groups]
-    start = [{k: v.clone() for k, v in g.params.items()} for g in trainer.groups]
-    streams = [rng.generator.get_state() for rng in trainer.random]
-    n = len(trainer.slots)
-    meta_weights = unflatten(trainer.theta.expand(2 * n, -1), trainer.template)
     steps = 3
-    for _ in range(steps):
-        trainer._inner_step(meta_weights)
+    trainer, members = stepped_together(config, steps)
     net = trainer.current_net()
-    for group, params0 in zip(trainer.groups, start):
-        m = len(group.local)
-        for j, slot in enumerate(group.local):
-            family = trainer._family(slot)
-            generator = torch.Generator()
-            generator.set_state(streams[slot])
-            params = CELO2.parameters({k: v[j].clone() for k, v in params0.items()})
-            optimizer = CELO2.optimizer(net, params, steps)
-            assert isinstance(optimizer, Celo2)
-            for _ in range(steps):
-                batch = tuple(t[None] for t in family.sample_batch(group.tasks[j], generator, family.batch_size))
-                scales = {k: v[j : j + 1] for k, v in group.scales.items()}
-                loss = inner.model_losses(group.model, CELO2.inner_weights(params), scales, batch)[0]
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            alone = {k: v[0].detach() for k, v in CELO2.inner_weights(params).items()}
-            assert any(not torch.equal(alone[k], params0[k][j]) for k in alone), "it trained"
-            for key, value in alone.items():
-                for row in (j, m + j):
-                    assert torch.equal(group.params[key][row], value), f"{family.name} {key} row {row}"
+    for member in members:
+        group, j, family = member.group, member.j, member.family
+        params = CELO2.parameters({k: v[j].clone() for k, v in member.start.items()})
+        optimizer = CELO2.optimizer(net, params, steps)
+        assert isinstance(optimizer, Celo2)
+        for _ in range(steps):
+            batch = tuple(t[None] for t in family.sample_batch(group.tasks[j], member.generator, family.batch_size))
+            scales = {k: v[j : j + 1] for k, v in group.scales.items()}
+            loss = inner.model_losses(group.model, CELO2.inner_weights(params), scales, batch)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        alone = {k: v[0].detach() for k, v in CELO2.inner_weights(params).items()}
+        assert any(not torch.equal(alone[k], member.start[k][j]) for k in alone), "it trained"
+        for key, value in alone.items():
+            for row in (j, member.m + j):
+                assert torch.equal(group.params[key][row], value), f"{family.name} {key} row {row}"
 
 
 def test_the_mlp_population_steps_as_celo2_on_the_torch_module():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from population_setup import stepped_together
 from safetensors.torch import load_file
 
 from celo_hf import Celo, load_celo_net
@@ -153,39 +154,27 @@ def test_zero_noise_mixed_population_steps_as_celo_on_each_member():
     """With std 0 every "+" and "-" member of every slot group, stepped together, follows exactly
     what ``celo_hf.Celo`` does on that member alone (here with the embedded scheduler applied)."""
     config = replace(MIXED, std=0.0, min_unroll=50, max_unroll=50, apply_schedule=True)
-    trainer = MetaTrainer(config, families_by_name(config.families), init=load_celo_net(None))
-    trainer.counter.zero_()
-    trainer.done[:] = False
-    assert len(trainer.groups) == 3, [g.model.name for g in trainer.groups]
-    start = [{k: v.clone() for k, v in g.params.items()} for g in trainer.groups]
-    streams = [rng.generator.get_state() for rng in trainer.random]
-    n = len(trainer.slots)
-    meta_weights = unflatten(trainer.theta.expand(2 * n, -1), trainer.template)
     steps = 3
-    for _ in range(steps):
-        trainer._inner_step(meta_weights)
+    trainer, members = stepped_together(config, steps, init=load_celo_net(None))
     net = trainer.current_net()
     assert net.learned_schedule
-    for group, params0 in zip(trainer.groups, start):
-        m = len(group.local)
-        for j, slot in enumerate(group.local):
-            family = trainer._family(slot)
-            generator = torch.Generator()
-            generator.set_state(streams[slot])
-            params = {k: torch.nn.Parameter(v[j].clone()) for k, v in params0.items()}
-            optimizer = Celo(params.values(), total_steps=int(trainer.length[slot]), weights=copy.deepcopy(net), backend="eager")
-            for _ in range(steps):
-                batch = tuple(t[None] for t in family.sample_batch(group.tasks[j], generator, family.batch_size))
-                scales = {k: v[j : j + 1] for k, v in group.scales.items()}
-                loss = inner.model_losses(group.model, {k: p[None] for k, p in params.items()}, scales, batch)[0]
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step(loss=loss.detach())
-            assert any(not torch.equal(p.detach(), params0[k][j]) for k, p in params.items()), "it trained"
-            for key, p in params.items():
-                for row in (j, m + j):
-                    torch.testing.assert_close(group.params[key][row], p.detach(), rtol=1e-5, atol=1e-7,
-                                               msg=f"{family.name} {key} row {row}")
+    for member in members:
+        group, j, family = member.group, member.j, member.family
+        params = {k: torch.nn.Parameter(v[j].clone()) for k, v in member.start.items()}
+        optimizer = Celo(params.values(), total_steps=int(trainer.length[member.slot]), weights=copy.deepcopy(net),
+                         backend="eager")
+        for _ in range(steps):
+            batch = tuple(t[None] for t in family.sample_batch(group.tasks[j], member.generator, family.batch_size))
+            scales = {k: v[j : j + 1] for k, v in group.scales.items()}
+            loss = inner.model_losses(group.model, {k: p[None] for k, p in params.items()}, scales, batch)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step(loss=loss.detach())
+        assert any(not torch.equal(p.detach(), member.start[k][j]) for k, p in params.items()), "it trained"
+        for key, p in params.items():
+            for row in (j, member.m + j):
+                torch.testing.assert_close(group.params[key][row], p.detach(), rtol=1e-5, atol=1e-7,
+                                           msg=f"{family.name} {key} row {row}")
 
 
 def test_the_projection_keeps_every_member_and_theta_still_at_zero_gradient():
