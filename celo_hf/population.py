@@ -144,7 +144,9 @@ def update(
     weights = UpdateWeights.from_mlp_layers(net, layers, loss.device)
     run_gain = state.run_gain
     if net.gain_threshold is not None and net.gain_signal == "model_start":
-        run_gain = torch.where(state.scheduler.iteration == 0, _first_step_gains(params, grads, net), run_gain)
+        fresh = state.scheduler.iteration == 0
+        if bool(fresh.any()):  # only members at their first step need the norms
+            run_gain = torch.where(fresh, _first_step_gains(params, grads, net), run_gain)
         lr_mult = lr_mult * run_gain
     for name, p in params.items():
         shape = (p.shape[0], *state_shape(p.shape[1:]))

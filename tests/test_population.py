@@ -63,3 +63,20 @@ def test_reset_members_restarts_only_the_selected_members(paper_net):
     for key, value in reset.tensors["w"].items():
         assert torch.count_nonzero(value[1]) == 0, key
         assert torch.equal(value[0], state.tensors["w"][key][0]), key
+
+
+def test_a_reset_member_takes_a_new_model_start_gain_at_its_own_first_step(paper_net):
+    """Only members at their first step read the gain from their gradients; the others keep theirs."""
+    net = copy.deepcopy(paper_net)
+    net.gain_threshold, net.gain_signal = 1.0, "model_start"
+    theta = flatten(net.state_dict())
+    meta_weights = unflatten(theta.expand(3, -1), net.state_dict())
+    params = {"w": torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)) + 1.0}
+    state = population.init(params, torch.full((3,), 10), meta_weights, net)
+    state = population.update(state, params, {"w": torch.full((3, 4, 5), 1e-2)}, torch.ones(3), meta_weights, net)
+    first = state.run_gain.clone()
+    assert torch.all(first < 0.1)
+    state = population.reset_members(state, torch.tensor([False, True, False]), torch.tensor([7, 8, 9]), meta_weights)
+    state = population.update(state, params, {"w": torch.full((3, 4, 5), 1e-1)}, torch.ones(3), meta_weights, net)
+    assert torch.equal(state.run_gain[[0, 2]], first[[0, 2]])
+    assert state.run_gain[1] > 5 * first[1]  # ten times the gradient at its new first step
