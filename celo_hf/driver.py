@@ -36,6 +36,7 @@ from .layout import (
     factored_dims,
     kernel_channel_offsets,
     numel,
+    param_scale_floor,
     product,
     row_mean_axis,
     total,
@@ -320,6 +321,9 @@ def update_batch_(
     first = w.element_first * _normaliser(sum_sq, count, constants)[..., None]
     param_channel = kernel_channel_offsets(w.config.num_decays)["param"]
     param_scale = torch.sqrt(sum_sq[:, param_channel] / count + constants.param_scale_eps)
+    floor = param_scale_floor(full, w.config.param_scale_floor)
+    if floor > 0:
+        param_scale = param_scale.clamp(min=floor)
     mlp = FoldedMlp(first, w.hidden_layers, w.last, w.config.exp_mult, param_scale * w.config.step_mult * lr_scale)
     for rows in chunks:
         if direction_out is not None:

@@ -23,6 +23,7 @@ arguments (:func:`kernel_channel_offsets`). Nothing here computes an update.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 import dataclasses
 from dataclasses import dataclass, fields
@@ -146,6 +147,21 @@ def factored_dims(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None
     return order[-1], order[-2]
 
 
+def param_scale_floor(shape: tuple[int, ...] | torch.Size, floor: float | None) -> float:
+    """The least ``param_scale`` a tensor of ``shape`` steps with, under ``CeloNet(param_scale_floor=floor)``.
+
+    Celo scales each tensor's step by its RMS ``sqrt(mean(p^2) + 1e-9)``, so a tensor initialised at
+    zero (a LoRA adapter's ``B``) moves by about 3e-8 per element per step and stays near zero. With a
+    ``floor`` ``c``, a tensor of rank >= 2 steps as if its RMS were at least ``c / sqrt(k)``, ``k`` its
+    size over every axis but the largest (a matrix's shorter side: the rank ``r`` of a ``(d, r)``
+    adapter), the RMS a ``1/sqrt(fan_in)`` initialisation would give it in either orientation.
+    Returns 0.0 (no floor) for ``floor=None`` (Celo v1) and for tensors of rank < 2.
+    """
+    if floor is None or len(shape) < 2:
+        return 0.0
+    return floor / math.sqrt(numel(shape) / max(shape))
+
+
 def drop_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     """``shape`` without ``axis``."""
     return shape[:axis] + shape[axis + 1 :]
@@ -235,7 +251,8 @@ class RuleConfig:
     ``hidden``: width of the MLP's hidden layers; ``hidden_layers``: how many follow the first;
     ``constants``: the rule's; ``vector_factored_groups``: tensors of rank < 2 feed the row / column
     groups and the factored momentum from their diagonal moment ``v_diag`` (Celo), or do not have
-    those groups at all (Celo2: their first-layer rows are not used).
+    those groups at all (Celo2: their first-layer rows are not used); ``param_scale_floor``: the
+    least RMS a tensor's step is scaled by (:func:`param_scale_floor`; ``None``: Celo v1, none).
     """
 
     momentum_decays: tuple[float, ...]
@@ -247,6 +264,7 @@ class RuleConfig:
     hidden_layers: int
     constants: RuleConstants = CELO_CONSTANTS
     vector_factored_groups: bool = True
+    param_scale_floor: float | None = None
 
     @property
     def num_decays(self) -> int:

@@ -66,6 +66,11 @@ class CeloNet(
             ``||g|| / ||p||`` at each step (``gain_signal="tensor"``) or the median over tensors of
             it at the first step, one gain for the whole run (``"model_start"``). ``None`` (the
             paper's Celo v1) leaves every step as the MLP and scheduler set it.
+        param_scale_floor: ``c``: a tensor of rank >= 2 steps as if its RMS were at least
+            ``c / sqrt(k)``, ``k`` its size over all axes but the largest
+            (:func:`celo_hf.layout.param_scale_floor`), so that a zero-initialised matrix (a LoRA
+            ``B``) moves like an initialised one. ``None`` (the paper's Celo v1): every step scales
+            with its tensor's RMS alone.
     """
 
     update_rule = CELO
@@ -84,6 +89,7 @@ class CeloNet(
         gain_threshold: float | None = None,
         gain_power: float = 1.0,
         gain_signal: str = "tensor",
+        param_scale_floor: float | None = None,
     ) -> None:
         super().__init__()
         self.momentum_decays, self.factored_decays = paired_decays(momentum_decays, factored_decays)
@@ -93,6 +99,8 @@ class CeloNet(
             raise ValueError(f"gain_power must be >= 0, got {gain_power!r}")
         if gain_signal not in GAIN_SIGNALS:
             raise ValueError(f"gain_signal must be one of {GAIN_SIGNALS}, got {gain_signal!r}")
+        if param_scale_floor is not None and not param_scale_floor > 0:
+            raise ValueError(f"param_scale_floor must be a positive number or None, got {param_scale_floor!r}")
         self.rms_decay = float(rms_decay)
         self.step_mult = float(step_mult)
         self.exp_mult = float(exp_mult)
@@ -100,6 +108,7 @@ class CeloNet(
         self.gain_threshold = None if gain_threshold is None else float(gain_threshold)
         self.gain_power = float(gain_power)
         self.gain_signal = gain_signal
+        self.param_scale_floor = None if param_scale_floor is None else float(param_scale_floor)
         self.group_widths = feature_group_widths(len(self.momentum_decays))
         self.num_features = sum(self.group_widths)
 
@@ -136,7 +145,8 @@ class CeloNet(
     def rule_config(self) -> RuleConfig:
         """Celo's configuration with these weights' decays, multipliers and MLP shape."""
         return RuleConfig(
-            self.momentum_decays, self.factored_decays, self.rms_decay, self.step_mult, self.exp_mult, **self._mlp_shape()
+            self.momentum_decays, self.factored_decays, self.rms_decay, self.step_mult, self.exp_mult, **self._mlp_shape(),
+            param_scale_floor=self.param_scale_floor,
         )
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from .layout import (
     TensorState,
     UpdateWeights,
     factored_dims,
+    param_scale_floor,
     row_mean_axis,
     state_shape,
 )
@@ -123,7 +124,7 @@ def reference_step(
     tensor_axes = tuple(range(len(shape)))
     x = x * torch.rsqrt(NORMALISER_EPS + (x * x).mean(dim=tensor_axes, keepdim=True))
     direction, magnitude = _mlp(x, w)
-    param_scale = torch.sqrt((p * p).mean() + PARAM_SCALE_EPS)
+    param_scale = torch.sqrt((p * p).mean() + PARAM_SCALE_EPS).clamp(min=param_scale_floor(shape, config.param_scale_floor))
     step = direction * param_scale * torch.exp(config.exp_mult * magnitude) * config.step_mult * lr_mult.reshape(())
     new_state = {key: value.movedim(-1, 0) for key, value in new.items()}
     new_state["rms"] = rms

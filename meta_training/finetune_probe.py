@@ -5,8 +5,8 @@
 The same data as ``recipes/finetune.py``'s default (speeches of Shakespeare's comedies and
 tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loop of batch 16.
 
-* :func:`finetune_score`: the mean training loss of the last 10 of 100 Celo steps (a held-in check
-  of :mod:`meta_training.select_gain`);
+* :func:`finetune_score` / :func:`lora_finetune_score`: the mean training loss of the last 10 of 100
+  Celo steps, every tensor / LoRA adapters and the head (held-in checks of :mod:`meta_training.select_gain`);
 * :func:`relative_steps`: per kind of tensor (embeddings, matrices, biases, LayerNorm, the fresh
   classifier head), the median over tensors and steps of ``||p_{t+1} - p_t|| / ||p_t||``, and of
   ``||g|| / ||p||`` at the first step, for Celo (embedded default and paper weights, lr 1) and
@@ -49,10 +49,13 @@ def genre_batches(steps: int) -> Iterator[tuple[list[str], torch.Tensor]]:
         yield batch["text"], torch.tensor(batch["label"])
 
 
-def finetune_score(net: CeloNet, steps: int = 100) -> float:
-    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1)."""
+def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False) -> float:
+    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) on every tensor, or
+    (``lora``) on LoRA adapters (:func:`with_lora`) and the head."""
     model, tokenize = minilm()
-    optimizer = Celo(model.parameters(), total_steps=steps, weights=net)
+    if lora:
+        model = with_lora(model)
+    optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
     losses = []
     for texts, labels in genre_batches(steps):
         loss = model(**tokenize(texts), labels=labels).loss
@@ -61,6 +64,20 @@ def finetune_score(net: CeloNet, steps: int = 100) -> float:
         optimizer.step(loss=loss.detach())
         losses.append(loss.item())
     return sum(losses[-TAIL:]) / TAIL
+
+
+def lora_finetune_score(net: CeloNet, steps: int = 100) -> float:
+    """:func:`finetune_score` of LoRA fine-tuning (a held-in check of :mod:`meta_training.select_gain`)."""
+    return finetune_score(net, steps, lora=True)
+
+
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with peft's LoRA adapters (rank 8, alpha 16) on the attention's query and value
+    matrices (``B`` zero-initialised, the rest frozen) and its classifier head trainable; seeded."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
 
 
 def tensor_kind(name: str) -> str:

@@ -1,16 +1,21 @@
-"""Score the gradient-scale gain's candidates on the held-in checks and apply the fixed rule.
+"""Score candidate settings of the embedded default on the held-in checks and apply a fixed rule.
 
     python -m meta_training.select_gain --round tensor --out meta_training/results/gain_selection
     python -m meta_training.select_gain --round model_start --out meta_training/results/gain_selection_model_start
     python -m meta_training.select_gain --round model_start_power --out meta_training/results/gain_selection_model_start_power
+    python -m meta_training.select_gain --round param_scale_floor --out meta_training/results/param_scale_floor_selection
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
-any of its scores was seen: calibrated embedded weights with a ``gain_signal`` and candidate
-``(gain_threshold, gain_power)`` pairs; eligible if every from-scratch held-in loss of the round
-(digits; and a d16 LM for the ``model_start`` rounds) is at most 1.1x the calibrated base's; pick
-the lowest score on a MiniLM-L6 fine-tune (comedy vs tragedy, 100 steps of 16, mean training loss
-of the last 10 steps), if it beats the base's. Writes ``scores.json``, ``scores.md`` and the chosen
-weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written ``scores.json``.
+any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
+gain_power)`` pairs on the CPU run's weights calibrated for zero drift; the ``param_scale_floor``
+round puts candidate floors on the embedded default. A candidate is eligible if every from-scratch
+held-in loss of the round (digits; and a d16 LM from the ``model_start`` rounds on) is at most 1.1x
+the base's and, in the floor round, the MiniLM-L6 full fine-tune scores at most 1.02x the base's;
+the pick is the eligible candidate with the lowest score on the round's fine-tune (MiniLM-L6,
+comedy vs tragedy, 100 steps of 16, mean training loss of the last 10 steps; every tensor, or, in
+the floor round, LoRA adapters), if it beats the base's. Writes ``scores.json``, ``scores.md`` and
+the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
+``scores.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -26,80 +32,113 @@ from tqdm import tqdm
 from celo_hf import CeloNet, load_celo_net
 from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 
-from .finetune_probe import finetune_score
+from .finetune_probe import finetune_score, lora_finetune_score
 from .held_in import held_in_loss, lm_loss
 
 FROM_SCRATCH_TOLERANCE = 1.1
+#: The CPU meta-training run's pick: the gain rounds' base, calibrated (the embedded default before them).
+CPU_RUN_BEST = Path(__file__).parent / "runs" / "cpu" / "phase2_decay" / "best"
+#: A ``kept`` fine-tuning check may be at most this much worse than the base's.
+KEPT_TOLERANCE = 1.02
 
 
 @dataclass(frozen=True)
 class Round:
-    """One selection round: the gain's ``signal``, the candidate ``(threshold, power)`` pairs (the
-    base, no gain, is always scored too) and the from-scratch held-in checks."""
+    """One selection round: candidate settings of :class:`celo_hf.CeloNet` put on the base weights
+    (``"none"``, the base as it is, is always scored too), the from-scratch held-in checks, the
+    fine-tuning checks that must stay within :data:`KEPT_TOLERANCE` of the base's (``kept``), and
+    the fine-tuning check the pick minimises (``pick_by``). ``base``: ``"calibrated"``, the CPU
+    run's weights (:data:`CPU_RUN_BEST`) calibrated for zero drift, no gain (the gain rounds);
+    ``"embedded"``, the embedded default as it is."""
 
-    signal: str
-    candidates: tuple[tuple[float, float], ...]
+    candidates: dict[str, dict[str, Any]]
     from_scratch: tuple[str, ...]
+    pick_by: str = "finetune"
+    kept: tuple[str, ...] = ()
+    base: str = "calibrated"
+    #: What a candidate's key names, for the table's first column.
+    varies: str = "gain_threshold"
 
-    def keyed(self) -> dict[str, tuple[float | None, float]]:
-        """Score keys -> ``(threshold, power)``: ``"none"``, ``"0.01"`` (power 1), ``"0.01^1.5"``."""
-        keys: dict[str, tuple[float | None, float]] = {"none": (None, 1.0)}
-        for threshold, power in self.candidates:
-            keys[f"{threshold:g}" if power == 1 else f"{threshold:g}^{power:g}"] = (threshold, power)
-        return keys
+    def keyed(self) -> dict[str, dict[str, Any]]:
+        """Score keys -> the settings put on the base: ``"none"`` first."""
+        none = {"gain_threshold": None} if self.base == "calibrated" else {}
+        return {"none": none, **self.candidates}
+
+    def checks(self) -> tuple[str, ...]:
+        """Every held-in check the round scores, besides the drift."""
+        return (*self.from_scratch, *self.kept, self.pick_by)
+
+
+def gain_round(signal: str, pairs: tuple[tuple[float, float], ...], from_scratch: tuple[str, ...]) -> Round:
+    """A round of ``(gain_threshold, gain_power)`` pairs of ``signal``, keyed ``"0.01"`` (power 1) or ``"0.01^1.5"``."""
+    keys = {(f"{threshold:g}" if power == 1 else f"{threshold:g}^{power:g}"):
+            {"gain_threshold": threshold, "gain_power": power, "gain_signal": signal} for threshold, power in pairs}
+    return Round(keys, from_scratch, varies=f"gain_threshold ({signal})")
 
 
 ROUNDS = {
-    "tensor": Round("tensor", ((0.01, 1.0), (0.03, 1.0), (0.1, 1.0)), ("digits",)),
-    "model_start": Round("model_start", ((0.003, 1.0), (0.01, 1.0), (0.03, 1.0)), ("digits", "lm")),
-    "model_start_power": Round("model_start", ((0.01, 1.5), (0.01, 2.0), (0.005, 2.0)), ("digits", "lm")),
+    "tensor": gain_round("tensor", ((0.01, 1.0), (0.03, 1.0), (0.1, 1.0)), ("digits",)),
+    "model_start": gain_round("model_start", ((0.003, 1.0), (0.01, 1.0), (0.03, 1.0)), ("digits", "lm")),
+    "model_start_power": gain_round("model_start", ((0.01, 1.5), (0.01, 2.0), (0.005, 2.0)), ("digits", "lm")),
+    "param_scale_floor": Round({f"{c:g}": {"param_scale_floor": c} for c in (0.03, 0.1, 0.3)}, ("digits", "lm"),
+                               pick_by="finetune_lora", kept=("finetune",), base="embedded", varies="param_scale_floor"),
 }
 
 
-def gain_net(base: CeloNet, threshold: float | None, power: float = 1.0, signal: str = "tensor") -> CeloNet:
-    """``base``'s weights with the gradient-scale gain set to ``threshold`` / ``power`` / ``signal``."""
-    settings = {"gain_threshold": threshold, "gain_power": power, "gain_signal": signal}
+def configured_net(base: CeloNet, **settings: Any) -> CeloNet:
+    """``base``'s weights with some of its settings (``gain_threshold``, ``param_scale_floor``, ...) replaced."""
     net = CeloNet(**{**base._hub_mixin_config, **settings})
     net.load_state_dict(base.state_dict())
     return net
 
 
-def _from_scratch_limits(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+def _limits(scores: dict[str, dict[str, float]], selection: Round) -> dict[str, float]:
+    """Each guarded check's largest eligible score: from scratch 1.1x, kept fine-tunes ``KEPT_TOLERANCE`` x the base's."""
     base = scores["none"]
-    return {check: FROM_SCRATCH_TOLERANCE * base[check] for check in ("digits", "lm") if check in base}
+    limits = {check: FROM_SCRATCH_TOLERANCE * base[check] for check in selection.from_scratch if check in base}
+    return limits | {check: KEPT_TOLERANCE * base[check] for check in selection.kept}
 
 
-def choose(scores: dict[str, dict[str, float]]) -> str | None:
-    """The rule: among candidates whose from-scratch losses (those scored: ``digits``, ``lm``) are
-    within ``FROM_SCRATCH_TOLERANCE`` of the base's (key ``"none"``), the lowest fine-tuning score if
-    it is below the base's; ``None`` otherwise."""
-    limits = _from_scratch_limits(scores)
+def choose(scores: dict[str, dict[str, float]], selection: Round = ROUNDS["model_start"]) -> str | None:
+    """The rule: among candidates whose guarded checks (from-scratch losses scored: ``digits``,
+    ``lm``; the round's ``kept`` fine-tunes) are within their limits of the base's (key ``"none"``),
+    the lowest ``pick_by`` score if it is below the base's; ``None`` otherwise."""
+    limits = _limits(scores, selection)
+    pick = selection.pick_by
     eligible = {name: s for name, s in scores.items()
                 if name != "none" and all(s[check] <= limit for check, limit in limits.items())}
-    best = min(eligible, key=lambda name: eligible[name]["finetune"]) if eligible else None
-    return best if best is not None and eligible[best]["finetune"] < scores["none"]["finetune"] else None
+    best = min(eligible, key=lambda name: eligible[name][pick]) if eligible else None
+    return best if best is not None and eligible[best][pick] < scores["none"][pick] else None
 
 
 def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, selection: Round = ROUNDS["tensor"]) -> str:
     """Apply the rule; write ``scores.md`` (and ``chosen/`` if a candidate wins); return the table."""
-    signal = selection.signal
-    chosen = choose(scores)
-    limits = _from_scratch_limits(scores)
-    names = {"digits": "digits held-in loss", "lm": "LM held-in loss"}
-    rows = [f"| gain_threshold ({signal}) | " + " | ".join(names[c] for c in limits)
-            + " | fine-tune score | zero-gradient drift | eligible |", "|---|" + "---:|" * (len(limits) + 2) + "---|"]
+    chosen = choose(scores, selection)
+    limits = _limits(scores, selection)
+    names = {"digits": "digits held-in loss", "lm": "LM held-in loss", "finetune": "fine-tune score",
+             "finetune_lora": "LoRA fine-tune score"}
+    shown = [check for check in selection.checks() if check in limits or check == selection.pick_by]
+    rows = [f"| {selection.varies} | " + " | ".join(names[c] for c in shown) + " | zero-gradient drift | eligible |",
+            "|---|" + "---:|" * (len(shown) + 1) + "---|"]
     for name, s in scores.items():
         over = [f"{check} > {limit:.4f}" for check, limit in limits.items() if s[check] > limit]
         eligible = "base" if name == "none" else (f"no ({', '.join(over)})" if over else "yes")
         mark = " (chosen)" if name == chosen else ""
-        losses = " | ".join(f"{s[check]:.4f}" for check in limits)
-        rows.append(f"| {name}{mark} | {losses} | {s['finetune']:.4f} | {s['drift']:.1e} | {eligible} |")
-    verdict = f"chosen: gain_threshold={chosen}" if chosen else "no candidate is eligible and better: no gain is chosen"
+        values = " | ".join(f"{s[check]:.4f}" for check in shown)
+        rows.append(f"| {name}{mark} | {values} | {s['drift']:.1e} | {eligible} |")
+    verdict = f"chosen: {selection.varies}={chosen}" if chosen else "no candidate is eligible and better: none is chosen"
     table = "\n".join(rows) + f"\n\n{verdict}\n"
     (out / "scores.md").write_text(table)
     if chosen is not None:
-        gain_net(base, *selection.keyed()[chosen], signal=signal).save_pretrained(out / "chosen")
+        configured_net(base, **selection.keyed()[chosen]).save_pretrained(out / "chosen")
     return table
+
+
+def base_net(selection: Round) -> CeloNet:
+    """The weights a round's settings are put on (:attr:`Round.base`)."""
+    if selection.base == "calibrated":
+        return calibrate_zero_gradient_(load_celo_net(CPU_RUN_BEST))
+    return load_celo_net(None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,18 +148,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from_scores", action="store_true", help="re-apply the rule to <out>/scores.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    base = calibrate_zero_gradient_(load_celo_net(None))
-    if args.from_scores:
-        print(report(json.loads((args.out / "scores.json").read_text()), base, args.out, ROUNDS[args.round]))
-        return
     selection = ROUNDS[args.round]
+    base = base_net(selection)
+    if args.from_scores:
+        print(report(json.loads((args.out / "scores.json").read_text()), base, args.out, selection))
+        return
     drift_tensors = [torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.full((32,), 0.1)]
-    checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score}
+    checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score}
     scores: dict[str, dict[str, float]] = {}
-    for key, (threshold, power) in tqdm(selection.keyed().items(), desc="candidates"):
-        net = gain_net(base, threshold, power, selection.signal)
-        wanted = (*selection.from_scratch, "finetune")
-        scores[key] = {name: checks[name](net) for name in wanted} | {"drift": zero_gradient_drift(drift_tensors, net)}
+    for key, settings in tqdm(selection.keyed().items(), desc="candidates"):
+        net = configured_net(base, **settings)
+        scores[key] = {name: checks[name](net) for name in selection.checks()} | {"drift": zero_gradient_drift(drift_tensors, net)}
         (args.out / "scores.json").write_text(json.dumps(scores, indent=2))
     print(report(scores, base, args.out, selection))
 

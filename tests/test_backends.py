@@ -38,6 +38,8 @@ CONFIGURATIONS = {
     "two-decays-six-wide": {"mlp_hidden_size": 6, "momentum_decays": (0.5, 0.9), "factored_decays": (0.8, 0.95)},
     "no-hidden-layer": {"mlp_hidden_layers": 1},
     "three-hidden-layers": {"mlp_hidden_layers": 3, "mlp_hidden_size": 8},
+    # binds where a shape's shorter sides are small ((3, 4), (16, 1), (1, 8)), not on (70, 40)
+    "param-scale-floor": {"param_scale_floor": 2.0},
 }
 
 
@@ -120,7 +122,7 @@ def test_backend_equals_eager_in_lower_precision(backend, dtype, moment_dtype, p
 @pytest.mark.parametrize("backend", OWN_KERNELS)
 @pytest.mark.parametrize("config", CONFIGURATIONS.values(), ids=CONFIGURATIONS.keys())
 def test_backend_follows_the_configuration(backend, config):
-    """The rule's configuration (decays, hidden width, hidden layers) is data every backend reads."""
+    """The rule's configuration (decays, hidden width, hidden layers, the param-scale floor) is data every backend reads."""
     net = _random_net(**config)
     _assert_runs_close(run_celo(net, backend, SHAPES[:13]), run_celo(net, "reference", SHAPES[:13]))
 

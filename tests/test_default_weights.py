@@ -28,9 +28,10 @@ def test_weights_none_loads_the_selection_pick_byte_for_byte():
 def test_the_default_is_the_meta_trained_run_calibrated_with_the_chosen_gain():
     """Rebuilt from the run's best checkpoint by the committed code: the same weights exactly."""
     from celo_hf.diagnostics import calibrate_zero_gradient_
-    from meta_training.select_gain import gain_net
+    from meta_training.select_gain import configured_net
 
-    rebuilt = gain_net(calibrate_zero_gradient_(celo_hf.load_celo_net(RUN_BEST)), 0.005, 2.0, "model_start")
+    rebuilt = configured_net(calibrate_zero_gradient_(celo_hf.load_celo_net(RUN_BEST)), gain_threshold=0.005, gain_power=2.0,
+                             gain_signal="model_start")
     default = celo_hf.load_celo_net(None)
     assert rebuilt._hub_mixin_config == default._hub_mixin_config
     assert all(torch.equal(v, default.state_dict()[k]) for k, v in rebuilt.state_dict().items())

@@ -13,14 +13,17 @@ pytestmark = pytest.mark.reference  # every test reads the paper's checkpoint
 SHAPES = {"w1": (8, 16), "b1": (16,), "w2": (16, 16), "scale": (), "kernel": (3, 3, 4, 8)}
 
 
-@pytest.mark.parametrize("learned_schedule, gain_threshold, gain_signal",
-                         [(True, None, "tensor"), (False, None, "tensor"), (True, 2.0, "tensor"), (True, 2.0, "model_start")])
-def test_zero_noise_population_step_equals_celo(learned_schedule, gain_threshold, gain_signal, paper_net):
+@pytest.mark.parametrize("learned_schedule, gain_threshold, gain_signal, floor",
+                         [(True, None, "tensor", None), (False, None, "tensor", None), (True, 2.0, "tensor", None),
+                          (True, 2.0, "model_start", None), (True, None, "tensor", 5.0)])
+def test_zero_noise_population_step_equals_celo(learned_schedule, gain_threshold, gain_signal, floor, paper_net):
     """A population of theta +/- 0 perturbations steps exactly as ``celo_hf.Celo`` does (also with
-    the gradient-scale gain: threshold 2 puts these tensors' ``||g|| / ||p||`` of about 1 below it)."""
+    the gradient-scale gain: threshold 2 puts these tensors' ``||g|| / ||p||`` of about 1 below it;
+    and with a param-scale floor of 5, above the RMS of ``w1`` and ``w2``, below the kernel's)."""
     net = copy.deepcopy(paper_net)
     net.learned_schedule = learned_schedule
     net.gain_threshold, net.gain_signal = gain_threshold, gain_signal
+    net.param_scale_floor = floor
     generator = torch.Generator().manual_seed(0)
     init = {n: torch.randn(s, generator=generator) for n, s in SHAPES.items()}
     steps = [({n: torch.randn(s, generator=generator) for n, s in SHAPES.items()}, 2.0 - 0.1 * t) for t in range(6)]

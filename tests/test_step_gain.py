@@ -30,9 +30,9 @@ def test_model_start_gain_takes_the_median_over_informative_tensors():
 
 
 def _gain_net(threshold: float | None, power: float = 1.0, signal: str = "tensor") -> CeloNet:
-    from meta_training.select_gain import gain_net
+    from meta_training.select_gain import configured_net
 
-    return gain_net(load_celo_net(None), threshold, power, signal)
+    return configured_net(load_celo_net(None), gain_threshold=threshold, gain_power=power, gain_signal=signal)
 
 
 def _steps(net: CeloNet, lrs: list[float], grads: list[list[torch.Tensor]], values: list[torch.Tensor],
@@ -142,7 +142,8 @@ def test_selection_rounds_key_their_candidates_and_save_the_pick_with_its_power(
     from meta_training.select_gain import ROUNDS, report
 
     keyed = ROUNDS["model_start_power"].keyed()
-    assert keyed["none"] == (None, 1.0) and keyed["0.01^1.5"] == (0.01, 1.5)
+    assert keyed["none"] == {"gain_threshold": None}
+    assert keyed["0.01^1.5"] == {"gain_threshold": 0.01, "gain_power": 1.5, "gain_signal": "model_start"}
     assert list(ROUNDS["tensor"].keyed()) == ["none", "0.01", "0.03", "0.1"]  # the keys of its committed scores
     scores = {"none": {"digits": 0.01, "lm": 2.0, "finetune": 0.70, "drift": 0.0},
               "0.01^1.5": {"digits": 0.01, "lm": 2.0, "finetune": 0.62, "drift": 0.0}}

@@ -50,11 +50,13 @@ def train(model: torch.nn.Module, weights, weight_decay: float, steps: int = 6) 
     return optimizer.state_dict()["celo"]["loss_means"]
 
 
-def with_gain(net, signal: str | None):
-    """A copy of ``net`` with the gradient-scale gain of ``signal`` at threshold 10 (``None``: none)."""
+def configured(net, signal: str | None, floor: float | None):
+    """A copy of ``net`` with the gradient-scale gain of ``signal`` at threshold 10 (``None``: none)
+    and the param-scale floor ``floor``."""
     net = copy.deepcopy(net)
     if signal is not None:
         net.gain_threshold, net.gain_signal = 10.0, signal
+    net.param_scale_floor = floor
     return net
 
 
@@ -63,9 +65,11 @@ def run(out_dir: Path, world_size: int) -> None:
     assert world_size == dist.get_world_size() == 2, f"expected 2 processes, got {world_size}"
     base = load_celo_net(PAPER_WEIGHTS)
     diffs = []
-    # with weight decay, the loss's L2 term sums over every shard
-    for weight_decay, signal in ((0.0, None), (0.1, None), (0.0, "tensor"), (0.0, "model_start")):
-        net = with_gain(base, signal)
+    # with weight decay, the loss's L2 term sums over every shard; the floor (1 / sqrt(5) for the
+    # 5-row weight, above its RMS) reads the whole shape, not a shard's
+    cases = ((0.0, None, None), (0.1, None, None), (0.0, "tensor", None), (0.0, "model_start", None), (0.0, None, 1.0))
+    for weight_decay, signal, floor in cases:
+        net = configured(base, signal, floor)
         reference = make_model()
         sharded = copy.deepcopy(reference)
         for layer in sharded:
