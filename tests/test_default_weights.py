@@ -14,7 +14,7 @@ from celo_hf.hub import DEFAULT_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_BEST = REPO / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best"
-CHOSEN = REPO / "meta_training" / "results" / "gain_selection_model_start_power" / "chosen"
+CHOSEN = REPO / "meta_training" / "results" / "param_scale_floor_selection" / "chosen"
 
 
 def test_weights_none_loads_the_selection_pick_byte_for_byte():
@@ -23,15 +23,16 @@ def test_weights_none_loads_the_selection_pick_byte_for_byte():
     net = celo_hf.load_celo_net(None)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in load_file(str(CHOSEN / "model.safetensors")).items())
     assert (net.gain_signal, net.gain_threshold, net.gain_power) == ("model_start", 0.005, 2.0)
+    assert net.param_scale_floor == 0.1
 
 
-def test_the_default_is_the_meta_trained_run_calibrated_with_the_chosen_gain():
+def test_the_default_is_the_meta_trained_run_calibrated_with_the_chosen_gain_and_floor():
     """Rebuilt from the run's best checkpoint by the committed code: the same weights exactly."""
     from celo_hf.diagnostics import calibrate_zero_gradient_
     from meta_training.select_gain import configured_net
 
     rebuilt = configured_net(calibrate_zero_gradient_(celo_hf.load_celo_net(RUN_BEST)), gain_threshold=0.005, gain_power=2.0,
-                             gain_signal="model_start")
+                             gain_signal="model_start", param_scale_floor=0.1)
     default = celo_hf.load_celo_net(None)
     assert rebuilt._hub_mixin_config == default._hub_mixin_config
     assert all(torch.equal(v, default.state_dict()[k]) for k, v in rebuilt.state_dict().items())

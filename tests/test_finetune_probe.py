@@ -40,3 +40,25 @@ def test_gain_probe_tells_the_pretrained_fine_tune_from_a_model_trained_from_scr
     scratch = model_start_gain(*first_step_norms(tiny_model("gpt2"), {"input_ids": ids, "labels": ids}),
                                net.gain_threshold, net.gain_power)
     assert float(scratch) == 1.0 and float(pretrained) < 0.1
+
+
+def test_lora_check_trains_zero_initialised_adapters_and_the_head_only():
+    """The held-in LoRA fine-tune: peft adapters on query / value (``B`` zero) and the head are all
+    that trains; with the embedded default's floor the adapters' ``B`` leaves zero within 2 steps."""
+    from celo_hf import Celo, load_celo_net
+    from meta_training.finetune_probe import genre_batches, minilm, with_lora
+
+    model, tokenize = minilm()
+    model = with_lora(model)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert all(("lora_A" in n or "lora_B" in n or "classifier" in n) for n in trainable), sorted(trainable)
+    b_matrices = [p for n, p in trainable.items() if "lora_B" in n]
+    assert len(b_matrices) == 12 and all(torch.count_nonzero(p) == 0 for p in b_matrices)
+    optimizer = Celo(list(trainable.values()), total_steps=2, weights=load_celo_net(None))
+    for texts, labels in genre_batches(2):
+        loss = model(**tokenize(texts), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+    rms = min(float(p.detach().pow(2).mean().sqrt()) for p in b_matrices)
+    assert rms > 1e-5, rms  # Celo v1's scale would leave them near 1e-6 after one moving step

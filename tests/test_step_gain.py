@@ -151,3 +151,18 @@ def test_selection_rounds_key_their_candidates_and_save_the_pick_with_its_power(
     assert "0.01^1.5 (chosen)" in table
     chosen = load_celo_net(tmp_path / "chosen")
     assert (chosen.gain_threshold, chosen.gain_power, chosen.gain_signal) == (0.01, 1.5, "model_start")
+
+
+def test_floor_round_picks_the_best_lora_fine_tune_that_keeps_the_full_fine_tune():
+    """The param_scale_floor round: candidates are floors on the embedded default; a candidate whose
+    full fine-tune is more than 2% worse than the base's is not eligible, whatever its LoRA score."""
+    from meta_training.select_gain import ROUNDS, choose
+
+    selection = ROUNDS["param_scale_floor"]
+    assert selection.keyed() == {"none": {}, "0.03": {"param_scale_floor": 0.03}, "0.1": {"param_scale_floor": 0.1},
+                                 "0.3": {"param_scale_floor": 0.3}}
+    base = {"digits": 0.01, "lm": 3.0, "finetune": 0.64, "finetune_lora": 0.69}
+    assert choose({"none": base, "0.1": {**base, "finetune": 0.66, "finetune_lora": 0.60},
+                   "0.03": {**base, "finetune": 0.65, "finetune_lora": 0.67}}, selection) == "0.03"
+    assert choose({"none": base, "0.1": {**base, "finetune": 0.66, "finetune_lora": 0.60}}, selection) is None
+    assert choose({"none": base, "0.1": {**base, "lm": 3.5, "finetune_lora": 0.60}}, selection) is None
