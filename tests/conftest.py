@@ -101,12 +101,23 @@ TWO_PROCESS_RUNS = ("fsdp_equivalence", "ddp_trainer", "plain_loops", "fsdp_trai
 def two_process_runs(tmp_path_factory):
     """Every run of :data:`TWO_PROCESS_RUNS` in ONE torchrun launch of 2 gloo processes (each launch
     costs about 15 s of CPU in imports alone): the folder holding each one's outputs in ``<name>/``.
-    They run Celo with the reference folder's checkpoints."""
+    They run Celo with the reference folder's checkpoints. Under pytest-xdist (the README's ``-n 2``)
+    the launch runs once for the whole session: the first worker that needs it runs it in the
+    session's shared temporary folder, under a file lock; the others wait and read its outputs."""
+    from filelock import FileLock
     from helpers import TWO_PROCESSES, require_reference, run_script
 
     require_reference()
-    out_dir = tmp_path_factory.mktemp("two_processes")
-    run_script(Path(__file__).parent / "scripts" / "several.py", TWO_PROCESSES, out_dir, *TWO_PROCESS_RUNS)
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        out_dir = tmp_path_factory.mktemp("two_processes")
+    else:  # each worker's base folder lies in the session's
+        out_dir = tmp_path_factory.getbasetemp().parent / "two_processes"
+    with FileLock(f"{out_dir}.lock"):
+        done = out_dir / "done"
+        if not done.exists():
+            out_dir.mkdir(exist_ok=True)
+            run_script(Path(__file__).parent / "scripts" / "several.py", TWO_PROCESSES, out_dir, *TWO_PROCESS_RUNS)
+            done.touch()
     return out_dir
 
 

@@ -60,3 +60,14 @@ def test_model_cards_cite_what_exists_and_committed_cards_are_current(tmp_path):
     for path in cards:
         expected = str(CeloNet.from_pretrained(str(path.parent)).generate_model_card())
         assert path.read_text() == expected, f"{path} is not what CeloNet's card template writes"
+
+
+def test_ci_runs_the_readmes_test_command():
+    """The README's two set-up commands: the second, installing and running the tests, is the one
+    line ``.ci/run`` runs."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^```bash\n(.+)\n```$", readme.split("## Install and run", 1)[1].split("\n## ", 1)[0],
+                          flags=re.MULTILINE)
+    assert len(commands) == 2, commands
+    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert commands[1] == ci_lines[-1] and "pytest" in commands[1]
