@@ -96,7 +96,7 @@ def tensor_norms(work: list[WorkItem]) -> torch.Tensor:
 def gradient_scale_gains(work: list[WorkItem], net: CeloNet) -> dict[torch.Tensor, torch.Tensor] | None:
     """Each parameter's ``"tensor"``-signal gradient-scale gain (:mod:`celo_hf.step_gain`), 0-d
     float32 on its device, or ``None`` when ``net`` has none of that signal."""
-    if net.gain_threshold is None or net.gain_signal != "tensor":
+    if not net.gain_in_use("tensor"):
         return None
     norms = tensor_norms(work)
     gains = step_gain(norms[:, 0], norms[:, 1], net.gain_threshold, net.gain_power)

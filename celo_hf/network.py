@@ -140,14 +140,20 @@ class CeloNet(
         nn.init.zeros_(self.init_hidden)
         nn.init.zeros_(self.init_cell)
 
-    # ---- the scheduler -------------------------------------------------------------------------
+    # ---- the rule's settings --------------------------------------------------------------------
+
+    def gain_in_use(self, signal: str) -> bool:
+        """Whether the gradient-scale gain is on (``gain_threshold`` set) and reads ``signal``."""
+        return self.gain_threshold is not None and self.gain_signal == signal
 
     def rule_config(self) -> RuleConfig:
-        """Celo's configuration with these weights' decays, multipliers and MLP shape."""
+        """Celo's configuration with these weights' decays, multipliers, MLP shape and param-scale floor."""
         return RuleConfig(
             self.momentum_decays, self.factored_decays, self.rms_decay, self.step_mult, self.exp_mult, **self._mlp_shape(),
             param_scale_floor=self.param_scale_floor,
         )
+
+    # ---- the scheduler -------------------------------------------------------------------------
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the learned initial LSTM state ``(hidden, cell)``, each ``(1, H)`` float32."""

@@ -233,7 +233,7 @@ class Celo(Copyable, torch.optim.Optimizer):
             return closure_loss
 
         lr_mult = self._schedule(loss_t, device)
-        if self.net.gain_threshold is not None and self.net.gain_signal == "model_start":
+        if self.net.gain_in_use("model_start"):
             if self._run_gain is None:
                 self._run_gain = first_step_gain(work, self.net)
             lr_mult = lr_mult * self._run_gain.to(device)

@@ -143,7 +143,7 @@ def update(
     ]
     weights = UpdateWeights.from_mlp_layers(net, layers, loss.device)
     run_gain = state.run_gain
-    if net.gain_threshold is not None and net.gain_signal == "model_start":
+    if net.gain_in_use("model_start"):
         fresh = state.scheduler.iteration == 0
         if bool(fresh.any()):  # only members at their first step need the norms
             run_gain = torch.where(fresh, _first_step_gains(params, grads, net), run_gain)
@@ -151,7 +151,7 @@ def update(
     for name, p in params.items():
         shape = (p.shape[0], *state_shape(p.shape[1:]))
         scale = lr_mult
-        if net.gain_threshold is not None and net.gain_signal == "tensor":
+        if net.gain_in_use("tensor"):
             norms = (row_norms(t.reshape(shape[0], -1)) for t in (grads[name], p))
             scale = lr_mult * step_gain(*norms, net.gain_threshold, net.gain_power)
         update_batch_(p.view(shape), grads[name].reshape(shape), state.tensors[name], scale, weights, backend)
