@@ -151,7 +151,7 @@ def param_scale_floor(shape: tuple[int, ...] | torch.Size, floor: float | None) 
     """The least ``param_scale`` a tensor of ``shape`` steps with, under ``CeloNet(param_scale_floor=floor)``.
 
     Celo scales each tensor's step by its RMS ``sqrt(mean(p^2) + 1e-9)``, so a tensor initialised at
-    zero (a LoRA adapter's ``B``) moves by about 3e-8 per element per step and stays near zero. With a
+    zero (a LoRA adapter's ``B``) moves by about 1e-6 per element per step and stays near zero. With a
     ``floor`` ``c``, a tensor of rank >= 2 steps as if its RMS were at least ``c / sqrt(k)``, ``k`` its
     size over every axis but the largest (a matrix's shorter side: the rank ``r`` of a ``(d, r)``
     adapter), the RMS a ``1/sqrt(fan_in)`` initialisation would give it in either orientation.

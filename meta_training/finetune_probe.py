@@ -24,6 +24,8 @@ import torch
 
 from celo_hf import Celo, CeloNet, load_celo_net
 
+from .trainer_tasks import with_lora
+
 BATCH, HELD_OUT, MAX_LENGTH, TAIL = 16, 256, 64, 10
 
 
@@ -51,9 +53,11 @@ def genre_batches(steps: int) -> Iterator[tuple[list[str], torch.Tensor]]:
 
 def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False) -> float:
     """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) on every tensor, or
-    (``lora``) on LoRA adapters (:func:`with_lora`) and the head."""
+    (``lora``) on LoRA adapters and the head (:func:`meta_training.trainer_tasks.with_lora`, the
+    evaluation's adapters)."""
     model, tokenize = minilm()
     if lora:
+        torch.manual_seed(0)  # the adapters' A
         model = with_lora(model)
     optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
     losses = []
@@ -69,15 +73,6 @@ def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False) -> float:
 def lora_finetune_score(net: CeloNet, steps: int = 100) -> float:
     """:func:`finetune_score` of LoRA fine-tuning (a held-in check of :mod:`meta_training.select_gain`)."""
     return finetune_score(net, steps, lora=True)
-
-
-def with_lora(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with peft's LoRA adapters (rank 8, alpha 16) on the attention's query and value
-    matrices (``B`` zero-initialised, the rest frozen) and its classifier head trainable; seeded."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
 
 
 def tensor_kind(name: str) -> str:

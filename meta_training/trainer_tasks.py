@@ -219,13 +219,20 @@ def _genre_full(task: TrainerTask, tiny: bool) -> Workload:
     return Workload(model, train, held_out, DataCollatorWithPadding(tokenizer), classification=True)
 
 
-def _genre_lora(task: TrainerTask, tiny: bool) -> Workload:
+def with_lora(model: nn.Module) -> nn.Module:
+    """``model`` (a BERT classifier) with peft's LoRA adapters, rank 8, alpha 16, on the attention's
+    query and value matrices (``B`` zero-initialised, ``A`` drawn from torch's generator, the rest
+    frozen) and its classifier head trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
+
+
+def _genre_lora(task: TrainerTask, tiny: bool) -> Workload:
     from transformers import DataCollatorWithPadding
 
     model, tokenizer, train, held_out = genre_classifier(tiny)
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"])
-    return Workload(get_peft_model(model, config), train, held_out, DataCollatorWithPadding(tokenizer), classification=True)
+    return Workload(with_lora(model), train, held_out, DataCollatorWithPadding(tokenizer), classification=True)
 
 
 def _llama_ga(task: TrainerTask, tiny: bool) -> Workload:
