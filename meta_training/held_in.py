@@ -22,6 +22,10 @@ Suites (``SUITES``) and their selection rule (:func:`scored`, :func:`is_best`):
 * ``"trainer"``: all four (Celo2: the three losses). A meta-model is eligible only if
   ``zero_gradient_drift <= 1e-4`` (Celo2: always); its score is the mean over the three losses of ``loss / (the same loss of the run's first check)``
   (the warm start: score 1.0); ``best/`` keeps the eligible meta-model with the lowest score.
+* ``"lm"``: the same four checks, for runs aimed at the language models: the score is the mean of
+  the ``finetune_loss`` and ``lm_loss`` ratios alone, and the digits loss is a guard (eligible only
+  if also ``held_in_loss <= 1.1 x`` the first check's). On the ``"trainer"`` score the digits ratio,
+  which moves by tens of percent, drowns the LM ratios, which move by about 1%.
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ from celo_hf.diagnostics import zero_gradient_drift
 from . import finetune, inner, tasks
 from .rules import RULES, Rule
 
-SUITES = ("digits", "trainer")
-#: Eligibility bound of the ``trainer`` suite: relative change per step under zero gradients.
+SUITES = ("digits", "trainer", "lm")
+#: Eligibility bound of the ``trainer`` and ``lm`` suites: relative change per step under zero gradients.
 MAX_DRIFT = 1e-4
 LOSS_CHECKS = ("held_in_loss", "finetune_loss", "lm_loss")
+#: The losses each multi-check suite scores (mean of ratios to the run's first check).
+SCORED_CHECKS = {"trainer": LOSS_CHECKS, "lm": ("finetune_loss", "lm_loss")}
+#: The ``lm`` suite's guard: the digits loss at most this many times the first check's.
+DIGITS_GUARD = 1.1
 HELD_IN_TEXT = "romances"
 HELD_IN_LM = "lm_d16_l1_t16"
 TAIL = 20
@@ -99,22 +107,25 @@ def run_checks(net: nn.Module, suite: str, rule: Rule = RULES["celo"]) -> dict[s
     """The checks of ``suite`` (one of :data:`SUITES`) with ``rule``'s optimizer: ``name -> value``."""
     if suite == "digits":
         return {"held_in_loss": held_in_loss(net, rule=rule)}
-    if suite == "trainer":
+    if suite in SCORED_CHECKS:
         losses = {"held_in_loss": held_in_loss(net, rule=rule), "finetune_loss": finetune_loss(net, rule=rule),
                   "lm_loss": lm_loss(net, rule=rule)}
         return losses | ({"zero_gradient_drift": drift(net)} if rule.zero_gradient_fixed_point else {})
     raise ValueError(f"unknown held-in suite {suite!r}; expected one of {SUITES}")
 
 
-def scored(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``record`` (one :func:`run_checks` result) with ``held_in_score`` and ``held_in_eligible``
-    added; ``previous``: the run's earlier records, oldest first (the first is the reference)."""
+def scored(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]], suite: str = "trainer") -> dict[str, Any]:
+    """``record`` (one :func:`run_checks` result of ``suite``) with ``held_in_score`` and
+    ``held_in_eligible`` added; ``previous``: the run's earlier records, oldest first (the first is
+    the reference)."""
     if not all(key in record for key in LOSS_CHECKS):
         return {**record, "held_in_score": record["held_in_loss"], "held_in_eligible": True}
     reference = previous[0] if previous else record
-    ratios = [record[key] / reference[key] for key in LOSS_CHECKS]
-    return {**record, "held_in_score": sum(ratios) / len(ratios),
-            "held_in_eligible": record.get("zero_gradient_drift", 0.0) <= MAX_DRIFT}
+    ratios = [record[key] / reference[key] for key in SCORED_CHECKS[suite]]
+    eligible = record.get("zero_gradient_drift", 0.0) <= MAX_DRIFT
+    if suite == "lm":
+        eligible = eligible and record["held_in_loss"] <= DIGITS_GUARD * reference["held_in_loss"]
+    return {**record, "held_in_score": sum(ratios) / len(ratios), "held_in_eligible": eligible}
 
 
 def is_best(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]]) -> bool:

@@ -448,7 +448,7 @@ def _record_held_in(trainer: MetaTrainer, out: Path, metrics_path: Path) -> None
                 if "held_in_loss" in line] if metrics_path.exists() else []
     record = {"phase": trainer.config.phase, "iteration": trainer.iteration,
               **held_in.run_checks(net, trainer.config.held_in_suite, trainer.rule)}
-    record = held_in.scored(record, previous)
+    record = held_in.scored(record, previous, trainer.config.held_in_suite)
     _append(metrics_path, record)
     if held_in.is_best(record, previous):
         net.save_pretrained(out / "best")
