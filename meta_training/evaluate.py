@@ -9,10 +9,10 @@
 ``--tasks`` takes ``suite``, ``trainer``, ``all`` (default) and/or single task names. ``--rule``:
 which learned optimizer (:data:`meta_training.rules.RULES`; ``celo2``: :class:`celo_hf.Celo2` at lr
 1e-3, its default, nothing tuned). ``--adamw_from``: reuse the AdamW runs (lr sweep, tuned lr, every
-seed) of earlier ``results.json`` files made with the same steps and grids and at least as many
-seeds instead of
-re-running them (AdamW's runs do not depend on the learned optimizer; they are deterministic given
-the seed: repeated evaluations give bit-identical AdamW curves).
+seed) of earlier ``results.json`` files made with the same steps and grids instead of
+re-running them: AdamW's runs do not depend on the learned optimizer, and they are deterministic given
+the seed (repeated evaluations give bit-identical AdamW curves). The suite needs at least as many
+saved seeds; a Trainer task's missing seeds run at the saved tuned lr.
 
 The suite: every task of :mod:`meta_training.eval_tasks` (``docs/meta-training.md`` §7.5): AdamW
 (weight decay 0) runs once per learning rate of the grid; the lr with the lowest smoothed final
@@ -420,6 +420,8 @@ def evaluate(
         runs += len(task_names) * (len(learning_rates) + seeds - 1) + sum(
             len(TRAINER_TASKS[name].learning_rates) + trainer_seeds - 1 for name in trainer_task_names
         )
+    else:
+        runs += sum(max(0, trainer_seeds - len(saved_trainer[name]["adamw"])) for name in trainer_task_names)
     report: dict[str, object] = {"weights": str(weights), "rule": rule, "adamw_from": [str(p) for p in adamw_from]}
     tables = []
     with tqdm(total=runs, desc="evaluate", unit="run") as bar:

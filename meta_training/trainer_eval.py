@@ -59,11 +59,10 @@ def final_loss(runs: Sequence[TrainerRun], window: int) -> float:
 
 def saved_adamw(saved: dict, seeds: int, steps: int) -> tuple[dict[float, float], float, list[TrainerRun]]:
     """``(final loss per lr, tuned lr, runs)`` of AdamW from an earlier ``results.json``'s entry for
-    one task, checked to have been made with these ``steps`` and at least ``seeds`` seeds (the
-    first ``seeds`` are taken)."""
-    if saved["steps"] != steps or len(saved["adamw"]) < seeds:
-        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have {saved['steps']} steps and "
-                         f"{len(saved['adamw'])} seed(s), expected {steps} and at least {seeds}")
+    one task, checked to have been made with these ``steps``; its first ``seeds`` runs (fewer if it
+    has fewer: the caller runs the missing seeds at the tuned lr)."""
+    if saved["steps"] != steps:
+        raise ValueError(f"task {saved['name']!r}: the saved AdamW runs have {saved['steps']} steps, expected {steps}")
     return ({float(lr): final for lr, final in saved["lr_sweep"].items()}, saved["best_lr"],
             [TrainerRun(**run) for run in saved["adamw"][:seeds]])
 
@@ -72,8 +71,9 @@ def evaluate_trainer_task(
     task: TrainerTask, net: nn.Module, seeds: int, steps: int | None, tiny: bool, bar: tqdm,
     rule: Rule = RULES["celo"], saved: dict | None = None,
 ) -> TrainerTaskResult:
-    """Tune AdamW's lr on seed 0, re-run it on the other seeds (or take them from ``saved``, an
-    earlier ``results.json``'s entry for the task), run ``rule``'s optimizer on every seed, compare."""
+    """Tune AdamW's lr on seed 0 and re-run it on the other seeds (or take the tuned lr and the runs
+    there are from ``saved``, an earlier ``results.json``'s entry for the task, and run the seeds it
+    lacks), run ``rule``'s optimizer on every seed, compare."""
     steps = steps or task.steps
     window = min(metrics.final_window(steps), steps)
 
@@ -90,6 +90,7 @@ def evaluate_trainer_task(
         adam_runs = [sweep[best_lr]] + [run(best_lr, seed) for seed in range(1, seeds)]
     else:
         sweep_final, best_lr, adam_runs = saved_adamw(saved, seeds, steps)
+        adam_runs += [run(best_lr, seed) for seed in range(len(adam_runs), seeds)]
     celo_runs = [run(None, seed) for seed in range(seeds)]
     adam_final, celo_final = final_loss(adam_runs, window), final_loss(celo_runs, window)
     return TrainerTaskResult(

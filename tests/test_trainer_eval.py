@@ -112,3 +112,17 @@ def test_main_job_names_the_command_that_makes_a_missing_grid_search(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"trainer": {"tasks": []}}))
     with pytest.raises(SystemExit, match="python -m meta_training.evaluate --tasks llama_ga"):
         main_job.read_tuning(tmp_path / "results.json", "llama_ga")
+
+
+def test_reused_trainer_adamw_runs_are_extended_by_the_seeds_they_lack(tmp_path):
+    """``adamw_from`` with fewer saved seeds than asked: the saved runs are kept as they are, the
+    missing seeds run at the saved tuned lr (no new sweep); other steps are refused."""
+    settings = {"task_names": [], "trainer_task_names": ["llama_ga"], "trainer_steps": 3, "tiny_trainer": True}
+    first = evaluate(None, tmp_path / "first", **settings)["trainer"]["tasks"][0]
+    more = evaluate(None, tmp_path / "more", trainer_seeds=2, adamw_from=[tmp_path / "first" / "results.json"],
+                    **settings)["trainer"]["tasks"][0]
+    assert more["lr_sweep"] == first["lr_sweep"] and more["adamw"][0] == first["adamw"][0]
+    assert [run["learning_rate"] for run in more["adamw"]] == [first["best_lr"]] * 2
+    assert more["adamw"][1]["losses"] != more["adamw"][0]["losses"], "seed 1 is a new run"
+    with pytest.raises(ValueError, match="3 steps, expected 4"):
+        evaluate(None, tmp_path / "bad", adamw_from=[tmp_path / "first" / "results.json"], **(settings | {"trainer_steps": 4}))
