@@ -5,8 +5,9 @@
 The same data as ``recipes/finetune.py``'s default (speeches of Shakespeare's comedies and
 tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loop of batch 16.
 
-* :func:`finetune_score` / :func:`lora_finetune_score`: the mean training loss of the last 10 of 100
-  Celo steps, every tensor / LoRA adapters and the head (held-in checks of :mod:`meta_training.select_gain`);
+* :func:`finetune_score` / :func:`lora_finetune_score` / :func:`dropout_finetune_score`: the mean
+  training loss of the last 10 of 100 Celo steps, every tensor (dropout off) / LoRA adapters and the
+  head / every tensor with dropout on (held-in checks of :mod:`meta_training.select_gain`);
 * :func:`relative_steps`: per kind of tensor (embeddings, matrices, biases, LayerNorm, the fresh
   classifier head), the median over tensors and steps of ``||p_{t+1} - p_t|| / ||p_t||``, and of
   ``||g|| / ||p||`` at the first step, for Celo (embedded default and paper weights, lr 1) and
@@ -51,14 +52,23 @@ def genre_batches(steps: int) -> Iterator[tuple[list[str], torch.Tensor]]:
         yield batch["text"], torch.tensor(batch["label"])
 
 
-def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False) -> float:
-    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) on every tensor, or
-    (``lora``) on LoRA adapters and the head (:func:`meta_training.trainer_tasks.with_lora`, the
-    evaluation's adapters)."""
+def held_in_model(lora: bool, dropout: bool = False) -> tuple[torch.nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]]:
+    """:func:`minilm` with every tensor trainable, in the eval mode ``from_pretrained`` leaves it
+    (dropout off) or (``dropout``) in train mode, as ``Trainer`` trains; or (``lora``) with LoRA
+    adapters and the head trainable (:func:`meta_training.trainer_tasks.with_lora`, the evaluation's
+    adapters; peft's wrapper is in train mode)."""
     model, tokenize = minilm()
     if lora:
         torch.manual_seed(0)  # the adapters' A
         model = with_lora(model)
+    if dropout:
+        model.train()
+    return model, tokenize
+
+
+def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False) -> float:
+    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) of :func:`held_in_model`."""
+    model, tokenize = held_in_model(lora, dropout)
     optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
     losses = []
     for texts, labels in genre_batches(steps):
@@ -73,6 +83,21 @@ def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False) -> float:
 def lora_finetune_score(net: CeloNet, steps: int = 100) -> float:
     """:func:`finetune_score` of LoRA fine-tuning (a held-in check of :mod:`meta_training.select_gain`)."""
     return finetune_score(net, steps, lora=True)
+
+
+def dropout_finetune_score(net: CeloNet, steps: int = 100) -> float:
+    """:func:`finetune_score` of every tensor with dropout on, as ``Trainer`` trains (a held-in
+    check of :mod:`meta_training.select_gain`). ``Trainer`` also clips gradients to norm 1 by
+    default; the first batches' norms (0.3-0.7) stay below that, so this check does not clip."""
+    return finetune_score(net, steps, dropout=True)
+
+
+def first_step_parameters(dropout: bool = False) -> list[torch.nn.Parameter]:
+    """The tensors of :func:`finetune_score`'s model (every tensor) holding its first batch's gradients."""
+    model, tokenize = held_in_model(lora=False, dropout=dropout)
+    texts, labels = next(genre_batches(1))
+    model(**tokenize(texts), labels=labels).loss.backward()
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def tensor_kind(name: str) -> str:

@@ -2,50 +2,68 @@
 
     python -m meta_training.gain_probe --out meta_training/results/gain_probe
 
-For each Trainer task of the evaluation (:data:`meta_training.trainer_tasks.TRAINER_TASKS`, seed 0)
-and for the held-in MiniLM fine-tune (:mod:`meta_training.finetune_probe`): one forward and backward
-on a first batch of the training data, then the median over the trainable tensors (those with
+For each Trainer task of the evaluation (:data:`meta_training.trainer_tasks.TRAINER_TASKS`): the
+gradients Celo's first step receives in a real run through ``Trainer`` (seeds 0-2: Trainer's
+shuffled first batch, its gradient accumulation and its clipping to norm 1, dropout on), read by a
+callback just before the optimizer steps (:class:`FirstStepNorms`). For the held-in MiniLM
+fine-tune (:mod:`meta_training.finetune_probe`): its first batch as each of its checks trains it
+(dropout off, and on). Then the median over the trainable tensors (those with
 ``||g|| > 0`` and ``||p|| > 0``; the others are counted) of ``||g|| / ||p||``, and the gain the
-embedded default's settings give it (:func:`celo_hf.step_gain.model_start_gain`). Writes
-``median_ratios.md``.
+embedded default's settings give it (:func:`celo_hf.step_gain.model_start_gain`, the function the
+optimizer calls). Writes ``median_ratios.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, default_collate
+from transformers import TrainerCallback
 
-from celo_hf import load_celo_net
+from celo_hf import CeloNet, load_celo_net
 from celo_hf.step_gain import model_start_gain
 
-from .finetune_probe import genre_batches, minilm, write_report
-from .trainer_tasks import TRAINER_TASKS, trainable_parameters
+from .finetune_probe import first_step_parameters, write_report
+from .trainer_tasks import TRAINER_TASKS, TrainerTask, train_through_trainer, trainable_parameters
+
+Norms = tuple[torch.Tensor, torch.Tensor]
+SEEDS = (0, 1, 2)
 
 
-def first_step_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(||g||, ||p||)`` of ``model``'s trainable tensors after one backward of ``batch``'s loss, float32 ``(n,)`` each."""
-    model.train()
-    model.zero_grad()
-    model(**batch).loss.backward()
-    params = trainable_parameters(model)
+def parameter_norms(params: list[torch.nn.Parameter]) -> Norms:
+    """``(||g||, ||p||)`` of ``params`` (a missing gradient counts as zero), float32 ``(n,)`` each."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     return (torch.stack([g.detach().float().norm() for g in grads]), torch.stack([p.detach().float().norm() for p in params]))
 
 
-def probes() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each workload's first-step norms: the Trainer tasks, then the held-in MiniLM fine-tune."""
-    norms = {}
-    for name, task in TRAINER_TASKS.items():
-        workload = task.build(0)
-        loader = DataLoader(workload.train, batch_size=task.batch_size, collate_fn=workload.collator or default_collate)
-        norms[f"{name} (Trainer task)"] = first_step_norms(workload.model, dict(next(iter(loader))))
-    model, tokenize = minilm()
-    texts, labels = next(genre_batches(1))
-    norms["MiniLM comedy vs tragedy (held-in fine-tune)"] = first_step_norms(model, {**tokenize(texts), "labels": labels})
-    return norms
+class FirstStepNorms(TrainerCallback):
+    """Records :func:`parameter_norms` of the trainable tensors just before Trainer's first optimizer
+    step (after accumulation and clipping: what the optimizer receives) in ``norms``."""
+
+    def __init__(self) -> None:
+        self.norms: Norms | None = None
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                              **kwargs: Any) -> None:
+        if self.norms is None:
+            self.norms = parameter_norms(trainable_parameters(model))
+
+
+def trainer_first_step_norms(task: TrainerTask, seed: int, tiny: bool = False, weights: CeloNet | None = None) -> Norms:
+    """The first step's norms of ``task`` (seed ``seed``) in a one-step Celo run through Trainer."""
+    recorder = FirstStepNorms()
+    train_through_trainer(task, task.build(seed, tiny), None, seed, steps=1, weights=weights, callbacks=[recorder])
+    assert recorder.norms is not None
+    return recorder.norms
+
+
+def median_ratio(norms: Norms) -> float:
+    """The median of ``||g|| / ||p||`` over tensors with both norms positive (nan if none)."""
+    grad_norm, param_norm = norms
+    informative = (grad_norm > 0) & (param_norm > 0)
+    return float((grad_norm[informative] / param_norm[informative]).median()) if informative.any() else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,15 +73,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     net = load_celo_net(None)
     assert net.gain_threshold is not None
+    probes = {f"{name} (Trainer task, seed {seed})": lambda task=task, seed=seed: trainer_first_step_norms(task, seed)
+              for name, task in TRAINER_TASKS.items() for seed in SEEDS}
+    probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout off)"] = lambda: parameter_norms(first_step_parameters())
+    probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout on)"] = lambda: parameter_norms(first_step_parameters(True))
     rows = ["| workload | trainable tensors | left out (a zero norm) | median ||g|| / ||p|| | gain (threshold "
             f"{net.gain_threshold:g}, power {net.gain_power:g}) |", "|---|---:|---:|---:|---:|"]
-    for name, (grad_norm, param_norm) in probes().items():
-        informative = (grad_norm > 0) & (param_norm > 0)
-        median = (grad_norm[informative] / param_norm[informative]).median() if informative.any() else float("nan")
+    for name, probe in probes.items():
+        grad_norm, param_norm = probe()
+        left_out = int((~((grad_norm > 0) & (param_norm > 0))).sum())
         gain = model_start_gain(grad_norm, param_norm, net.gain_threshold, net.gain_power)
-        rows.append(f"| {name} | {len(grad_norm)} | {int((~informative).sum())} | {float(median):.2e} | {float(gain):.3g} |")
+        rows.append(f"| {name} | {len(grad_norm)} | {left_out} | {median_ratio((grad_norm, param_norm)):.2e} | {float(gain):.3g} |")
     write_report(args.out / "median_ratios.md",
-                 "First-step statistics of the model-start gain (`python -m meta_training.gain_probe`; seed 0, one batch).", rows)
+                 "First-step statistics of the model-start gain (`python -m meta_training.gain_probe`).", rows)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,18 @@
     python -m meta_training.select_gain --round model_start --out meta_training/results/gain_selection_model_start
     python -m meta_training.select_gain --round model_start_power --out meta_training/results/gain_selection_model_start_power
     python -m meta_training.select_gain --round param_scale_floor --out meta_training/results/param_scale_floor_selection
+    python -m meta_training.select_gain --round model_start_dropout --out meta_training/results/gain_selection_dropout
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
-gain_power)`` pairs on the CPU run's weights calibrated for zero drift; the ``param_scale_floor``
-round puts candidate floors on the embedded default. A candidate is eligible if every from-scratch
-held-in loss of the round (digits; and a d16 LM from the ``model_start`` rounds on) is at most 1.1x
-the base's and, in the floor round, the MiniLM-L6 full fine-tune scores at most 1.02x the base's;
-the pick is the eligible candidate with the lowest score on the round's fine-tune (MiniLM-L6,
-comedy vs tragedy, 100 steps of 16, mean training loss of the last 10 steps; every tensor, or, in
-the floor round, LoRA adapters), if it beats the base's. Writes ``scores.json``, ``scores.md`` and
+gain_power)`` pairs on the CPU run's weights calibrated for zero drift (``model_start_dropout``: on
+the embedded default); the ``param_scale_floor`` round puts candidate floors on the embedded
+default. A candidate is eligible if every from-scratch held-in loss of the round (digits; and a d16
+LM from the ``model_start`` rounds on) is at most 1.1x the base's and, in the floor round, the
+MiniLM-L6 full fine-tune scores at most 1.02x the base's; the pick is the eligible candidate with
+the lowest score on the round's fine-tune (MiniLM-L6, comedy vs tragedy, 100 steps of 16, mean
+training loss of the last 10 steps; every tensor, or, in the floor round, LoRA adapters, or, in
+``model_start_dropout``, every tensor with dropout on), if it beats the base's. Writes ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
 """
@@ -32,7 +34,7 @@ from tqdm import tqdm
 from celo_hf import CeloNet, load_celo_net
 from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 
-from .finetune_probe import finetune_score, lora_finetune_score
+from .finetune_probe import dropout_finetune_score, finetune_score, lora_finetune_score
 from .held_in import held_in_loss, lm_loss
 
 FROM_SCRATCH_TOLERANCE = 1.1
@@ -69,11 +71,12 @@ class Round:
         return (*self.from_scratch, *self.kept, self.pick_by)
 
 
-def gain_round(signal: str, pairs: tuple[tuple[float, float], ...], from_scratch: tuple[str, ...]) -> Round:
-    """A round of ``(gain_threshold, gain_power)`` pairs of ``signal``, keyed ``"0.01"`` (power 1) or ``"0.01^1.5"``."""
+def gain_round(signal: str, pairs: tuple[tuple[float, float], ...], from_scratch: tuple[str, ...], **rule: Any) -> Round:
+    """A round of ``(gain_threshold, gain_power)`` pairs of ``signal``, keyed ``"0.01"`` (power 1) or
+    ``"0.01^1.5"``; ``rule``: the other :class:`Round` fields."""
     keys = {(f"{threshold:g}" if power == 1 else f"{threshold:g}^{power:g}"):
             {"gain_threshold": threshold, "gain_power": power, "gain_signal": signal} for threshold, power in pairs}
-    return Round(keys, from_scratch, varies=f"gain_threshold ({signal})")
+    return Round(keys, from_scratch, varies=f"gain_threshold ({signal})", **rule)
 
 
 ROUNDS = {
@@ -82,6 +85,8 @@ ROUNDS = {
     "model_start_power": gain_round("model_start", ((0.01, 1.5), (0.01, 2.0), (0.005, 2.0)), ("digits", "lm")),
     "param_scale_floor": Round({f"{c:g}": {"param_scale_floor": c} for c in (0.03, 0.1, 0.3)}, ("digits", "lm"),
                                pick_by="finetune_lora", kept=("finetune",), base="embedded", varies="param_scale_floor"),
+    "model_start_dropout": gain_round("model_start", ((0.0035, 2.0), (0.007, 2.0), (0.01, 2.0)), ("digits", "lm"),
+                                      pick_by="finetune_dropout", base="embedded"),
 }
 
 
@@ -116,7 +121,7 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
     chosen = choose(scores, selection)
     limits = _limits(scores, selection)
     names = {"digits": "digits held-in loss", "lm": "LM held-in loss", "finetune": "fine-tune score",
-             "finetune_lora": "LoRA fine-tune score"}
+             "finetune_lora": "LoRA fine-tune score", "finetune_dropout": "fine-tune score, dropout on"}
     shown = [check for check in selection.checks() if check in limits or check == selection.pick_by]
     rows = [f"| {selection.varies} | " + " | ".join(names[c] for c in shown) + " | zero-gradient drift | eligible |",
             "|---|" + "---:|" * (len(shown) + 1) + "---|"]
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         print(report(json.loads((args.out / "scores.json").read_text()), base, args.out, selection))
         return
     drift_tensors = [torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.full((32,), 0.1)]
-    checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score}
+    checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score,
+              "finetune_dropout": dropout_finetune_score}
     scores: dict[str, dict[str, float]] = {}
     for key, settings in tqdm(selection.keyed().items(), desc="candidates"):
         net = configured_net(base, **settings)

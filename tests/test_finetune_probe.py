@@ -29,17 +29,44 @@ def test_gain_probe_tells_the_pretrained_fine_tune_from_a_model_trained_from_scr
 
     from celo_hf import load_celo_net
     from celo_hf.step_gain import model_start_gain
-    from meta_training.finetune_probe import genre_batches, minilm
-    from meta_training.gain_probe import first_step_norms
+    from meta_training.finetune_probe import first_step_parameters
+    from meta_training.gain_probe import parameter_norms
 
     net = load_celo_net(None)
-    model, tokenize = minilm()
-    texts, labels = next(genre_batches(1))
-    pretrained = model_start_gain(*first_step_norms(model, {**tokenize(texts), "labels": labels}), net.gain_threshold, net.gain_power)
+    pretrained = model_start_gain(*parameter_norms(first_step_parameters()), net.gain_threshold, net.gain_power)
+    model = tiny_model("gpt2")
     ids = torch.randint(2, 60, (4, 16), generator=torch.Generator().manual_seed(0))
-    scratch = model_start_gain(*first_step_norms(tiny_model("gpt2"), {"input_ids": ids, "labels": ids}),
-                               net.gain_threshold, net.gain_power)
+    model(input_ids=ids, labels=ids).loss.backward()
+    scratch = model_start_gain(*parameter_norms(list(model.parameters())), net.gain_threshold, net.gain_power)
     assert float(scratch) == 1.0 and float(pretrained) < 0.1
+
+
+def test_gain_probe_reads_the_gradients_celo_gets_through_trainer():
+    """The probe's Trainer-side statistic gives exactly the gain Celo computed in that run (gradient
+    accumulation 2, Trainer's shuffling and clipping); a first batch taken in dataset order does not."""
+    from transformers import TrainerCallback
+
+    from celo_hf import load_celo_net
+    from celo_hf.step_gain import model_start_gain
+    from meta_training.gain_probe import FirstStepNorms, parameter_norms
+    from meta_training.select_gain import configured_net
+    from meta_training.trainer_tasks import TRAINER_TASKS, train_through_trainer
+
+    class RunGain(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            self.gain = optimizer.state_dict()["celo"]["run_gain"]
+
+    net = configured_net(load_celo_net(None), gain_threshold=10.0)  # the tiny Llama's statistic is well below 10
+    task = TRAINER_TASKS["llama_ga"]
+    norms, gain = FirstStepNorms(), RunGain()
+    train_through_trainer(task, task.build(0, tiny=True), None, 0, steps=1, weights=net, callbacks=[norms, gain])
+    probed = model_start_gain(*norms.norms, net.gain_threshold, net.gain_power)
+    assert 0 < float(probed) < 1 and torch.equal(probed.reshape(1), gain.gain)
+    workload = task.build(0, tiny=True)
+    first = {key: torch.stack([workload.train[i][key] for i in range(task.batch_size)]) for key in workload.train[0]}
+    workload.model(**first).loss.backward()
+    in_order = model_start_gain(*parameter_norms(list(workload.model.parameters())), net.gain_threshold, net.gain_power)
+    assert not torch.equal(in_order.reshape(1), gain.gain)
 
 
 def _lora_b_rms_after_two_steps(net) -> float:

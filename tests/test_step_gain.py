@@ -166,3 +166,22 @@ def test_floor_round_picks_the_best_lora_fine_tune_that_keeps_the_full_fine_tune
                    "0.03": {**base, "finetune": 0.65, "finetune_lora": 0.67}}, selection) == "0.03"
     assert choose({"none": base, "0.1": {**base, "finetune": 0.66, "finetune_lora": 0.60}}, selection) is None
     assert choose({"none": base, "0.1": {**base, "lm": 3.5, "finetune_lora": 0.60}}, selection) is None
+
+
+def test_dropout_round_puts_thresholds_on_the_embedded_default_and_picks_by_the_dropout_fine_tune(tmp_path):
+    """The model_start_dropout round: power-2 thresholds on the embedded default (its floor and
+    weights kept), picked by the fine-tune with dropout on alone, guarded by digits and the LM."""
+    from meta_training.select_gain import ROUNDS, choose, configured_net, report
+
+    selection = ROUNDS["model_start_dropout"]
+    assert selection.checks() == ("digits", "lm", "finetune_dropout")
+    assert list(selection.keyed()) == ["none", "0.0035^2", "0.007^2", "0.01^2"] and selection.keyed()["none"] == {}
+    base = {"digits": 0.01, "lm": 3.0, "finetune_dropout": 0.66}
+    scores = {"none": base, "0.0035^2": {**base, "finetune_dropout": 0.60, "lm": 3.4},
+              "0.007^2": {**base, "finetune_dropout": 0.64}, "0.01^2": {**base, "finetune_dropout": 0.65}}
+    assert choose(scores, selection) == "0.007^2"
+    assert choose({"none": base, "0.01^2": {**base, "finetune_dropout": 0.67}}, selection) is None
+    report({name: s | {"drift": 0.0} for name, s in scores.items()}, load_celo_net(None), tmp_path, selection)
+    chosen, default = load_celo_net(tmp_path / "chosen"), load_celo_net(None)
+    assert (chosen.gain_threshold, chosen.gain_power, chosen.param_scale_floor) == (0.007, 2.0, default.param_scale_floor)
+    assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), configured_net(default).state_dict().values()))
