@@ -101,3 +101,16 @@ def test_lora_check_trains_zero_initialised_adapters_and_the_head_only():
     default = load_celo_net(None)
     assert _lora_b_rms_after_two_steps(default) > 1e-5
     assert _lora_b_rms_after_two_steps(configured_net(default, param_scale_floor=None)) < 1e-5
+
+
+def test_update_alignment_compares_celos_update_with_adamws_for_the_same_gradients():
+    """On the held-in MiniLM fine-tune, every kind of tensor gets a median cosine and size ratio;
+    Celo's update points the way AdamW's does (positive cosine) and has a positive, finite size."""
+    import math
+
+    from meta_training.finetune_probe import update_alignment
+
+    alignment = update_alignment(steps=3, skip=1)
+    assert set(alignment) == {"bias", "embedding", "head", "head bias", "layernorm", "matrix"}
+    for kind, a in alignment.items():
+        assert 0 < a["cosine"] <= 1 and 0 < a["ratio"] < math.inf, (kind, a)
