@@ -28,13 +28,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-meta_training/runs/finetune}
-families=(digits permuted_digits patches teacher ft_digits_full ft_digits_head ft_digits_lora
-          lm_d16_l1_t16 lm_d16_l2_t32 lm_d32_l1_t32 ft_lm_full ft_lm_lora)
-python -m meta_training.train --phase 1 --iterations 500 --slots_per_family 1 --truncation 25 \
-    --min_unroll 50 --max_unroll 500 --init celo_hf/default_weights --apply_schedule --zero_gradient_calibrated \
-    --held_in_suite trainer --held_in_every 50 --checkpoint_every 10 --families "${families[@]}" \
+source meta_training/trainer_families.sh
+python -m meta_training.train --phase 1 --iterations 500 "${shared[@]}" --max_unroll 500 \
+    --init celo_hf/default_weights --apply_schedule --zero_gradient_calibrated --held_in_suite trainer \
     --out "$out/phase1"
-python -m meta_training.train --phase 2 --iterations 200 --slots_per_family 1 --truncation 25 \
-    --min_unroll 50 --max_unroll 500 --init "$out/phase1/best" --zero_gradient_calibrated \
-    --held_in_suite trainer --held_in_every 50 --checkpoint_every 10 --families "${families[@]}" \
+python -m meta_training.train --phase 2 --iterations 200 "${shared[@]}" --max_unroll 500 \
+    --init "$out/phase1/best" --zero_gradient_calibrated --held_in_suite trainer \
     --out "$out/phase2"

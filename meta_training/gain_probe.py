@@ -26,7 +26,12 @@ from celo_hf import CeloNet, load_celo_net
 from celo_hf.step_gain import model_start_gain
 
 from .finetune_probe import first_step_parameters, write_report
-from .trainer_tasks import TRAINER_TASKS, TrainerTask, train_through_trainer, trainable_parameters
+from .trainer_tasks import (
+    TRAINER_TASKS,
+    TrainerTask,
+    train_through_trainer,
+    trainable_parameters,
+)
 
 Norms = tuple[torch.Tensor, torch.Tensor]
 SEEDS = (0, 1, 2)
@@ -77,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
               for name, task in TRAINER_TASKS.items() for seed in SEEDS}
     probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout off)"] = lambda: parameter_norms(first_step_parameters())
     probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout on)"] = lambda: parameter_norms(first_step_parameters(True))
-    rows = ["| workload | trainable tensors | left out (a zero norm) | median ||g|| / ||p|| | gain (threshold "
-            f"{net.gain_threshold:g}, power {net.gain_power:g}) |", "|---|---:|---:|---:|---:|"]
+    header = ("| workload | trainable tensors | left out (a zero norm) | median ||g|| / ||p|| | gain (threshold "
+              f"{net.gain_threshold:g}, power {net.gain_power:g}) |")
+    rows = [header, "|---|---:|---:|---:|---:|"]
     for name, probe in probes.items():
         grad_norm, param_norm = probe()
         left_out = int((~((grad_norm > 0) & (param_norm > 0))).sum())

@@ -20,9 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-meta_training/runs/lm_schedule}
-families=(digits permuted_digits patches teacher ft_digits_full ft_digits_head ft_digits_lora
-          lm_d16_l1_t16 lm_d16_l2_t32 lm_d32_l1_t32 ft_lm_full ft_lm_lora)
-python -m meta_training.train --phase 2 --iterations 600 --slots_per_family 1 --truncation 25 \
-    --min_unroll 50 --max_unroll 1000 --init celo_hf/default_weights \
-    --held_in_suite lm --held_in_every 50 --checkpoint_every 10 --families "${families[@]}" \
+source meta_training/trainer_families.sh
+python -m meta_training.train --phase 2 --iterations 600 "${shared[@]}" --max_unroll 1000 \
+    --init celo_hf/default_weights --held_in_suite lm \
     --out "$out/phase2"
