@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Phase 2 (the learned scheduler) again, from the embedded default, aimed at language models trained
-# from scratch: the default's update MLP (zero-gradient-calibrated, with the model-start gain and the
-# param-scale floor) is frozen, so every member keeps zero drift; only the LSTM scheduler and its
-# initial state train. ONE CPU core, about 2-4 s per iteration.
+# Meta-training aimed at language models trained from scratch, from the embedded default (its
+# model-start gain and param-scale floor kept), on ONE CPU core, in two stages that each start from
+# the embedded default:
+#
+#   1. phase 2 (the learned scheduler; 600 iterations, about 2-4 s each): the update MLP
+#      (zero-gradient-calibrated) is frozen, so every member keeps zero drift;
+#   2. phase 1 (the update MLP; 400 iterations): the scheduler applied and frozen, every member and
+#      every new theta projected back onto "update exactly 0 at zero gradient".
 #
 #   * Families (one slot each): the four MLP image families; MLP fine-tuning from digits 0-4 to 5-9
 #     (every tensor, fresh head, rank-4 adapters); tiny causal transformers from scratch on the
@@ -24,3 +28,6 @@ source meta_training/trainer_families.sh
 python -m meta_training.train --phase 2 --iterations 600 "${shared[@]}" --max_unroll 1000 \
     --init celo_hf/default_weights --held_in_suite lm \
     --out "$out/phase2"
+python -m meta_training.train --phase 1 --iterations 400 "${shared[@]}" --max_unroll 1000 \
+    --init celo_hf/default_weights --apply_schedule --zero_gradient_calibrated --held_in_suite lm \
+    --out "$out/phase1"
