@@ -5,6 +5,7 @@
     python -m meta_training.select_gain --round model_start_power --out meta_training/results/gain_selection_model_start_power
     python -m meta_training.select_gain --round param_scale_floor --out meta_training/results/param_scale_floor_selection
     python -m meta_training.select_gain --round model_start_dropout --out meta_training/results/gain_selection_dropout
+    python -m meta_training.select_gain --round lm_schedule --out meta_training/results/lm_schedule_adoption
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
@@ -15,7 +16,10 @@ LM from the ``model_start`` rounds on) is at most 1.1x the base's and, in the fl
 MiniLM-L6 full fine-tune scores at most 1.02x the base's; the pick is the eligible candidate with
 the lowest score on the round's fine-tune (MiniLM-L6, comedy vs tragedy, 100 steps of 16, mean
 training loss of the last 10 steps; every tensor, or, in the floor round, LoRA adapters, or, in
-``model_start_dropout``, every tensor with dropout on), if it beats the base's. Writes ``scores.json``, ``scores.md`` and
+``model_start_dropout``, every tensor with dropout on), if it beats the base's. The ``lm_schedule`` round
+scores other trained weights (``meta_training/runs/lm_schedule/phase1/best``) against the embedded
+default on the MiniLM-L6 fine-tunes alone: its candidate is adopted if both are within 1.02x
+(``meta_training/runs/lm_schedule/RULE.md``). Writes ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from .finetune_probe import dropout_finetune_score, finetune_score, lora_finetun
 from .held_in import held_in_loss, lm_loss
 
 FROM_SCRATCH_TOLERANCE = 1.1
+REPO = Path(__file__).resolve().parents[1]
 #: The CPU meta-training run's pick: the gain rounds' base, calibrated (the embedded default before them).
 CPU_RUN_BEST = Path(__file__).parent / "runs" / "cpu" / "phase2_decay" / "best"
 #: A ``kept`` fine-tuning check may be at most this much worse than the base's.
@@ -55,11 +60,15 @@ class Round:
 
     candidates: dict[str, dict[str, Any]]
     from_scratch: tuple[str, ...]
-    pick_by: str = "finetune"
+    #: ``None``: no check to beat; the first eligible candidate is picked.
+    pick_by: str | None = "finetune"
     kept: tuple[str, ...] = ()
     base: str = "calibrated"
     #: What a candidate's key names, for the table's first column.
     varies: str = "gain_threshold"
+    #: Candidates that are other trained weights: key -> their folder (relative to the repository),
+    #: whose settings must be the base's.
+    weights: dict[str, str] = field(default_factory=dict)
 
     def keyed(self) -> dict[str, dict[str, Any]]:
         """Score keys -> the settings put on the base: ``"none"`` first."""
@@ -68,7 +77,18 @@ class Round:
 
     def checks(self) -> tuple[str, ...]:
         """Every held-in check the round scores, besides the drift."""
-        return (*self.from_scratch, *self.kept, self.pick_by)
+        return (*self.from_scratch, *self.kept, *([self.pick_by] if self.pick_by else []))
+
+    def candidate_net(self, base: CeloNet, key: str) -> CeloNet:
+        """The meta-model a key stands for: trained weights from :attr:`weights`, or the base with
+        the key's settings."""
+        if key not in self.weights:
+            return configured_net(base, **self.keyed()[key])
+        net = load_celo_net(REPO / self.weights[key])
+        if net._hub_mixin_config != base._hub_mixin_config:
+            raise ValueError(f"candidate {key!r} ({self.weights[key]}) has settings {net._hub_mixin_config}, "
+                             f"expected the base's {base._hub_mixin_config}")
+        return net
 
 
 def gain_round(signal: str, pairs: tuple[tuple[float, float], ...], from_scratch: tuple[str, ...], **rule: Any) -> Round:
@@ -87,6 +107,8 @@ ROUNDS = {
                                pick_by="finetune_lora", kept=("finetune",), base="embedded", varies="param_scale_floor"),
     "model_start_dropout": gain_round("model_start", ((0.0035, 2.0), (0.007, 2.0), (0.01, 2.0)), ("digits", "lm"),
                                       pick_by="finetune_dropout", base="embedded"),
+    "lm_schedule": Round({"phase1/best": {}}, (), pick_by=None, kept=("finetune", "finetune_lora"), base="embedded",
+                         varies="lm_schedule run", weights={"phase1/best": "meta_training/runs/lm_schedule/phase1/best"}),
 }
 
 
@@ -107,11 +129,13 @@ def _limits(scores: dict[str, dict[str, float]], selection: Round) -> dict[str, 
 def choose(scores: dict[str, dict[str, float]], selection: Round = ROUNDS["model_start"]) -> str | None:
     """The rule: among candidates whose guarded checks (from-scratch losses scored: ``digits``,
     ``lm``; the round's ``kept`` fine-tunes) are within their limits of the base's (key ``"none"``),
-    the lowest ``pick_by`` score if it is below the base's; ``None`` otherwise."""
+    the lowest ``pick_by`` score if it is below the base's (no ``pick_by``: the first); ``None`` otherwise."""
     limits = _limits(scores, selection)
     pick = selection.pick_by
     eligible = {name: s for name, s in scores.items()
                 if name != "none" and all(s[check] <= limit for check, limit in limits.items())}
+    if pick is None:
+        return next(iter(eligible), None)
     best = min(eligible, key=lambda name: eligible[name][pick]) if eligible else None
     return best if best is not None and eligible[best][pick] < scores["none"][pick] else None
 
@@ -135,7 +159,7 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
     table = "\n".join(rows) + f"\n\n{verdict}\n"
     (out / "scores.md").write_text(table)
     if chosen is not None:
-        configured_net(base, **selection.keyed()[chosen]).save_pretrained(out / "chosen")
+        selection.candidate_net(base, chosen).save_pretrained(out / "chosen")
     return table
 
 
@@ -162,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score,
               "finetune_dropout": dropout_finetune_score}
     scores: dict[str, dict[str, float]] = {}
-    for key, settings in tqdm(selection.keyed().items(), desc="candidates"):
-        net = configured_net(base, **settings)
+    for key in tqdm(selection.keyed(), desc="candidates"):
+        net = selection.candidate_net(base, key)
         scores[key] = {name: checks[name](net) for name in selection.checks()} | {"drift": zero_gradient_drift(drift_tensors, net)}
         (args.out / "scores.json").write_text(json.dumps(scores, indent=2))
     print(report(scores, base, args.out, selection))

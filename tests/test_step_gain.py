@@ -185,3 +185,27 @@ def test_dropout_round_puts_thresholds_on_the_embedded_default_and_picks_by_the_
     chosen, default = load_celo_net(tmp_path / "chosen"), load_celo_net(None)
     assert (chosen.gain_threshold, chosen.gain_power, chosen.param_scale_floor) == (0.007, 2.0, default.param_scale_floor)
     assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), configured_net(default).state_dict().values()))
+
+
+def test_a_round_can_score_other_trained_weights_with_the_base_settings(tmp_path):
+    """A :attr:`Round.weights` candidate is loaded from its folder (its settings must be the base's);
+    with no ``pick_by`` the rule takes the first candidate whose kept fine-tunes stay within 1.02x."""
+    from meta_training.select_gain import ROUNDS, Round, choose, configured_net
+
+    default = load_celo_net(None)
+    trained = configured_net(default)
+    with torch.no_grad():
+        trained.lr_head.bias.add_(0.5)
+    trained.save_pretrained(tmp_path / "trained")
+    configured_net(default, param_scale_floor=0.3).save_pretrained(tmp_path / "other")
+    selection = Round({"run": {}, "other": {}}, (), pick_by=None, kept=("finetune",), base="embedded",
+                      weights={"run": str(tmp_path / "trained"), "other": str(tmp_path / "other")})
+    net = selection.candidate_net(default, "run")
+    assert torch.equal(net.lr_head.bias, trained.lr_head.bias) and not torch.equal(net.lr_head.bias, default.lr_head.bias)
+    with pytest.raises(ValueError, match="settings"):
+        selection.candidate_net(default, "other")
+    assert selection.checks() == ("finetune",)
+    base = {"finetune": 0.60}
+    assert choose({"none": base, "run": {"finetune": 0.612}}, selection) == "run"
+    assert choose({"none": base, "run": {"finetune": 0.613}}, selection) is None
+    assert ROUNDS["lm_schedule"].checks() == ("finetune", "finetune_lora")
