@@ -45,12 +45,18 @@ def step_gain(grad_norm: torch.Tensor, param_norm: torch.Tensor, threshold: floa
 GAIN_SIGNALS = ("tensor", "model_start")
 
 
-def model_start_gain(grad_norm: torch.Tensor, param_norm: torch.Tensor, threshold: float, power: float) -> torch.Tensor:
-    """The ``"model_start"`` gain from the first step's norms ``(..., n)`` of ``n`` tensors: float32
-    ``(...)``, ``min(1, median_r / threshold) ** power`` with ``median_r`` the (lower) median of
-    ``||g|| / ||p||`` over the tensors where both norms are positive; 1 where there is none."""
+def median_ratio(grad_norm: torch.Tensor, param_norm: torch.Tensor) -> torch.Tensor:
+    """The (lower) median of ``||g|| / ||p||`` over the last axis of norms ``(..., n)``, over the
+    tensors where both norms are positive: float32 ``(...)``, nan where there is none."""
     informative = (grad_norm > 0) & (param_norm > 0)
     ratio = grad_norm.float() / param_norm.float()
-    median = torch.where(informative, ratio, torch.full_like(ratio, float("nan"))).nanmedian(dim=-1).values
+    return torch.where(informative, ratio, torch.full_like(ratio, float("nan"))).nanmedian(dim=-1).values
+
+
+def model_start_gain(grad_norm: torch.Tensor, param_norm: torch.Tensor, threshold: float, power: float) -> torch.Tensor:
+    """The ``"model_start"`` gain from the first step's norms ``(..., n)`` of ``n`` tensors: float32
+    ``(...)``, ``min(1, median_r / threshold) ** power`` with ``median_r`` the :func:`median_ratio`;
+    1 where there is none."""
+    median = median_ratio(grad_norm, param_norm)
     gain = torch.clamp(median / threshold, max=1.0).pow(power)
     return torch.where(median.isnan(), torch.ones_like(gain), gain)

@@ -90,7 +90,8 @@ def lora_finetune_score(net: CeloNet, steps: int = 100) -> float:
 def dropout_finetune_score(net: CeloNet, steps: int = 100) -> float:
     """:func:`finetune_score` of every tensor with dropout on, as ``Trainer`` trains (a held-in
     check of :mod:`meta_training.select_gain`). ``Trainer`` also clips gradients to norm 1 by
-    default; the first batches' norms (0.3-0.7) stay below that, so this check does not clip."""
+    default; this check does not, as its first batch's gradient norm is below 1
+    (:mod:`meta_training.gain_probe`'s table)."""
     return finetune_score(net, steps, dropout=True)
 
 

@@ -8,7 +8,9 @@ shuffled first batch, its gradient accumulation and its clipping to norm 1, drop
 callback just before the optimizer steps (:class:`FirstStepNorms`). For the held-in MiniLM
 fine-tune (:mod:`meta_training.finetune_probe`): its first batch as each of its checks trains it
 (dropout off, and on). Then the median over the trainable tensors (those with
-``||g|| > 0`` and ``||p|| > 0``; the others are counted) of ``||g|| / ||p||``, and the gain the
+``||g|| > 0`` and ``||p|| > 0``; the others are counted) of ``||g|| / ||p||``
+(:func:`celo_hf.step_gain.median_ratio`), the gradient's norm over all tensors (through
+``Trainer``: after its clipping to 1), and the gain the
 embedded default's settings give it (:func:`celo_hf.step_gain.model_start_gain`, the function the
 optimizer calls). Writes ``median_ratios.md``.
 """
@@ -22,8 +24,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from celo_hf import CeloNet, load_celo_net
-from celo_hf.step_gain import model_start_gain
+from celo_hf import load_celo_net
+from celo_hf.step_gain import median_ratio, model_start_gain
 
 from .finetune_probe import first_step_parameters, write_report
 from .trainer_tasks import (
@@ -56,19 +58,12 @@ class FirstStepNorms(TrainerCallback):
             self.norms = parameter_norms(trainable_parameters(model))
 
 
-def trainer_first_step_norms(task: TrainerTask, seed: int, tiny: bool = False, weights: CeloNet | None = None) -> Norms:
-    """The first step's norms of ``task`` (seed ``seed``) in a one-step Celo run through Trainer."""
+def trainer_first_step_norms(task: TrainerTask, seed: int) -> Norms:
+    """The first step's norms of ``task`` (seed ``seed``) in a one-step run of the embedded Celo through Trainer."""
     recorder = FirstStepNorms()
-    train_through_trainer(task, task.build(seed, tiny), None, seed, steps=1, weights=weights, callbacks=[recorder])
+    train_through_trainer(task, task.build(seed), None, seed, steps=1, callbacks=[recorder])
     assert recorder.norms is not None
     return recorder.norms
-
-
-def median_ratio(norms: Norms) -> float:
-    """The median of ``||g|| / ||p||`` over tensors with both norms positive (nan if none)."""
-    grad_norm, param_norm = norms
-    informative = (grad_norm > 0) & (param_norm > 0)
-    return float((grad_norm[informative] / param_norm[informative]).median()) if informative.any() else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,14 +77,15 @@ def main(argv: list[str] | None = None) -> None:
               for name, task in TRAINER_TASKS.items() for seed in SEEDS}
     probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout off)"] = lambda: parameter_norms(first_step_parameters())
     probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout on)"] = lambda: parameter_norms(first_step_parameters(True))
-    header = ("| workload | trainable tensors | left out (a zero norm) | median ||g|| / ||p|| | gain (threshold "
-              f"{net.gain_threshold:g}, power {net.gain_power:g}) |")
-    rows = [header, "|---|---:|---:|---:|---:|"]
+    header = ("| workload | trainable tensors | left out (a zero norm) | gradient norm, all tensors | median ||g|| / ||p|| | "
+              f"gain (threshold {net.gain_threshold:g}, power {net.gain_power:g}) |")
+    rows = [header, "|---|---:|---:|---:|---:|---:|"]
     for name, probe in probes.items():
         grad_norm, param_norm = probe()
         left_out = int((~((grad_norm > 0) & (param_norm > 0))).sum())
         gain = model_start_gain(grad_norm, param_norm, net.gain_threshold, net.gain_power)
-        rows.append(f"| {name} | {len(grad_norm)} | {left_out} | {median_ratio((grad_norm, param_norm)):.2e} | {float(gain):.3g} |")
+        rows.append(f"| {name} | {len(grad_norm)} | {left_out} | {float(grad_norm.norm()):.3g} | "
+                    f"{float(median_ratio(grad_norm, param_norm)):.2e} | {float(gain):.3g} |")
     write_report(args.out / "median_ratios.md",
                  "First-step statistics of the model-start gain (`python -m meta_training.gain_probe`).", rows)
 

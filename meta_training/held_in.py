@@ -48,8 +48,8 @@ MAX_DRIFT = 1e-4
 LOSS_CHECKS = ("held_in_loss", "finetune_loss", "lm_loss")
 #: The losses each multi-check suite scores (mean of ratios to the run's first check).
 SCORED_CHECKS = {"trainer": LOSS_CHECKS, "lm": ("finetune_loss", "lm_loss")}
-#: The ``lm`` suite's guard: the digits loss at most this many times the first check's.
-DIGITS_GUARD = 1.1
+#: Each suite's guards: check -> the largest eligible ratio to the run's first check.
+GUARDS = {"trainer": {}, "lm": {"held_in_loss": 1.1}}
 HELD_IN_TEXT = "romances"
 HELD_IN_LM = "lm_d16_l1_t16"
 TAIL = 20
@@ -122,9 +122,8 @@ def scored(record: Mapping[str, Any], previous: Sequence[Mapping[str, Any]], sui
         return {**record, "held_in_score": record["held_in_loss"], "held_in_eligible": True}
     reference = previous[0] if previous else record
     ratios = [record[key] / reference[key] for key in SCORED_CHECKS[suite]]
-    eligible = record.get("zero_gradient_drift", 0.0) <= MAX_DRIFT
-    if suite == "lm":
-        eligible = eligible and record["held_in_loss"] <= DIGITS_GUARD * reference["held_in_loss"]
+    eligible = record.get("zero_gradient_drift", 0.0) <= MAX_DRIFT and all(
+        record[check] <= bound * reference[check] for check, bound in GUARDS[suite].items())
     return {**record, "held_in_score": sum(ratios) / len(ratios), "held_in_eligible": eligible}
 
 

@@ -44,7 +44,7 @@ from .held_in import held_in_loss, lm_loss
 FROM_SCRATCH_TOLERANCE = 1.1
 REPO = Path(__file__).resolve().parents[1]
 #: The CPU meta-training run's pick: the gain rounds' base, calibrated (the embedded default before them).
-CPU_RUN_BEST = Path(__file__).parent / "runs" / "cpu" / "phase2_decay" / "best"
+CPU_RUN_BEST = REPO / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best"
 #: A ``kept`` fine-tuning check may be at most this much worse than the base's.
 KEPT_TOLERANCE = 1.02
 

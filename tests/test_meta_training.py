@@ -219,6 +219,19 @@ def test_trainer_suite_selection_rule():
         MetaTrainConfig(held_in_suite="imagenet")
 
 
+def test_lm_suite_scores_the_language_models_and_guards_the_digits():
+    """Suite ``lm``: the score is the mean of the fine-tune and LM ratios alone; a digits loss above
+    1.1x the first check's makes a record ineligible however good its score."""
+    record = {"held_in_loss": 0.01, "finetune_loss": 2.0, "lm_loss": 3.0, "zero_gradient_drift": 1e-9}
+    first = held_in.scored(record, [], "lm")
+    lower_lm = held_in.scored(record | {"held_in_loss": 0.0109, "lm_loss": 2.7}, [first], "lm")
+    assert lower_lm["held_in_score"] == pytest.approx(0.95) and held_in.is_best(lower_lm, [first])
+    digits_up = held_in.scored(record | {"held_in_loss": 0.0111, "lm_loss": 2.4}, [first, lower_lm], "lm")
+    assert digits_up["held_in_score"] == pytest.approx(0.9) and not digits_up["held_in_eligible"]
+    digits_down = held_in.scored(record | {"held_in_loss": 0.001}, [first], "lm")
+    assert digits_down["held_in_score"] == 1.0, "the digits ratio is not scored"
+
+
 def test_held_in_checks_run_and_see_the_drift():
     from celo_hf.diagnostics import calibrate_zero_gradient_
 
