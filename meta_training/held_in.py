@@ -11,6 +11,9 @@ training loss over the last 20 steps, mean over seeds; lower is better):
   steps (the MLP fine-tuned on held-out digits 5-9 fits its 180 examples to a loss of 1e-6 whatever
   the meta-model, so it would not rank them);
 * ``lm_loss``: the ``lm_d16_l1_t16`` transformer from scratch on the romances, 2 seeds x 200 steps;
+* ``classify_loss``: that pretrained LM's body with a fresh head fine-tuned, every tensor, to tell
+  which of the five problem plays a window comes from (:func:`meta_training.tasks.play_classifier_family`;
+  the ``ft_cls_*`` families tell the Roman plays apart), 3 seeds x 300 steps;
 * ``zero_gradient_drift``: :func:`celo_hf.diagnostics.zero_gradient_drift` on the pretrained MLP's
   and the pretrained LM's tensors (the larger of the two). Celo only: Celo2's step is
   RMS-normalised, so a zero gradient moves every tensor by ``lr`` by design
@@ -26,6 +29,10 @@ Suites (``SUITES``) and their selection rule (:func:`scored`, :func:`is_best`):
   the ``finetune_loss`` and ``lm_loss`` ratios alone, and the digits loss is a guard (eligible only
   if also ``held_in_loss <= 1.1 x`` the first check's). On the ``"trainer"`` score the digits ratio,
   which moves by tens of percent, drowns the LM ratios, which move by about 1%.
+* ``"classify"``: the four checks and ``classify_loss``, for runs aimed at fine-tuning a pretrained
+  transformer with a fresh head: the score is the ``classify_loss`` ratio alone; eligible only if
+  also ``held_in_loss <= 1.1 x``, ``finetune_loss <= 1.02 x`` and ``lm_loss <= 1.02 x`` the first
+  check's.
 """
 
 from __future__ import annotations
@@ -42,16 +49,19 @@ from celo_hf.diagnostics import zero_gradient_drift
 from . import finetune, inner, tasks
 from .rules import RULES, Rule
 
-SUITES = ("digits", "trainer", "lm")
+SUITES = ("digits", "trainer", "lm", "classify")
 #: Eligibility bound of the ``trainer`` and ``lm`` suites: relative change per step under zero gradients.
 MAX_DRIFT = 1e-4
 LOSS_CHECKS = ("held_in_loss", "finetune_loss", "lm_loss")
 #: The losses each multi-check suite scores (mean of ratios to the run's first check).
-SCORED_CHECKS = {"trainer": LOSS_CHECKS, "lm": ("finetune_loss", "lm_loss")}
+SCORED_CHECKS = {"trainer": LOSS_CHECKS, "lm": ("finetune_loss", "lm_loss"), "classify": ("classify_loss",)}
 #: Each suite's guards: check -> the largest eligible ratio to the run's first check.
-GUARDS = {"trainer": {}, "lm": {"held_in_loss": 1.1}}
+GUARDS = {"trainer": {}, "lm": {"held_in_loss": 1.1},
+          "classify": {"held_in_loss": 1.1, "finetune_loss": 1.02, "lm_loss": 1.02}}
 HELD_IN_TEXT = "romances"
 HELD_IN_LM = "lm_d16_l1_t16"
+#: The genre whose plays ``classify_loss`` tells apart.
+HELD_IN_PLAYS = "problems"
 TAIL = 20
 
 
@@ -98,6 +108,12 @@ def lm_loss(net: nn.Module, seeds: int = 2, steps: int = 200, rule: Rule = RULES
     return final_loss(net, family, seeds, steps, rule)
 
 
+def classify_loss(net: nn.Module, seeds: int = 3, steps: int = 300, rule: Rule = RULES["celo"]) -> float:
+    """The comedies LM's body with a fresh head fine-tuned to tell the problem plays apart."""
+    family = tasks.play_classifier_family("held_in_classify", HELD_IN_PLAYS, lora=False)
+    return final_loss(net, family, seeds, steps, rule)
+
+
 def drift(net: CeloNet) -> float:
     """The larger zero-gradient drift on the pretrained MLP's and the pretrained LM's tensors."""
     return max(zero_gradient_drift(list(w.values()), net) for w in (tasks.pretrained_digits_mlp(), tasks.pretrained_lm()))
@@ -110,6 +126,8 @@ def run_checks(net: nn.Module, suite: str, rule: Rule = RULES["celo"]) -> dict[s
     if suite in SCORED_CHECKS:
         losses = {"held_in_loss": held_in_loss(net, rule=rule), "finetune_loss": finetune_loss(net, rule=rule),
                   "lm_loss": lm_loss(net, rule=rule)}
+        if suite == "classify":
+            losses["classify_loss"] = classify_loss(net, rule=rule)
         return losses | ({"zero_gradient_drift": drift(net)} if rule.zero_gradient_fixed_point else {})
     raise ValueError(f"unknown held-in suite {suite!r}; expected one of {SUITES}")
 

@@ -18,7 +18,10 @@ Families (``FAMILIES``):
   histories (characters, :func:`meta_training.data.shakespeare`) at several widths, depths and
   contexts; ``ft_digits_{full,head,lora}`` an MLP pretrained by AdamW on digits 0-4 fine-tuned on
   digits 5-9 (every tensor / a fresh head / low-rank adapters); ``ft_lm_{full,lora}`` a tiny LM
-  pretrained on the comedies fine-tuned on the tragedies.
+  pretrained on the comedies fine-tuned on the tragedies; ``ft_cls_{full,lora}`` that LM's body
+  with a fresh classification head fine-tuned to tell which Roman play a window comes from (every
+  tensor / low-rank adapters and the head), as ``Trainer`` users fine-tune a pretrained transformer
+  for sequence classification.
 
 Each family names the inner model it trains (``family.model``, :class:`meta_training.inner.InnerModel`)
 and its batch size. Task augmentation (§3.1) draws reparameterisation scales with :func:`sample_scales`.
@@ -34,7 +37,7 @@ from typing import Literal, get_args
 import torch
 
 from . import data, finetune, inner
-from .transformer import TransformerConfig, TransformerLM, matrix_names
+from .transformer import SequenceClassifier, TransformerConfig, TransformerLM, matrix_names
 
 NUM_CLASSES = 10
 INPUTS = data.IMAGE_SIDE * data.IMAGE_SIDE
@@ -134,7 +137,37 @@ class TextFamily:
         return (self.text[starts[:, None] + torch.arange(self.context + 1)],)
 
 
-TaskFamily = DatasetFamily | PermutedFamily | TeacherFamily | TextFamily
+@dataclass(frozen=True)
+class TextClassFamily:
+    """Which text a window comes from: class ``c`` is ``texts[c]``. A batch draws ``batch_size``
+    labels uniformly, then for each a window of ``context`` token ids at a uniform random offset
+    in its text: ``(ids (batch_size, context), labels (batch_size,))``."""
+
+    name: str
+    texts: tuple[torch.Tensor, ...]
+    context: int
+    model: inner.InnerModel
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        short = [len(t) for t in self.texts if len(t) <= self.context]
+        if len(self.texts) < 2 or short:
+            raise ValueError(f"{self.name}: need at least 2 texts longer than the context {self.context}, "
+                             f"got {len(self.texts)} (too short: {short})")
+
+    def sample_task(self, generator: torch.Generator) -> Task:
+        return {}
+
+    def sample_batch(self, task: Task, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        joined = torch.cat(self.texts)
+        lengths = torch.tensor([len(t) for t in self.texts])
+        offsets = lengths.cumsum(0) - lengths
+        labels = torch.randint(len(self.texts), (batch_size,), generator=generator)
+        starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * (lengths[labels] - self.context + 1)).long()
+        return joined[(offsets[labels] + starts)[:, None] + torch.arange(self.context)], labels
+
+
+TaskFamily = DatasetFamily | PermutedFamily | TeacherFamily | TextFamily | TextClassFamily
 
 #: From-scratch language models: ``name -> (width, depth, context, tied head, batch size)``.
 LM_FAMILIES = {
@@ -148,6 +181,9 @@ LM_TEXT, LM_PRETRAIN_TEXT, LM_FINETUNE_TEXT = "histories", "comedies", "tragedie
 #: Digits fine-tuning: pretrain on labels below the cut, fine-tune on the rest.
 DIGITS_CUT = 5
 LORA_RANK = 4
+#: The comedies LM fine-tuned with a fresh head to tell which play of a genre a window comes from
+#: (``ft_cls_*``: the Roman plays; the held-in check: the problem plays), batches of 16 windows.
+CLASSIFY_PLAYS_OF, CLASSIFY_BATCH = "roman", 16
 
 
 def lm_model(name: str) -> TransformerLM:
@@ -184,8 +220,24 @@ def pretrained_lm() -> inner.Weights:
     ))
 
 
+def play_classifier_family(name: str, genre: str, lora: bool) -> TextClassFamily:
+    """The :func:`pretrained_lm` body with a fresh head (:class:`SequenceClassifier`) fine-tuned to
+    tell which play of ``genre`` a window of the LM's context comes from: every tensor, or
+    (``lora``) rank-:data:`LORA_RANK` adapters on the block matrices and the head in full."""
+    plays = data.shakespeare_plays(genre)
+    config = lm_model(FINETUNE_LM).config
+    classifier = SequenceClassifier(config, len(plays))
+    weights = {n: w for n, w in pretrained_lm().items() if n in classifier.shapes}
+    head = ("cls.weight", "cls.bias")
+    model = (finetune.LowRankAdapted(classifier, weights, matrix_names(config), LORA_RANK, LM_PRETRAIN_TEXT, fresh=head)
+             if lora else finetune.FullFineTune(classifier, weights, fresh=head))
+    return TextClassFamily(name, plays, config.context, model, CLASSIFY_BATCH)
+
+
 def finetune_family(name: str) -> TaskFamily:
     """One of the ``ft_*`` families."""
+    if name.startswith("ft_cls_"):
+        return play_classifier_family(name, CLASSIFY_PLAYS_OF, lora=name == "ft_cls_lora")
     if name.startswith("ft_digits_"):
         weights, target = pretrained_digits_mlp(), digits_below(DIGITS_CUT, below=False)
         variant = name.removeprefix("ft_digits_")
@@ -220,7 +272,7 @@ def hf_family(name: str, path: str | None = None, train_fraction: float = TRAIN_
     return DatasetFamily(name, data.split(data.hf_image_dataset(name, path), train_fraction, seed=None)[0])
 
 
-FINETUNE_FAMILIES = ("ft_digits_full", "ft_digits_head", "ft_digits_lora", "ft_lm_full", "ft_lm_lora")
+FINETUNE_FAMILIES = ("ft_digits_full", "ft_digits_head", "ft_digits_lora", "ft_lm_full", "ft_lm_lora", "ft_cls_full", "ft_cls_lora")
 FAMILIES = ("digits", "permuted_digits", "patches", "teacher", *data.HF_IMAGE_DATASETS, *LM_FAMILIES, *FINETUNE_FAMILIES)
 
 

@@ -5,6 +5,10 @@ self-attention and a GELU MLP, a final LayerNorm, a tied or separate output head
 batched einsums: every tensor has a leading population axis ``P``, so ``P`` members with their own
 weights run in one pass. The batch is one tensor of token windows ``(P, B, T + 1)``; the loss is the
 mean next-token cross-entropy over the ``B * T`` predictions.
+
+:class:`SequenceClassifier` is the same decoder without its LM head: the mean over positions of the
+final LayerNorm's output goes through a linear classification head (a fresh head on a pretrained LM,
+as ``AutoModelForSequenceClassification`` puts one on a pretrained body).
 """
 
 from __future__ import annotations
@@ -105,9 +109,9 @@ def causal_attention(x: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor) -> 
     return linear(mixed, proj)
 
 
-def logits(config: TransformerConfig, w: Weights, inputs: torch.Tensor) -> torch.Tensor:
-    """``(P, B, T, vocab)`` next-token logits of members ``w`` (``name -> (P, *shape)``) on token
-    ids ``inputs`` ``(P, B, T)``."""
+def hidden_states(config: TransformerConfig, w: Weights, inputs: torch.Tensor) -> torch.Tensor:
+    """``(P, B, T, d)`` outputs of the final LayerNorm of members ``w`` (``name -> (P, *shape)``) on
+    token ids ``inputs`` ``(P, B, T)``."""
     p, b, t = inputs.shape
     members = torch.arange(p, device=inputs.device)[:, None, None]
     x = w["tokens"][members, inputs] + w["positions"][:, None, :t]
@@ -117,9 +121,13 @@ def logits(config: TransformerConfig, w: Weights, inputs: torch.Tensor) -> torch
         h = layer_norm(x, w[f"{layer}.ln2.gain"], w[f"{layer}.ln2.bias"])
         h = F.gelu(linear(h, w[f"{layer}.fc1"], w[f"{layer}.fc1.bias"]))
         x = x + linear(h, w[f"{layer}.fc2"], w[f"{layer}.fc2.bias"])
-    x = layer_norm(x, w["lnf.gain"], w["lnf.bias"])
+    return layer_norm(x, w["lnf.gain"], w["lnf.bias"])
+
+
+def logits(config: TransformerConfig, w: Weights, inputs: torch.Tensor) -> torch.Tensor:
+    """``(P, B, T, vocab)`` next-token logits of members ``w`` on token ids ``inputs`` ``(P, B, T)``."""
     head = w["tokens"].transpose(1, 2) if config.tied else w["head"]
-    return linear(x, head)
+    return linear(hidden_states(config, w, inputs), head)
 
 
 def next_token_losses(config: TransformerConfig, w: Weights, windows: torch.Tensor) -> torch.Tensor:
@@ -153,3 +161,50 @@ class TransformerLM:
     def losses_of_weights(self, weights: Weights, batch: Batch) -> torch.Tensor:
         (windows,) = batch
         return next_token_losses(self.config, weights, windows)
+
+
+#: Standard deviation of a fresh classification head's weight (``transformers``' ``initializer_range``).
+CLASSIFIER_STD = 0.02
+
+
+def body_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """:func:`parameter_shapes` without the LM head: what a classifier keeps of a pretrained LM."""
+    return {name: shape for name, shape in parameter_shapes(config).items() if name != "head"}
+
+
+@dataclass(frozen=True)
+class SequenceClassifier:
+    """An :class:`~meta_training.inner.InnerModel`: the decoder of ``config`` (no LM head) with a
+    linear head ``"cls.weight"`` ``(d, classes)`` + ``"cls.bias"`` ``(classes,)`` on the mean over
+    positions of its final hidden states. Batch: token ids ``(P, B, T)`` and labels ``(P, B)``; the
+    loss is the mean cross-entropy."""
+
+    config: TransformerConfig
+    classes: int
+    shapes: Mapping[str, tuple[int, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {self.classes}")
+        head = {"cls.weight": (self.config.width, self.classes), "cls.bias": (self.classes,)}
+        object.__setattr__(self, "shapes", body_shapes(self.config) | head)
+
+    @property
+    def name(self) -> str:
+        return f"cls{self.classes}_{self.config.name}"
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes
+
+    def init(self, generator: torch.Generator) -> Weights:
+        """The body as :func:`init_weights`; the head's weight ``N(0, CLASSIFIER_STD^2)``, its bias 0."""
+        body = {name: value for name, value in init_weights(self.config, generator).items() if name in self.shapes}
+        weight = torch.randn(self.shapes["cls.weight"], generator=generator) * CLASSIFIER_STD
+        return body | {"cls.weight": weight, "cls.bias": torch.zeros(self.classes)}
+
+    def losses_of_weights(self, weights: Weights, batch: Batch) -> torch.Tensor:
+        tokens, labels = batch
+        pooled = hidden_states(self.config, weights, tokens).mean(2)
+        out = torch.baddbmm(weights["cls.bias"][:, None], pooled, weights["cls.weight"])
+        return F.cross_entropy(out.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Meta-training of the update MLP aimed at fine-tuning a pretrained transformer with a fresh
+# classification head (what Trainer users do with AutoModelForSequenceClassification), from the
+# embedded default (its learned scheduler applied and frozen, its model-start gain and param-scale
+# floor kept), on ONE CPU core: phase 1, 600 iterations of about 3-4 s.
+#
+#   * Families: those of meta_training/trainer_families.sh (one slot each), and the comedies LM's
+#     body with a fresh 4-way head telling the Roman plays apart, every tensor (ft_cls_full) and
+#     rank-4 adapters with the head (ft_cls_lora), each listed twice, so two slots each.
+#   * Every member and every new theta projected back onto "update exactly 0 at zero gradient".
+#   * PES: truncations of 25 steps, trajectories of 50-1000 steps.
+#
+# Held-in checks and selection, fixed before the run (meta_training/held_in.py, suite "classify"),
+# every 50 iterations and at the start: the digits MLP, the comedies LM fine-tuned on the romances,
+# a d16 LM from scratch on the romances, the comedies LM's body with a fresh head telling the five
+# problem plays apart, the zero-gradient drift. Eligible: drift <= 1e-4, digits <= 1.1x, both LM
+# losses <= 1.02x the start's; score: the classifier's loss over the start's; best/ keeps the
+# lowest. What then becomes the embedded default: meta_training/runs/classify/RULE.md.
+#
+# Rerunning the same command resumes from the last checkpoint and ends where an uninterrupted run would.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-meta_training/runs/classify}
+source meta_training/trainer_families.sh
+python -m meta_training.train --phase 1 --iterations 600 "${shared[@]}" ft_cls_full ft_cls_full ft_cls_lora ft_cls_lora \
+    --max_unroll 1000 --init celo_hf/default_weights --apply_schedule --zero_gradient_calibrated \
+    --held_in_suite classify --out "$out/phase1"
