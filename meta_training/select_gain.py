@@ -6,6 +6,7 @@
     python -m meta_training.select_gain --round param_scale_floor --out meta_training/results/param_scale_floor_selection
     python -m meta_training.select_gain --round model_start_dropout --out meta_training/results/gain_selection_dropout
     python -m meta_training.select_gain --round lm_schedule --out meta_training/results/lm_schedule_adoption
+    python -m meta_training.select_gain --round classify --out meta_training/results/classify_adoption
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
@@ -19,7 +20,10 @@ training loss of the last 10 steps; every tensor, or, in the floor round, LoRA a
 ``model_start_dropout``, every tensor with dropout on), if it beats the base's. The ``lm_schedule`` round
 scores other trained weights (``meta_training/runs/lm_schedule/phase1/best``) against the embedded
 default on the MiniLM-L6 fine-tunes alone: its candidate is adopted if both are within 1.02x
-(``meta_training/runs/lm_schedule/RULE.md``). Writes ``scores.json``, ``scores.md`` and
+(``meta_training/runs/lm_schedule/RULE.md``). The ``classify`` round scores
+``meta_training/runs/classify/phase1/best`` against the embedded default: eligible with the
+from-scratch losses within 1.1x and the LoRA fine-tune within 1.02x, adopted if its every-tensor
+fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/classify/RULE.md``). Writes ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
 """
@@ -38,7 +42,7 @@ from tqdm import tqdm
 from celo_hf import CeloNet, load_celo_net
 from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 
-from .finetune_probe import dropout_finetune_score, finetune_score, lora_finetune_score
+from .finetune_probe import dropout_finetune_score, finetune_score, lora_finetune_score, seeded_dropout_finetune_score
 from .held_in import held_in_loss, lm_loss
 
 FROM_SCRATCH_TOLERANCE = 1.1
@@ -109,6 +113,8 @@ ROUNDS = {
                                       pick_by="finetune_dropout", base="embedded"),
     "lm_schedule": Round({"phase1/best": {}}, (), pick_by=None, kept=("finetune", "finetune_lora"), base="embedded",
                          varies="lm_schedule run", weights={"phase1/best": "meta_training/runs/lm_schedule/phase1/best"}),
+    "classify": Round({"phase1/best": {}}, ("digits", "lm"), pick_by="finetune_dropout_seeds", kept=("finetune_lora",),
+                      base="embedded", varies="classify run", weights={"phase1/best": "meta_training/runs/classify/phase1/best"}),
 }
 
 
@@ -145,7 +151,8 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
     chosen = choose(scores, selection)
     limits = _limits(scores, selection)
     names = {"digits": "digits held-in loss", "lm": "LM held-in loss", "finetune": "fine-tune score",
-             "finetune_lora": "LoRA fine-tune score", "finetune_dropout": "fine-tune score, dropout on"}
+             "finetune_lora": "LoRA fine-tune score", "finetune_dropout": "fine-tune score, dropout on",
+             "finetune_dropout_seeds": "fine-tune score, dropout on, 3 seeds"}
     shown = [check for check in selection.checks() if check in limits or check == selection.pick_by]
     rows = [f"| {selection.varies} | " + " | ".join(names[c] for c in shown) + " | zero-gradient drift | eligible |",
             "|---|" + "---:|" * (len(shown) + 1) + "---|"]
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     drift_tensors = [torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.full((32,), 0.1)]
     checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score,
-              "finetune_dropout": dropout_finetune_score}
+              "finetune_dropout": dropout_finetune_score, "finetune_dropout_seeds": seeded_dropout_finetune_score}
     scores: dict[str, dict[str, float]] = {}
     for key in tqdm(selection.keyed(), desc="candidates"):
         net = selection.candidate_net(base, key)

@@ -114,3 +114,15 @@ def test_update_alignment_compares_celos_update_with_adamws_for_the_same_gradien
     assert set(alignment) == {"bias", "embedding", "head", "head bias", "layernorm", "matrix"}
     for kind, a in alignment.items():
         assert 0 < a["cosine"] <= 1 and 0 < a["ratio"] < math.inf, (kind, a)
+
+
+def test_the_seeded_dropout_check_averages_fine_tunes_that_differ_by_seed():
+    """Seed 0 is the one-seed check; another seed draws another head, data order and dropout masks;
+    the seeded check is the mean over seeds."""
+    from celo_hf import load_celo_net
+    from meta_training.finetune_probe import finetune_score, seeded_dropout_finetune_score
+
+    net = load_celo_net(None)
+    zero, one = (finetune_score(net, steps=2, dropout=True, seed=seed) for seed in (0, 1))
+    assert zero == finetune_score(net, steps=2, dropout=True) and zero != one
+    assert seeded_dropout_finetune_score(net, steps=2, seeds=2) == pytest.approx((zero + one) / 2)

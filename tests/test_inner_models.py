@@ -1,5 +1,5 @@
-"""Meta-training's inner models beyond the MLP: tiny transformer LMs, AdamW-pretrained fine-tuning
-(full, fresh head, low-rank adapters), the text data and the pretraining cache."""
+"""Meta-training's inner models beyond the MLP: tiny transformer LMs and classifiers, AdamW-pretrained
+fine-tuning (full, fresh head, low-rank adapters), the text data and the pretraining cache."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meta_training import data, finetune, inner, tasks
-from meta_training.transformer import TransformerConfig, TransformerLM, logits
+from meta_training.transformer import CLASSIFIER_STD, SequenceClassifier, TransformerConfig, TransformerLM, hidden_states, logits
 
 NEW_FAMILIES = [*tasks.LM_FAMILIES, *tasks.FINETUNE_FAMILIES]
 
@@ -107,6 +107,71 @@ def test_fine_tuning_starts_from_the_pretrained_weights_and_a_fresh_head_is_redr
     source = tasks.digits_below(tasks.DIGITS_CUT, below=True)
     loss = inner.mlp_losses_of_weights({k: v[None] for k, v in weights.items()}, source.inputs[None], source.labels[None])
     assert float(loss) < 0.1
+
+
+def test_a_classifier_on_the_pretrained_lm_keeps_its_body_draws_a_fresh_head_and_starts_at_chance():
+    family = tasks.family("ft_cls_full")
+    model = family.model
+    assert isinstance(model.base, SequenceClassifier) and model.num_classes == len(data.shakespeare_plays("roman")) == 4
+    pretrained = tasks.pretrained_lm()
+    init = model.init(torch.Generator().manual_seed(0))
+    assert set(init) == set(pretrained) | {"cls.weight", "cls.bias"}, "the LM is tied: no LM head to drop"
+    assert all(torch.equal(init[k], pretrained[k]) for k in pretrained)
+    assert not init["cls.bias"].any() and abs(float(init["cls.weight"].std()) / CLASSIFIER_STD - 1) < 0.2
+    tokens, labels = family.sample_batch({}, torch.Generator().manual_seed(1), 64)
+    weights = {k: v[None] for k, v in init.items()}
+    loss = float(model.losses_of_weights(weights, (tokens[None], labels[None])))
+    assert abs(loss - math.log(4)) < 0.02, "a 0.02-scale head on LayerNormed features: near-uniform"
+    pooled = hidden_states(model.base.config, weights, tokens[None]).mean(2)
+    by_hand = torch.nn.functional.cross_entropy(pooled[0] @ init["cls.weight"] + init["cls.bias"], labels)
+    torch.testing.assert_close(torch.tensor(loss), by_hand)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        SequenceClassifier(model.base.config, 1)
+
+
+def test_adapted_classifier_trains_adapters_and_the_head_and_starts_as_the_full_fine_tune():
+    family = tasks.family("ft_cls_lora")
+    model = family.model
+    assert set(model.shapes) == {f"{m}.{ab}" for m in model.adapted for ab in "AB"} | {"cls.weight", "cls.bias"}
+    full = tasks.family("ft_cls_full").model
+    generator = torch.Generator().manual_seed(0)
+    adapters, whole = model.init(generator), full.init(torch.Generator().manual_seed(0))
+    assert torch.equal(adapters["cls.weight"], whole["cls.weight"]), "the same fresh head from the same seed"
+    batch = tuple(t[None] for t in family.sample_batch({}, torch.Generator().manual_seed(1), 16))
+    ones = lambda w: {k: torch.ones(1, *v.shape) for k, v in w.items()}  # noqa: E731
+    phi = {k: v[None] for k, v in adapters.items()}
+    torch.testing.assert_close(inner.model_losses(model, phi, ones(adapters), batch),
+                               inner.model_losses(full, {k: v[None] for k, v in whole.items()}, ones(whole), batch))
+    _, grads = inner.model_losses_and_grads(model, phi, ones(adapters), batch)
+    assert grads["cls.weight"].abs().sum() > 0 and grads["cls.bias"].abs().sum() > 0
+    assert all(grads[f"{m}.B"].abs().sum() > 0 and not grads[f"{m}.A"].any() for m in model.adapted)
+
+
+def test_fine_tunes_name_what_their_pretrained_weights_lack_or_hold_extra():
+    classifier = tasks.family("ft_cls_full").model.base
+    body = {k: v for k, v in tasks.pretrained_lm().items()}
+    with pytest.raises(ValueError, match=r"lack \['cls.bias', 'cls.weight'\]"):
+        finetune.FullFineTune(classifier, body)
+    with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
+        finetune.FullFineTune(classifier, body | {"extra": torch.zeros(1)}, fresh=("cls.weight", "cls.bias"))
+    with pytest.raises(ValueError, match="not its tensors"):
+        finetune.FullFineTune(classifier, body, fresh=("cls.weight", "cls.bias", "head"))
+    with pytest.raises(ValueError, match="frozen matrices"):
+        finetune.LowRankAdapted(classifier, body, ("cls.weight",), 2, "comedies", fresh=("cls.weight", "cls.bias"))
+
+
+def test_play_windows_come_from_the_labelled_play_and_every_play_is_drawn():
+    family = tasks.family("ft_cls_full")
+    tokens, labels = family.sample_batch({}, torch.Generator().manual_seed(0), 64)
+    assert tokens.shape == (64, family.context) and labels.shape == (64,) and set(labels.tolist()) == {0, 1, 2, 3}
+    pieces = [text.unfold(0, family.context, 1) for text in family.texts]
+    for row, label in zip(tokens[:16], labels[:16]):
+        assert bool((pieces[label] == row).all(1).any()), "the window is a piece of its label's play"
+    again = family.sample_batch({}, torch.Generator().manual_seed(0), 64)
+    assert torch.equal(tokens, again[0]) and torch.equal(labels, again[1])
+    with pytest.raises(ValueError, match="longer than the context 32"):
+        tasks.TextClassFamily("short", (torch.zeros(100, dtype=torch.long), torch.zeros(20, dtype=torch.long)), 32,
+                              family.model, 4)
 
 
 def _tiny_spec(steps: int = 5) -> finetune.Pretraining:

@@ -232,6 +232,20 @@ def test_lm_suite_scores_the_language_models_and_guards_the_digits():
     assert digits_down["held_in_score"] == 1.0, "the digits ratio is not scored"
 
 
+def test_classify_suite_scores_the_classifier_and_guards_the_others():
+    """Suite ``classify``: the score is the classifier's ratio alone; digits above 1.1x, or either LM
+    loss above 1.02x the first check's, makes a record ineligible."""
+    record = {"held_in_loss": 0.01, "finetune_loss": 2.0, "lm_loss": 3.0, "classify_loss": 1.6, "zero_gradient_drift": 1e-9}
+    first = held_in.scored(record, [], "classify")
+    better = held_in.scored(record | {"classify_loss": 1.2, "held_in_loss": 0.0109, "lm_loss": 3.06}, [first], "classify")
+    assert better["held_in_score"] == pytest.approx(0.75) and held_in.is_best(better, [first])
+    for guard, value in (("held_in_loss", 0.0111), ("finetune_loss", 2.041), ("lm_loss", 3.061)):
+        over = held_in.scored(record | {"classify_loss": 0.8, guard: value}, [first], "classify")
+        assert over["held_in_score"] == pytest.approx(0.5) and not over["held_in_eligible"], guard
+    lm_down = held_in.scored(record | {"lm_loss": 1.0}, [first], "classify")
+    assert lm_down["held_in_score"] == 1.0, "only the classifier is scored"
+
+
 def test_held_in_checks_run_and_see_the_drift():
     from celo_hf.diagnostics import calibrate_zero_gradient_
 
@@ -241,3 +255,4 @@ def test_held_in_checks_run_and_see_the_drift():
     lm = held_in.lm_loss(calibrated, seeds=1, steps=20)
     assert 1.0 < lm < math.log(97), "a fresh LM starts at ln 97 and Celo lowers it"
     assert 0.5 < held_in.finetune_loss(calibrated, seeds=1, steps=20) < 3.5
+    assert 1.0 < held_in.classify_loss(calibrated, seeds=1, steps=20) < math.log(5) + 0.1, "five plays: ln 5 at chance"

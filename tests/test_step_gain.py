@@ -209,3 +209,16 @@ def test_a_round_can_score_other_trained_weights_with_the_base_settings(tmp_path
     assert choose({"none": base, "run": {"finetune": 0.612}}, selection) == "run"
     assert choose({"none": base, "run": {"finetune": 0.613}}, selection) is None
     assert ROUNDS["lm_schedule"].checks() == ("finetune", "finetune_lora")
+
+
+def test_classify_round_guards_from_scratch_and_lora_and_picks_by_the_three_seed_dropout_fine_tune():
+    from meta_training.select_gain import ROUNDS, choose
+
+    selection = ROUNDS["classify"]
+    assert selection.checks() == ("digits", "lm", "finetune_lora", "finetune_dropout_seeds")
+    assert selection.weights == {"phase1/best": "meta_training/runs/classify/phase1/best"}
+    base = {"digits": 0.01, "lm": 3.0, "finetune_lora": 0.64, "finetune_dropout_seeds": 0.67}
+    assert choose({"none": base, "phase1/best": {**base, "digits": 0.0109, "finetune_dropout_seeds": 0.66}}, selection) == "phase1/best"
+    assert choose({"none": base, "phase1/best": {**base, "finetune_dropout_seeds": 0.67}}, selection) is None, "must be lower"
+    for check, value in (("digits", 0.0111), ("lm", 3.31), ("finetune_lora", 0.6529)):
+        assert choose({"none": base, "phase1/best": {**base, check: value, "finetune_dropout_seeds": 0.5}}, selection) is None, check
