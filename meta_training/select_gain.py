@@ -7,6 +7,7 @@
     python -m meta_training.select_gain --round model_start_dropout --out meta_training/results/gain_selection_dropout
     python -m meta_training.select_gain --round lm_schedule --out meta_training/results/lm_schedule_adoption
     python -m meta_training.select_gain --round classify --out meta_training/results/classify_adoption
+    python -m meta_training.select_gain --round classify_focus --out meta_training/results/classify_focus_adoption
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
@@ -23,7 +24,8 @@ default on the MiniLM-L6 fine-tunes alone: its candidate is adopted if both are 
 (``meta_training/runs/lm_schedule/RULE.md``). The ``classify`` round scores
 ``meta_training/runs/classify/phase1/best`` against the embedded default: eligible with the
 from-scratch losses within 1.1x and the LoRA fine-tune within 1.02x, adopted if its every-tensor
-fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/classify/RULE.md``). Writes ``scores.json``, ``scores.md`` and
+fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/classify/RULE.md``);
+``classify_focus`` does the same for that run's stage 2, ``.../classify/focus/best``. Writes ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,8 @@ ROUNDS = {
     "classify": Round({"phase1/best": {}}, ("digits", "lm"), pick_by="finetune_dropout_seeds", kept=("finetune_lora",),
                       base="embedded", varies="classify run", weights={"phase1/best": "meta_training/runs/classify/phase1/best"}),
 }
+ROUNDS["classify_focus"] = replace(ROUNDS["classify"], candidates={"focus/best": {}}, varies="classify run, stage 2",
+                                   weights={"focus/best": "meta_training/runs/classify/focus/best"})
 
 
 def configured_net(base: CeloNet, **settings: Any) -> CeloNet:

@@ -217,6 +217,8 @@ def test_classify_round_guards_from_scratch_and_lora_and_picks_by_the_three_seed
     selection = ROUNDS["classify"]
     assert selection.checks() == ("digits", "lm", "finetune_lora", "finetune_dropout_seeds")
     assert selection.weights == {"phase1/best": "meta_training/runs/classify/phase1/best"}
+    focus = ROUNDS["classify_focus"]
+    assert focus.checks() == selection.checks() and focus.weights == {"focus/best": "meta_training/runs/classify/focus/best"}
     base = {"digits": 0.01, "lm": 3.0, "finetune_lora": 0.64, "finetune_dropout_seeds": 0.67}
     assert choose({"none": base, "phase1/best": {**base, "digits": 0.0109, "finetune_dropout_seeds": 0.66}}, selection) == "phase1/best"
     assert choose({"none": base, "phase1/best": {**base, "finetune_dropout_seeds": 0.67}}, selection) is None, "must be lower"
