@@ -44,7 +44,12 @@ from tqdm import tqdm
 from celo_hf import CeloNet, load_celo_net
 from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 
-from .finetune_probe import dropout_finetune_score, finetune_score, lora_finetune_score, seeded_dropout_finetune_score
+from .finetune_probe import (
+    dropout_finetune_score,
+    finetune_score,
+    lora_finetune_score,
+    seeded_dropout_finetune_score,
+)
 from .held_in import held_in_loss, lm_loss
 
 FROM_SCRATCH_TOLERANCE = 1.1

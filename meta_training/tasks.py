@@ -37,7 +37,12 @@ from typing import Literal, get_args
 import torch
 
 from . import data, finetune, inner
-from .transformer import SequenceClassifier, TransformerConfig, TransformerLM, matrix_names
+from .transformer import (
+    SequenceClassifier,
+    TransformerConfig,
+    TransformerLM,
+    matrix_names,
+)
 
 NUM_CLASSES = 10
 INPUTS = data.IMAGE_SIDE * data.IMAGE_SIDE
