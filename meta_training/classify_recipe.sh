@@ -7,7 +7,10 @@
 #   1. phase 1, 600 iterations of about 3-4 s, on the families below;
 #   2. phase 1, 400 iterations at a meta-learning rate of 1e-3 (stage 1: the default 3e-4), on fewer
 #      families, six of its eleven slots fine-tuning pretrained models (run after stage 1's
-#      outcome: meta_training/runs/classify/outcome.md).
+#      outcome: meta_training/runs/classify/outcome.md);
+#   3. the embedded default with its update MLP widened from 4 to 8 hidden units per layer
+#      (meta_training.warm_start.widened: the same update to start with), then phase 1, 300
+#      iterations at a meta-learning rate of 1e-3 on stage 1's families (run after stage 2's outcome).
 #
 #   * Stage 1 families: those of meta_training/trainer_families.sh (one slot each), and the comedies LM's
 #     body with a fresh 4-way head telling the Roman plays apart, every tensor (ft_cls_full) and
@@ -37,3 +40,7 @@ python -m meta_training.train --phase 1 --iterations 400 --lr 1e-3 "${pes[@]}" \
     ft_cls_full ft_cls_full ft_cls_full ft_cls_lora ft_cls_lora \
     --max_unroll 1000 --init celo_hf/default_weights --apply_schedule --zero_gradient_calibrated \
     --held_in_suite classify --out "$out/focus"
+python -m meta_training.warm_start --widen 8 --weights celo_hf/default_weights --out "$out/wide_init"
+python -m meta_training.train --phase 1 --iterations 300 --lr 1e-3 "${shared[@]}" ft_cls_full ft_cls_full ft_cls_lora ft_cls_lora \
+    --max_unroll 1000 --init "$out/wide_init" --apply_schedule --zero_gradient_calibrated \
+    --held_in_suite classify --out "$out/wide"

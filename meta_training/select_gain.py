@@ -8,6 +8,7 @@
     python -m meta_training.select_gain --round lm_schedule --out meta_training/results/lm_schedule_adoption
     python -m meta_training.select_gain --round classify --out meta_training/results/classify_adoption
     python -m meta_training.select_gain --round classify_focus --out meta_training/results/classify_focus_adoption
+    python -m meta_training.select_gain --round classify_wide --out meta_training/results/classify_wide_adoption
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
@@ -25,7 +26,8 @@ default on the MiniLM-L6 fine-tunes alone: its candidate is adopted if both are 
 ``meta_training/runs/classify/phase1/best`` against the embedded default: eligible with the
 from-scratch losses within 1.1x and the LoRA fine-tune within 1.02x, adopted if its every-tensor
 fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/classify/RULE.md``);
-``classify_focus`` does the same for that run's stage 2, ``.../classify/focus/best``. Writes ``scores.json``, ``scores.md`` and
+``classify_focus`` and ``classify_wide`` do the same for its stages 2 and 3 (``.../focus/best``,
+``.../wide/best``; a candidate's settings may differ from the base's in ``mlp_hidden_size`` alone). Writes ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
 """
@@ -56,6 +58,8 @@ FROM_SCRATCH_TOLERANCE = 1.1
 REPO = Path(__file__).resolve().parents[1]
 #: The CPU meta-training run's pick: the gain rounds' base, calibrated (the embedded default before them).
 CPU_RUN_BEST = REPO / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best"
+#: Settings that are part of trained weights, not put on them: a :attr:`Round.weights` candidate may differ in them.
+ARCHITECTURE = ("mlp_hidden_size",)
 #: A ``kept`` fine-tuning check may be at most this much worse than the base's.
 KEPT_TOLERANCE = 1.02
 
@@ -78,7 +82,7 @@ class Round:
     #: What a candidate's key names, for the table's first column.
     varies: str = "gain_threshold"
     #: Candidates that are other trained weights: key -> their folder (relative to the repository),
-    #: whose settings must be the base's.
+    #: whose settings must be the base's (their :data:`ARCHITECTURE` may differ).
     weights: dict[str, str] = field(default_factory=dict)
 
     def keyed(self) -> dict[str, dict[str, Any]]:
@@ -96,7 +100,8 @@ class Round:
         if key not in self.weights:
             return configured_net(base, **self.keyed()[key])
         net = load_celo_net(REPO / self.weights[key])
-        if net._hub_mixin_config != base._hub_mixin_config:
+        settings = lambda n: {k: v for k, v in n._hub_mixin_config.items() if k not in ARCHITECTURE}  # noqa: E731
+        if settings(net) != settings(base):
             raise ValueError(f"candidate {key!r} ({self.weights[key]}) has settings {net._hub_mixin_config}, "
                              f"expected the base's {base._hub_mixin_config}")
         return net
@@ -125,6 +130,8 @@ ROUNDS = {
 }
 ROUNDS["classify_focus"] = replace(ROUNDS["classify"], candidates={"focus/best": {}}, varies="classify run, stage 2",
                                    weights={"focus/best": "meta_training/runs/classify/focus/best"})
+ROUNDS["classify_wide"] = replace(ROUNDS["classify"], candidates={"wide/best": {}}, varies="classify run, stage 3",
+                                  weights={"wide/best": "meta_training/runs/classify/wide/best"})
 
 
 def configured_net(base: CeloNet, **settings: Any) -> CeloNet:

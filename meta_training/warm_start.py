@@ -1,5 +1,8 @@
 """Starting points for meta-training (``docs/meta-training.md`` §7.4, "warm start"): an Adam-like
-update MLP (:func:`adam_like`) and a linearly decaying learned schedule (:func:`decaying_schedule`).
+update MLP (:func:`adam_like`), a linearly decaying learned schedule (:func:`decaying_schedule`),
+and trained weights with a wider update MLP that computes the same update (:func:`widened`).
+
+    python -m meta_training.warm_start --widen 8 --weights celo_hf/default_weights --out <folder>
 
 With a few thousand outer steps on a CPU, PES cannot move a random update rule far. Instead of
 the spec's regression fit, the update MLP is *set* so that its direction output is exactly
@@ -11,10 +14,15 @@ A deviation from the reference, which starts from a random MLP.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import torch
 
-from celo_hf import CeloNet
+from celo_hf import CeloNet, load_celo_net
+from celo_hf.diagnostics import calibrate_zero_gradient_
 from celo_hf.features import PROGRESS_CENTRES, SCHEDULER_INPUT_SIZE, progress_features
+from celo_hf.layout import group_slices
 
 #: Index of the ``momentum(0.9) * rsqrt(rms)`` channel among the 30 MLP inputs (group 5, first decay).
 ADAM_DIRECTION_FEATURE = 7
@@ -100,3 +108,46 @@ def decaying_schedule(net: CeloNet, iterations: int = 400, points: int = 111, se
         optimizer.step()
     net.zero_grad(set_to_none=True)
     return net
+
+
+def widened(net: CeloNet, width: int, noise: float = 0.1, seed: int = 0) -> CeloNet:
+    """A copy of ``net`` whose update MLP's two hidden layers have ``width`` units, computing the
+    same update (net2net-style): the old units keep their weights and read no new unit; each new
+    unit reads every input of its layer through weights ``N(0, noise^2)`` (bias 0), and nothing reads
+    it yet (its outgoing weights are 0), so PES can grow it. The scheduler is copied as it is; if
+    ``net`` is zero-gradient calibrated (:func:`celo_hf.diagnostics.calibrate_zero_gradient_`), so
+    is the copy."""
+    old = net.mlp_layers()
+    narrow = old[0][0].shape[0]
+    if len(old) != 3 or width <= narrow:
+        raise ValueError(f"widened needs an MLP with 2 hidden layers narrower than width {width}, got {narrow} units")
+    wide = CeloNet(**{**net._hub_mixin_config, "mlp_hidden_size": width})
+    state = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("mlp.")}
+    generator = torch.Generator().manual_seed(seed)
+    new = wide.mlp_layers()
+    with torch.no_grad():
+        for index, ((weight, bias), (old_weight, old_bias)) in enumerate(zip(new, old)):
+            fresh_rows = index < len(old) - 1  # hidden layers get new units; the output layer does not
+            weight.zero_()
+            bias.zero_()
+            if fresh_rows:
+                weight[narrow:] = torch.randn(weight[narrow:].shape, generator=generator) * noise
+            weight[: old_weight.shape[0], : old_weight.shape[1]] = old_weight
+            bias[: old_bias.shape[0]] = old_bias
+    wide.load_state_dict(state | {k: v for k, v in wide.state_dict().items() if k.startswith("mlp.")})
+    if not net.mlp_layers()[0][0][:, group_slices(len(net.momentum_decays))["param"]].any():
+        calibrate_zero_gradient_(wide)
+    return wide
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write trained weights with a wider update MLP (widened).")
+    parser.add_argument("--widen", type=int, required=True, help="hidden units per layer of the wider MLP")
+    parser.add_argument("--weights", default=None, help="the weights to widen (default: the embedded default)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    widened(load_celo_net(args.weights), args.widen).save_pretrained(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -256,3 +256,36 @@ def test_held_in_checks_run_and_see_the_drift():
     assert 1.0 < lm < math.log(97), "a fresh LM starts at ln 97 and Celo lowers it"
     assert 0.5 < held_in.finetune_loss(calibrated, seeds=1, steps=20) < 3.5
     assert 1.0 < held_in.classify_loss(calibrated, seeds=1, steps=20) < math.log(5) + 0.1, "five plays: ln 5 at chance"
+
+
+def test_a_widened_update_mlp_steps_exactly_as_the_narrow_one_and_its_new_units_can_grow(tmp_path):
+    """``warm_start.widened``: hidden layers of 4 -> 8 units, the same Celo steps (bit for bit up to
+    float rounding) from the same gradients, still calibrated; the new units read their inputs and
+    only their outgoing weights are zero. Written by the module's command line."""
+    from celo_hf import Celo
+    from meta_training import warm_start
+
+    default = load_celo_net(None)
+    warm_start.main(["--widen", "8", "--out", str(tmp_path / "wide")])
+    wide = load_celo_net(tmp_path / "wide")
+    (w0, _), (w1, _), (w2, _) = wide.mlp_layers()
+    assert wide._hub_mixin_config["mlp_hidden_size"] == 8 and w0.shape == (8, 30) and w1.shape == (8, 8) and w2.shape == (3, 8)
+    assert w0[4:].abs().sum() > 0 and w1[4:].abs().sum() > 0 and not w1[:4, 4:].any() and not w2[:, 4:].any()
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(32, 16, generator=generator), torch.randn(16, generator=generator)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    ends = []
+    for net in (default, wide):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = Celo(params, total_steps=10, weights=net, backend="eager")
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step(loss=torch.tensor(1.0))
+        ends.append([p.detach() for p in params])
+    for narrow_end, wide_end, first in zip(*ends, start):
+        assert not torch.equal(narrow_end, first)
+        torch.testing.assert_close(wide_end, narrow_end, rtol=1e-6, atol=1e-7)
+    assert held_in.drift(wide) < 1e-8, "calibrated like the weights it widens"
+    with pytest.raises(ValueError, match="narrower than width 4"):
+        warm_start.widened(default, 4)

@@ -204,6 +204,11 @@ def test_a_round_can_score_other_trained_weights_with_the_base_settings(tmp_path
     assert torch.equal(net.lr_head.bias, trained.lr_head.bias) and not torch.equal(net.lr_head.bias, default.lr_head.bias)
     with pytest.raises(ValueError, match="settings"):
         selection.candidate_net(default, "other")
+    from meta_training.warm_start import widened
+
+    widened(default, 8).save_pretrained(tmp_path / "wide")
+    wider = Round({"wide": {}}, (), pick_by=None, base="embedded", weights={"wide": str(tmp_path / "wide")})
+    assert wider.candidate_net(default, "wide").mlp_layers()[0][0].shape == (8, 30), "a wider MLP is the weights' own"
     assert selection.checks() == ("finetune",)
     base = {"finetune": 0.60}
     assert choose({"none": base, "run": {"finetune": 0.612}}, selection) == "run"
@@ -219,6 +224,7 @@ def test_classify_round_guards_from_scratch_and_lora_and_picks_by_the_three_seed
     assert selection.weights == {"phase1/best": "meta_training/runs/classify/phase1/best"}
     focus = ROUNDS["classify_focus"]
     assert focus.checks() == selection.checks() and focus.weights == {"focus/best": "meta_training/runs/classify/focus/best"}
+    assert ROUNDS["classify_wide"].checks() == selection.checks()
     base = {"digits": 0.01, "lm": 3.0, "finetune_lora": 0.64, "finetune_dropout_seeds": 0.67}
     assert choose({"none": base, "phase1/best": {**base, "digits": 0.0109, "finetune_dropout_seeds": 0.66}}, selection) == "phase1/best"
     assert choose({"none": base, "phase1/best": {**base, "finetune_dropout_seeds": 0.67}}, selection) is None, "must be lower"
