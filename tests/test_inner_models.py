@@ -149,7 +149,7 @@ def test_adapted_classifier_trains_adapters_and_the_head_and_starts_as_the_full_
 
 def test_fine_tunes_name_what_their_pretrained_weights_lack_or_hold_extra():
     classifier = tasks.family("ft_cls_full").model.base
-    body = {k: v for k, v in tasks.pretrained_lm().items()}
+    body = tasks.pretrained_lm()
     with pytest.raises(ValueError, match=r"lack \['cls.bias', 'cls.weight'\]"):
         finetune.FullFineTune(classifier, body)
     with pytest.raises(ValueError, match=r"unknown \['extra'\]"):
