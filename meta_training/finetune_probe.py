@@ -8,7 +8,8 @@ tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loo
 * :func:`finetune_score` / :func:`lora_finetune_score` / :func:`dropout_finetune_score`: the mean
   training loss of the last 10 of 100 Celo steps, every tensor (dropout off) / LoRA adapters and the
   head / every tensor with dropout on (held-in checks of :mod:`meta_training.select_gain`);
-  :func:`seeded_dropout_finetune_score` the last over three seeds of the head, data order and dropout;
+  :func:`seeded_dropout_finetune_score`: the dropout-on score averaged over three seeds (of the
+  head, the data order and the dropout masks);
 * :func:`relative_steps`: per kind of tensor (embeddings, matrices, biases, LayerNorm, the fresh
   classifier head), the median over tensors and steps of ``||p_{t+1} - p_t|| / ||p_t||``, and of
   ``||g|| / ||p||`` at the first step, for Celo (embedded default and paper weights, lr 1) and

@@ -27,7 +27,8 @@ default on the MiniLM-L6 fine-tunes alone: its candidate is adopted if both are 
 from-scratch losses within 1.1x and the LoRA fine-tune within 1.02x, adopted if its every-tensor
 fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/classify/RULE.md``);
 ``classify_focus`` and ``classify_wide`` do the same for its stages 2 and 3 (``.../focus/best``,
-``.../wide/best``; a candidate's settings may differ from the base's in ``mlp_hidden_size`` alone). Writes ``scores.json``, ``scores.md`` and
+``.../wide/best``; trained weights may differ from the base in ``mlp_hidden_size``). Writes
+``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
 """
