@@ -31,7 +31,7 @@ from .optimizer import Celo
 _ONE_AT_ZERO_GRADIENT = ("rsqrt_rms", "rsqrt_row", "rsqrt_col")
 
 
-def _group_columns(net: CeloNet, name: str) -> slice:
+def feature_columns(net: CeloNet, name: str) -> slice:
     """The first-layer input columns of feature group ``name``."""
     return group_slices(len(net.momentum_decays))[name]
 
@@ -41,7 +41,7 @@ def zero_gradient_features(net: CeloNet) -> torch.Tensor:
     zero since the optimizer state was created, with the parameter feature left at 0."""
     features = torch.zeros(net.num_features)
     for name in _ONE_AT_ZERO_GRADIENT:
-        features[_group_columns(net, name)] = 1.0
+        features[feature_columns(net, name)] = 1.0
     return features
 
 
@@ -53,7 +53,7 @@ def calibrate_zero_gradient_(net: CeloNet) -> CeloNet:
     direction bias the direction the MLP outputs at :func:`zero_gradient_features`. Idempotent.
     """
     first, last = net.mlp_layers()[0], net.mlp_layers()[-1]
-    first[0][:, _group_columns(net, "param")] = 0.0
+    first[0][:, feature_columns(net, "param")] = 0.0
     x0 = zero_gradient_features(net).to(first[0])
     direction = net.mlp(x0)[0]
     last[1][0] -= direction

@@ -101,11 +101,15 @@ class Round:
         if key not in self.weights:
             return configured_net(base, **self.keyed()[key])
         net = load_celo_net(REPO / self.weights[key])
-        settings = lambda n: {k: v for k, v in n._hub_mixin_config.items() if k not in ARCHITECTURE}  # noqa: E731
-        if settings(net) != settings(base):
+        if settings_of(net) != settings_of(base):
             raise ValueError(f"candidate {key!r} ({self.weights[key]}) has settings {net._hub_mixin_config}, "
                              f"expected the base's {base._hub_mixin_config}")
         return net
+
+
+def settings_of(net: CeloNet) -> dict[str, Any]:
+    """``net``'s settings (``CeloNet``'s arguments) apart from its :data:`ARCHITECTURE`."""
+    return {k: v for k, v in net._hub_mixin_config.items() if k not in ARCHITECTURE}
 
 
 def gain_round(signal: str, pairs: tuple[tuple[float, float], ...], from_scratch: tuple[str, ...], **rule: Any) -> Round:

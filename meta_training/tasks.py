@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
@@ -153,23 +153,28 @@ class TextClassFamily:
     context: int
     model: inner.InnerModel
     batch_size: int
+    #: The texts end to end, each text's length and where it starts there (made once, not per batch).
+    joined: torch.Tensor = field(init=False, repr=False)
+    lengths: torch.Tensor = field(init=False, repr=False)
+    offsets: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         short = [len(t) for t in self.texts if len(t) <= self.context]
         if len(self.texts) < 2 or short:
             raise ValueError(f"{self.name}: need at least 2 texts longer than the context {self.context}, "
                              f"got {len(self.texts)} (too short: {short})")
+        lengths = torch.tensor([len(t) for t in self.texts])
+        for name, value in (("joined", torch.cat(self.texts)), ("lengths", lengths), ("offsets", lengths.cumsum(0) - lengths)):
+            object.__setattr__(self, name, value)
 
     def sample_task(self, generator: torch.Generator) -> Task:
         return {}
 
     def sample_batch(self, task: Task, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        joined = torch.cat(self.texts)
-        lengths = torch.tensor([len(t) for t in self.texts])
-        offsets = lengths.cumsum(0) - lengths
         labels = torch.randint(len(self.texts), (batch_size,), generator=generator)
-        starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * (lengths[labels] - self.context + 1)).long()
-        return joined[(offsets[labels] + starts)[:, None] + torch.arange(self.context)], labels
+        room = self.lengths[labels] - self.context + 1
+        starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * room).long()
+        return self.joined[(self.offsets[labels] + starts)[:, None] + torch.arange(self.context)], labels
 
 
 TaskFamily = DatasetFamily | PermutedFamily | TeacherFamily | TextFamily | TextClassFamily

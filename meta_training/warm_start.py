@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from celo_hf import CeloNet, load_celo_net
-from celo_hf.diagnostics import calibrate_zero_gradient_
+from celo_hf.diagnostics import calibrate_zero_gradient_, feature_columns
 from celo_hf.features import PROGRESS_CENTRES, SCHEDULER_INPUT_SIZE, progress_features
-from celo_hf.layout import group_slices
 
 #: Index of the ``momentum(0.9) * rsqrt(rms)`` channel among the 30 MLP inputs (group 5, first decay).
 ADAM_DIRECTION_FEATURE = 7
@@ -135,7 +134,7 @@ def widened(net: CeloNet, width: int, noise: float = 0.1, seed: int = 0) -> Celo
             weight[: old_weight.shape[0], : old_weight.shape[1]] = old_weight
             bias[: old_bias.shape[0]] = old_bias
     wide.load_state_dict(state | {k: v for k, v in wide.state_dict().items() if k.startswith("mlp.")})
-    if not net.mlp_layers()[0][0][:, group_slices(len(net.momentum_decays))["param"]].any():
+    if not net.mlp_layers()[0][0][:, feature_columns(net, "param")].any():
         calibrate_zero_gradient_(wide)
     return wide
 

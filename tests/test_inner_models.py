@@ -192,3 +192,18 @@ def test_pretraining_is_deterministic_and_the_cache_is_reused(tmp_path):
     assert all(torch.equal(v, marker[k]) for k, v in finetune.pretrained(_tiny_spec(), tmp_path / "a").items()), \
         "a second call reads the cache instead of training"
     assert _tiny_spec(steps=6).key != _tiny_spec().key
+
+
+def test_classify_probe_rows_and_the_head_lr_reaches_the_head_alone():
+    from meta_training import classify_probe
+
+    family = tasks.family("ft_cls_full")
+    plain = classify_probe.final_loss(family, classify_probe.celo(1.0), steps=21)
+    assert classify_probe.final_loss(family, classify_probe.celo(1.0, head_lr=1.0), steps=21) == plain
+    assert classify_probe.final_loss(family, classify_probe.celo(1.0, head_lr=10.0), steps=21) != plain
+    assert math.isfinite(classify_probe.final_loss(family, classify_probe.adamw(3e-3), steps=21))
+    rows = classify_probe.probe_rows(steps=21)
+    expected = len(classify_probe.ADAMW_LRS) + len(classify_probe.CELO_LRS) + len(classify_probe.HEAD_LRS)
+    assert len(rows) == 3 + expected and all(row.count("|") == 5 for row in rows)
+    ratio = classify_probe.first_step_ratio(family)
+    assert 0 < ratio < 1 and ratio != classify_probe.first_step_ratio(family, seed=1)
