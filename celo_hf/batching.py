@@ -24,7 +24,8 @@ from .step_gain import model_start_gain, row_norms, step_gain
 class WorkItem(NamedTuple):
     """One parameter to update: ``param`` (the state key; a DTensor under FSDP2), the tensors to
     compute with (``local``, ``grad``: this process's rows when sharded), its group's ``lr`` and
-    ``weight_decay``, and how its rows are sharded (``None``: not sharded)."""
+    ``weight_decay``, how its rows are sharded (``None``: not sharded), and whether its group is
+    ``fresh`` (newly initialised on a pretrained model: no gradient-scale gain, :mod:`celo_hf.fresh_tensors`)."""
 
     param: torch.Tensor
     local: torch.Tensor
@@ -32,26 +33,28 @@ class WorkItem(NamedTuple):
     lr: float
     weight_decay: float
     sharding: RowSharding | None
+    fresh: bool = False
 
 
-def work_item(param: torch.Tensor, lr: float, weight_decay: float) -> WorkItem:
+def work_item(param: torch.Tensor, lr: float, weight_decay: float, fresh: bool = False) -> WorkItem:
     """Unwrap a parameter (with a gradient) for the update; FSDP2's row-sharded DTensors become their local rows."""
     grad = param.grad
     assert grad is not None
     if grad.is_sparse:
         raise RuntimeError("Celo does not support sparse gradients")
     if not isinstance(param, DTensor):
-        return WorkItem(param, param, grad, lr, weight_decay, None)
+        return WorkItem(param, param, grad, lr, weight_decay, None, fresh)
     local_grad = grad.to_local() if isinstance(grad, DTensor) else grad
     mesh, placements = param.device_mesh, tuple(param.placements)
     if all(isinstance(pl, Replicate) for pl in placements):
-        return WorkItem(param, param.to_local(), local_grad, lr, weight_decay, None)
+        return WorkItem(param, param.to_local(), local_grad, lr, weight_decay, None, fresh)
     if mesh.ndim != 1 or placements != (Shard(0),):
         raise RuntimeError(
             f"Celo supports DTensor parameters sharded on their first axis over a 1-D mesh (FSDP2's default), "
             f"got placements {placements} on a {mesh.ndim}-D mesh for a parameter of shape {tuple(param.shape)}"
         )
-    return WorkItem(param, param.to_local(), local_grad, lr, weight_decay, RowSharding(param.shape[0], mesh.get_group()))
+    sharding = RowSharding(param.shape[0], mesh.get_group())
+    return WorkItem(param, param.to_local(), local_grad, lr, weight_decay, sharding, fresh)
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -94,20 +97,25 @@ def tensor_norms(work: list[WorkItem]) -> torch.Tensor:
 
 
 def gradient_scale_gains(work: list[WorkItem], net: CeloNet) -> dict[torch.Tensor, torch.Tensor] | None:
-    """Each parameter's ``"tensor"``-signal gradient-scale gain (:mod:`celo_hf.step_gain`), 0-d
-    float32 on its device, or ``None`` when ``net`` has none of that signal."""
+    """Each parameter's ``"tensor"``-signal gradient-scale gain (:mod:`celo_hf.step_gain`; 1 for
+    ``fresh`` items), 0-d float32 on its device, or ``None`` when ``net`` has none of that signal."""
     if not net.gain_in_use("tensor"):
         return None
     norms = tensor_norms(work)
     gains = step_gain(norms[:, 0], norms[:, 1], net.gain_threshold, net.gain_power)
+    gains = torch.where(torch.tensor([item.fresh for item in work], device=gains.device), torch.ones_like(gains), gains)
     return {item.param: gain.to(item.local.device) for item, gain in zip(work, gains)}
 
 
 def first_step_gain(work: list[WorkItem], net: CeloNet) -> torch.Tensor:
     """The ``"model_start"`` gain (:func:`celo_hf.step_gain.model_start_gain`) of ``work`` at the
-    run's first step: ``(1,)`` float32 on the first item's device."""
+    run's first step, ``fresh`` items left out (they carry no evidence of pretraining; 1 when every
+    item is fresh): ``(1,)`` float32 on the first item's device."""
     assert net.gain_threshold is not None
-    norms = tensor_norms(work)
+    evidence = [item for item in work if not item.fresh]
+    if not evidence:
+        return torch.ones(1, device=work[0].local.device)
+    norms = tensor_norms(evidence)
     return model_start_gain(norms[:, 0], norms[:, 1], net.gain_threshold, net.gain_power).reshape(1)
 
 
@@ -199,16 +207,23 @@ def _gradient(item: WorkItem) -> torch.Tensor:
 
 
 def step_scales(
-    batch: list[WorkItem], lr_mult: torch.Tensor, gains: dict[torch.Tensor, torch.Tensor] | None
+    batch: list[WorkItem],
+    lr_mult: torch.Tensor,
+    gains: dict[torch.Tensor, torch.Tensor] | None,
+    run_gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each tensor's step multiplier ``(B,)`` float32 on the batch's device: the scheduler's
-    ``lr_mult`` (``(1,)``) times its group's ``lr``, times its gradient-scale gain if any."""
+    ``lr_mult`` (``(1,)``), times the ``"model_start"`` ``run_gain`` (``(1,)``, if any) unless the
+    item is ``fresh``, times its group's ``lr``, times its ``"tensor"`` gain if any."""
     device = batch[0].local.device
-    lrs = {item.lr for item in batch}
-    if len(lrs) == 1:  # the usual case: one multiply, broadcast
-        scale = (lr_mult.to(device) * lrs.pop()).expand(len(batch))
+    gained = lr_mult if run_gain is None else lr_mult * run_gain.to(lr_mult.device)
+    kinds = {(item.lr, item.fresh) for item in batch}
+    if len(kinds) == 1:  # the usual case: one multiply, broadcast
+        lr, fresh = kinds.pop()
+        scale = ((lr_mult if fresh else gained).to(device) * lr).expand(len(batch))
     else:
-        scale = lr_mult.to(device) * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
+        mults = torch.cat([lr_mult if item.fresh else gained for item in batch]).to(device)
+        scale = mults * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
     if gains is not None:
         scale = scale * torch.stack([gains[item.param] for item in batch]).to(device)
     return scale

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from itertools import chain
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +34,7 @@ from .batching import (
     work_item,
 )
 from .features import loss_buffer_decays
+from .fresh_tensors import FRESH, newly_initialised
 from .hub import load_celo_net
 from .layout import RuleConfig, UpdateWeights, init_tensor_state
 from .loss_intake import LossLike, PendingLoss, all_finite, step_loss
@@ -79,6 +80,11 @@ class Celo(Copyable, torch.optim.Optimizer):
             ``torch.float32`` (default) or ``torch.bfloat16`` (16 -> 8 bytes of state per
             parameter; arithmetic stays float32; see the README for the accuracy cost).
 
+    A param group may set ``"fresh": True`` (default ``False``) for tensors newly initialised on a
+    pretrained model, such as a new classifier head: they take no gradient-scale gain and do not
+    count towards it (:mod:`celo_hf.fresh_tensors`); :func:`create` sets it for a ``transformers``
+    model's newly initialised tensors.
+
     The training loss must reach every step: ``step(loss=...)``, a closure, or ``set_loss()``.
     Parameters whose ``.grad`` is ``None`` are left alone (the reference fed zeros instead). A step
     whose loss or gradients are not finite is skipped entirely and counted in ``skipped_steps``.
@@ -117,7 +123,10 @@ class Celo(Copyable, torch.optim.Optimizer):
             raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
         if chunk_elements is not None and not (isinstance(chunk_elements, int) and chunk_elements > 0):
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-        super().__init__(params, {"lr": lr, "weight_decay": float(weight_decay)})
+        super().__init__(params, {"lr": lr, "weight_decay": float(weight_decay), FRESH: False})
+        for group in self.param_groups:
+            if not isinstance(group[FRESH], bool):
+                raise TypeError(f"a param group's {FRESH!r} must be True or False, got {group[FRESH]!r}")
         for p in chain.from_iterable(g["params"] for g in self.param_groups):
             if not p.is_floating_point():
                 raise TypeError(f"Celo optimizes floating-point parameters, got one of dtype {p.dtype}")
@@ -143,10 +152,11 @@ class Celo(Copyable, torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """:class:`~celo_hf.optim_contract.Copyable`'s, and param groups saved before ``weight_decay``
-        existed get the default."""
+        or ``fresh`` existed get the defaults."""
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("weight_decay", self.defaults["weight_decay"])
+            group.setdefault(FRESH, False)
 
     # ---- configuration -------------------------------------------------------------------------
 
@@ -211,7 +221,7 @@ class Celo(Copyable, torch.optim.Optimizer):
         for group in self.param_groups:
             lr = float(group["lr"])  # a tensor lr (torch's convention) is read once per group and step
             work += [
-                work_item(p, lr, group["weight_decay"])
+                work_item(p, lr, group["weight_decay"], group.get(FRESH, False))
                 for p in group["params"]
                 if p.grad is not None and p.numel() > 0
             ]
@@ -233,10 +243,11 @@ class Celo(Copyable, torch.optim.Optimizer):
             return closure_loss
 
         lr_mult = self._schedule(loss_t, device)
+        run_gain = None
         if self.net.gain_in_use("model_start"):
             if self._run_gain is None:
                 self._run_gain = first_step_gain(work, self.net)
-            lr_mult = lr_mult * self._run_gain.to(device)
+            run_gain = self._run_gain.to(device)
         num_decays = len(self.net.momentum_decays)
         for item in work:
             if not self.state[item.param]:
@@ -250,7 +261,7 @@ class Celo(Copyable, torch.optim.Optimizer):
         for batch in batches(work, chunk_elements):
             on = batch[0].local.device
             update_work_(
-                batch, [self.state[item.param] for item in batch], self._stacks, step_scales(batch, lr_mult, gains),
+                batch, [self.state[item.param] for item in batch], self._stacks, step_scales(batch, lr_mult, gains, run_gain),
                 self._weights_on(on, len(batch)), self._backend_on(on), self.chunk_elements,
             )
         return closure_loss
@@ -408,6 +419,7 @@ def create(
     total_steps: int | None = None,
     weights: CeloNet | str | Path | None = None,
     weight_decay: float | None = None,
+    fresh: Iterable[str] | None = None,
     **kwargs: Any,
 ) -> tuple[Celo, LambdaLR]:
     """``(optimizer, scheduler)`` for ``transformers.Trainer(..., optimizers=create(model, total_steps))``.
@@ -417,6 +429,11 @@ def create(
     ``weight_decay=None`` means 0 unless :class:`celo_hf.CeloCallback` is in the Trainer, which then
     applies ``TrainingArguments.weight_decay``; a number is used as given. The scheduler is a
     constant ``LambdaLR`` so that nothing rescales Celo's own learned schedule.
+
+    ``fresh``: names of parameters newly initialised on a pretrained model (a new head), put in
+    groups of their own marked ``"fresh"`` (no gradient-scale gain, :mod:`celo_hf.fresh_tensors`);
+    ``None`` (default): the tensors ``from_pretrained`` initialised
+    (:func:`celo_hf.fresh_tensors.newly_initialised`; none for a model built from a config).
 
     The optimizer records the model's training losses itself (a forward hook,
     :mod:`celo_hf.loss_recording`), so a training loop need not hand it the loss. When ``step()``
@@ -430,7 +447,9 @@ def create(
     unchanged. With :class:`celo_hf.CeloCallback` in the Trainer the loss fed is exactly Trainer's
     logged loss.
     """
-    optimizer = Celo(trainer_parameter_groups(model, weight_decay), total_steps=total_steps, weights=weights, **kwargs)
+    fresh_names = newly_initialised(model) if fresh is None else set(fresh)
+    groups = trainer_parameter_groups(model, weight_decay, fresh=fresh_names)
+    optimizer = Celo(groups, total_steps=total_steps, weights=weights, **kwargs)
     recorder = recorder_for(model)
     optimizer.register_step_pre_hook(recorder.feed)
     optimizer.register_step_post_hook(recorder.clear_after_step)
@@ -438,11 +457,13 @@ def create(
 
 
 def trainer_parameter_groups(
-    model: torch.nn.Module, weight_decay: float | None, named: bool = False
+    model: torch.nn.Module, weight_decay: float | None, named: bool = False, fresh: Collection[str] = ()
 ) -> list[dict[str, Any]]:
     """The trainable parameters in ``Trainer.create_optimizer``'s groups: decay (``weight_decay``;
     ``None``: 0 and marked :data:`WEIGHT_DECAY_FROM_ARGS`), then no decay; empty groups left out.
-    ``named``: each group's ``params`` as ``(name, parameter)`` pairs (torch's named parameters)."""
+    ``named``: each group's ``params`` as ``(name, parameter)`` pairs (torch's named parameters).
+    ``fresh``: parameter names split off into groups of their own (after the others, decay then
+    no decay) marked ``"fresh": True``; a name that is not a trainable parameter is an error."""
     from torch.nn import LayerNorm
     from transformers.trainer_pt_utils import get_parameter_names
 
@@ -450,11 +471,20 @@ def trainer_parameter_groups(
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
-    entry = (lambda name, p: (name, p)) if named else (lambda name, p: p)
-    decay_group: dict[str, Any] = {"params": [entry(name, p) for name, p in trainable if name in decay_names]}
-    if weight_decay is None:
-        decay_group.update({"weight_decay": 0.0, WEIGHT_DECAY_FROM_ARGS: True})
-    else:
-        decay_group["weight_decay"] = weight_decay
-    no_decay_group = {"params": [entry(name, p) for name, p in trainable if name not in decay_names], "weight_decay": 0.0}
-    return [group for group in (decay_group, no_decay_group) if group["params"]]
+    unknown = set(fresh) - {name for name, _ in trainable}
+    if unknown:
+        raise ValueError(f"fresh names {sorted(unknown)} are not trainable parameters of {type(model).__name__}")
+    decay_options: dict[str, Any] = (
+        {"weight_decay": 0.0, WEIGHT_DECAY_FROM_ARGS: True} if weight_decay is None else {"weight_decay": weight_decay}
+    )
+    groups = []
+    for is_fresh in (False, True):
+        for decays, options in ((True, decay_options), (False, {"weight_decay": 0.0})):
+            members = [
+                (name, p) if named else p
+                for name, p in trainable
+                if (name in decay_names) == decays and (name in fresh) == is_fresh
+            ]
+            if members:
+                groups.append({"params": members, **options, **({FRESH: True} if is_fresh else {})})
+    return groups

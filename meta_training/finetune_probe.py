@@ -9,7 +9,8 @@ tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loo
   training loss of the last 10 of 100 Celo steps, every tensor (dropout off) / LoRA adapters and the
   head / every tensor with dropout on (held-in checks of :mod:`meta_training.select_gain`);
   :func:`seeded_dropout_finetune_score`: the dropout-on score averaged over three seeds (of the
-  head, the data order and the dropout masks);
+  head, the data order and the dropout masks), :func:`unseen_seeds_dropout_finetune_score` over
+  three others; each with ``mark_fresh``, Celo built as :func:`celo_hf.create` builds it;
 * :func:`relative_steps`: per kind of tensor (embeddings, matrices, biases, LayerNorm, the fresh
   classifier head), the median over tensors and steps of ``||p_{t+1} - p_t|| / ||p_t||``, and of
   ``||g|| / ||p||`` at the first step, for Celo (embedded default and paper weights, lr 1) and
@@ -22,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from celo_hf import Celo, CeloNet, load_celo_net
+from celo_hf import Celo, CeloNet, create, load_celo_net
 
 from .trainer_tasks import with_lora
 
@@ -73,11 +74,18 @@ def held_in_model(lora: bool, dropout: bool = False, seed: int = 0
     return model, tokenize
 
 
-def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0) -> float:
+def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0,
+                   mark_fresh: bool = False) -> float:
     """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) of :func:`held_in_model`
-    (``seed``: the head, the adapters, the data's shuffle and the dropout masks)."""
+    (``seed``: the head, the adapters, the data's shuffle and the dropout masks). ``mark_fresh``:
+    Celo built by :func:`celo_hf.create`, which marks the tensors ``from_pretrained`` initialised
+    (the head; with ``lora`` the adapters too) as fresh (:mod:`celo_hf.fresh_tensors`); else one
+    param group of every trainable tensor, none marked."""
     model, tokenize = held_in_model(lora, dropout, seed)
-    optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
+    if mark_fresh:
+        optimizer, _ = create(model, steps, weights=net)
+    else:
+        optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
     losses = []
     for texts, labels in genre_batches(steps, seed):
         loss = model(**tokenize(texts), labels=labels).loss
@@ -88,9 +96,9 @@ def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: 
     return sum(losses[-TAIL:]) / TAIL
 
 
-def lora_finetune_score(net: CeloNet, steps: int = 100) -> float:
+def lora_finetune_score(net: CeloNet, steps: int = 100, mark_fresh: bool = False) -> float:
     """:func:`finetune_score` of LoRA fine-tuning (a held-in check of :mod:`meta_training.select_gain`)."""
-    return finetune_score(net, steps, lora=True)
+    return finetune_score(net, steps, lora=True, mark_fresh=mark_fresh)
 
 
 def dropout_finetune_score(net: CeloNet, steps: int = 100) -> float:
@@ -101,10 +109,20 @@ def dropout_finetune_score(net: CeloNet, steps: int = 100) -> float:
     return finetune_score(net, steps, dropout=True)
 
 
-def seeded_dropout_finetune_score(net: CeloNet, steps: int = 100, seeds: int = 3) -> float:
-    """:func:`dropout_finetune_score` averaged over seeds ``0 .. seeds - 1`` (a held-in check of
+def seeded_dropout_finetune_score(net: CeloNet, steps: int = 100, seeds: Sequence[int] = (0, 1, 2),
+                                  mark_fresh: bool = False) -> float:
+    """:func:`dropout_finetune_score` averaged over ``seeds`` (a held-in check of
     :mod:`meta_training.select_gain`)."""
-    return sum(finetune_score(net, steps, dropout=True, seed=seed) for seed in range(seeds)) / seeds
+    return sum(finetune_score(net, steps, dropout=True, seed=seed, mark_fresh=mark_fresh) for seed in seeds) / len(seeds)
+
+
+#: Seeds of the dropout-on check that no probe or round had scored when ``fresh_head``'s rule was written.
+UNSEEN_SEEDS = (3, 4, 5)
+
+
+def unseen_seeds_dropout_finetune_score(net: CeloNet, steps: int = 100, mark_fresh: bool = False) -> float:
+    """:func:`seeded_dropout_finetune_score` over :data:`UNSEEN_SEEDS` (the ``fresh_head`` round's pick)."""
+    return seeded_dropout_finetune_score(net, steps, UNSEEN_SEEDS, mark_fresh)
 
 
 def first_step_parameters(dropout: bool = False) -> list[torch.nn.Parameter]:

@@ -9,6 +9,7 @@
     python -m meta_training.select_gain --round classify --out meta_training/results/classify_adoption
     python -m meta_training.select_gain --round classify_focus --out meta_training/results/classify_focus_adoption
     python -m meta_training.select_gain --round classify_wide --out meta_training/results/classify_wide_adoption
+    python -m meta_training.select_gain --round fresh_head --out meta_training/results/fresh_head_adoption
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
@@ -27,7 +28,11 @@ default on the MiniLM-L6 fine-tunes alone: its candidate is adopted if both are 
 from-scratch losses within 1.1x and the LoRA fine-tune within 1.02x, adopted if its every-tensor
 fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/classify/RULE.md``);
 ``classify_focus`` and ``classify_wide`` do the same for its stages 2 and 3 (``.../focus/best``,
-``.../wide/best``; trained weights may differ from the base in ``mlp_hidden_size``). Writes
+``.../wide/best``; trained weights may differ from the base in ``mlp_hidden_size``). The
+``fresh_head`` round keeps the embedded default's weights and scores building Celo as
+:func:`celo_hf.create` does, the fine-tune's newly initialised head marked fresh (no gain): the
+LoRA fine-tune within 1.02x, adopted if the dropout-on fine-tune over three seeds not scored
+before (3-5) is lower (``meta_training/results/fresh_head_adoption/RULE.md``). Writes
 ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
@@ -52,6 +57,7 @@ from .finetune_probe import (
     finetune_score,
     lora_finetune_score,
     seeded_dropout_finetune_score,
+    unseen_seeds_dropout_finetune_score,
 )
 from .held_in import held_in_loss, lm_loss
 
@@ -85,6 +91,10 @@ class Round:
     #: Candidates that are other trained weights: key -> their folder (relative to the repository),
     #: whose settings must be the base's (their :data:`ARCHITECTURE` may differ).
     weights: dict[str, str] = field(default_factory=dict)
+    #: Candidates whose fine-tunes build Celo as :func:`celo_hf.create` does, the tensors
+    #: ``from_pretrained`` initialised marked fresh (:mod:`celo_hf.fresh_tensors`); the others
+    #: (and ``"none"``) put every trainable tensor in one unmarked group.
+    fresh_marked: tuple[str, ...] = ()
 
     def keyed(self) -> dict[str, dict[str, Any]]:
         """Score keys -> the settings put on the base: ``"none"`` first."""
@@ -137,6 +147,10 @@ ROUNDS["classify_focus"] = replace(ROUNDS["classify"], candidates={"focus/best":
                                    weights={"focus/best": "meta_training/runs/classify/focus/best"})
 ROUNDS["classify_wide"] = replace(ROUNDS["classify"], candidates={"wide/best": {}}, varies="classify run, stage 3",
                                   weights={"wide/best": "meta_training/runs/classify/wide/best"})
+ROUNDS["fresh_head"] = Round({"fresh_head": {}}, (), pick_by="finetune_dropout_unseen", kept=("finetune_lora",),
+                             base="embedded", varies="fresh tensors", fresh_marked=("fresh_head",))
+#: The checks that fine-tune a pretrained model (they take ``mark_fresh``).
+FINETUNE_CHECKS = ("finetune", "finetune_lora", "finetune_dropout", "finetune_dropout_seeds", "finetune_dropout_unseen")
 
 
 def configured_net(base: CeloNet, **settings: Any) -> CeloNet:
@@ -173,7 +187,8 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
     limits = _limits(scores, selection)
     names = {"digits": "digits held-in loss", "lm": "LM held-in loss", "finetune": "fine-tune score",
              "finetune_lora": "LoRA fine-tune score", "finetune_dropout": "fine-tune score, dropout on",
-             "finetune_dropout_seeds": "fine-tune score, dropout on, 3 seeds"}
+             "finetune_dropout_seeds": "fine-tune score, dropout on, 3 seeds",
+             "finetune_dropout_unseen": "fine-tune score, dropout on, seeds 3-5"}
     shown = [check for check in selection.checks() if check in limits or check == selection.pick_by]
     rows = [f"| {selection.varies} | " + " | ".join(names[c] for c in shown) + " | zero-gradient drift | eligible |",
             "|---|" + "---:|" * (len(shown) + 1) + "---|"]
@@ -186,7 +201,7 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
     verdict = f"chosen: {selection.varies}={chosen}" if chosen else "no candidate is eligible and better: none is chosen"
     table = "\n".join(rows) + f"\n\n{verdict}\n"
     (out / "scores.md").write_text(table)
-    if chosen is not None:
+    if chosen is not None and chosen not in selection.fresh_marked:  # a marked candidate keeps the base's weights
         selection.candidate_net(base, chosen).save_pretrained(out / "chosen")
     return table
 
@@ -212,11 +227,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     drift_tensors = [torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.full((32,), 0.1)]
     checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score,
-              "finetune_dropout": dropout_finetune_score, "finetune_dropout_seeds": seeded_dropout_finetune_score}
+              "finetune_dropout": dropout_finetune_score, "finetune_dropout_seeds": seeded_dropout_finetune_score,
+              "finetune_dropout_unseen": unseen_seeds_dropout_finetune_score}
     scores: dict[str, dict[str, float]] = {}
     for key in tqdm(selection.keyed(), desc="candidates"):
         net = selection.candidate_net(base, key)
-        scores[key] = {name: checks[name](net) for name in selection.checks()} | {"drift": zero_gradient_drift(drift_tensors, net)}
+        marked = {"mark_fresh": True} if key in selection.fresh_marked else {}
+        scores[key] = {name: checks[name](net, **(marked if name in FINETUNE_CHECKS else {})) for name in selection.checks()}
+        scores[key]["drift"] = zero_gradient_drift(drift_tensors, net)
         (args.out / "scores.json").write_text(json.dumps(scores, indent=2))
     print(report(scores, base, args.out, selection))
 

@@ -125,4 +125,4 @@ def test_the_seeded_dropout_check_averages_fine_tunes_that_differ_by_seed():
     net = load_celo_net(None)
     zero, one = (finetune_score(net, steps=2, dropout=True, seed=seed) for seed in (0, 1))
     assert zero == finetune_score(net, steps=2, dropout=True) and zero != one
-    assert seeded_dropout_finetune_score(net, steps=2, seeds=2) == pytest.approx((zero + one) / 2)
+    assert seeded_dropout_finetune_score(net, steps=2, seeds=(0, 1)) == pytest.approx((zero + one) / 2)
