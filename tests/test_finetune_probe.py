@@ -126,3 +126,13 @@ def test_the_seeded_dropout_check_averages_fine_tunes_that_differ_by_seed():
     zero, one = (finetune_score(net, steps=2, dropout=True, seed=seed) for seed in (0, 1))
     assert zero == finetune_score(net, steps=2, dropout=True) and zero != one
     assert seeded_dropout_finetune_score(net, steps=2, seeds=(0, 1)) == pytest.approx((zero + one) / 2)
+
+
+def test_the_held_in_fine_tune_can_build_celo_as_create_does():
+    """mark_fresh: the head from_pretrained made is marked fresh and takes full steps, so the
+    two-step scores differ; unmarked is the plain single-group Celo."""
+    from celo_hf import load_celo_net
+    from meta_training.finetune_probe import finetune_score
+
+    net = load_celo_net(None)
+    assert finetune_score(net, steps=3, dropout=False, mark_fresh=True) != finetune_score(net, steps=3, dropout=False)

@@ -230,3 +230,21 @@ def test_classify_round_guards_from_scratch_and_lora_and_picks_by_the_three_seed
     assert choose({"none": base, "phase1/best": {**base, "finetune_dropout_seeds": 0.67}}, selection) is None, "must be lower"
     for check, value in (("digits", 0.0111), ("lm", 3.31), ("finetune_lora", 0.6529)):
         assert choose({"none": base, "phase1/best": {**base, check: value, "finetune_dropout_seeds": 0.5}}, selection) is None, check
+
+
+def test_fresh_head_round_keeps_the_weights_guards_lora_and_picks_by_unseen_seeds(tmp_path):
+    """The candidate is the base's weights built as celo_hf.create builds them; adopted only with
+    the LoRA fine-tune within 1.02x and a lower dropout-on score over seeds 3-5; no weights saved."""
+    from meta_training.finetune_probe import UNSEEN_SEEDS
+    from meta_training.select_gain import ROUNDS, choose, report
+
+    selection = ROUNDS["fresh_head"]
+    assert selection.checks() == ("finetune_lora", "finetune_dropout_unseen") and UNSEEN_SEEDS == (3, 4, 5)
+    assert selection.fresh_marked == ("fresh_head",) and selection.keyed() == {"none": {}, "fresh_head": {}}
+    base = {"finetune_lora": 0.64, "finetune_dropout_unseen": 0.67, "drift": 1e-10}
+    better = {**base, "finetune_dropout_unseen": 0.65}
+    assert choose({"none": base, "fresh_head": better}, selection) == "fresh_head"
+    assert choose({"none": base, "fresh_head": {**better, "finetune_lora": 0.6529}}, selection) is None
+    assert choose({"none": base, "fresh_head": {**base}}, selection) is None
+    table = report({"none": base, "fresh_head": better}, load_celo_net(None), tmp_path, selection)
+    assert "fresh_head (chosen)" in table and not (tmp_path / "chosen").exists()
