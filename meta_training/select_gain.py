@@ -10,6 +10,7 @@
     python -m meta_training.select_gain --round classify_focus --out meta_training/results/classify_focus_adoption
     python -m meta_training.select_gain --round classify_wide --out meta_training/results/classify_wide_adoption
     python -m meta_training.select_gain --round fresh_head --out meta_training/results/fresh_head_adoption
+    python -m meta_training.select_gain --round fresh_gain --out meta_training/results/fresh_gain_selection
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
@@ -32,7 +33,9 @@ fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/clas
 ``fresh_head`` round keeps the embedded default's weights and scores building Celo as
 :func:`celo_hf.create` does, the fine-tune's newly initialised head marked fresh (no gain): the
 LoRA fine-tune within 1.02x, adopted if the dropout-on fine-tune over three seeds not scored
-before (3-5) is lower (``meta_training/results/fresh_head_adoption/RULE.md``). Writes
+before (3-5) is lower (``meta_training/results/fresh_head_adoption/RULE.md``); ``fresh_gain``
+then puts thresholds on the embedded default with every fine-tune built that way
+(``meta_training/results/fresh_gain_selection/RULE.md``). Writes
 ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
@@ -149,6 +152,9 @@ ROUNDS["classify_wide"] = replace(ROUNDS["classify"], candidates={"wide/best": {
                                   weights={"wide/best": "meta_training/runs/classify/wide/best"})
 ROUNDS["fresh_head"] = Round({"fresh_head": {}}, (), pick_by="finetune_dropout_unseen", kept=("finetune_lora",),
                              base="embedded", varies="fresh tensors", fresh_marked=("fresh_head",))
+ROUNDS["fresh_gain"] = gain_round("model_start", ((0.0035, 2.0), (0.007, 2.0)), ("digits", "lm"),
+                                  pick_by="finetune_dropout_unseen", base="embedded",
+                                  fresh_marked=("none", "0.0035^2", "0.007^2"))
 #: The checks that fine-tune a pretrained model (they take ``mark_fresh``).
 FINETUNE_CHECKS = ("finetune", "finetune_lora", "finetune_dropout", "finetune_dropout_seeds", "finetune_dropout_unseen")
 
