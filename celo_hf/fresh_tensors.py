@@ -27,7 +27,7 @@ def newly_initialised(model: torch.nn.Module) -> set[str]:
     ``from_pretrained`` (transformers 5.x) marks each parameter it loads with the attribute
     ``_is_hf_initialized``; one it had to initialise carries no mark. A model none of whose
     parameters carries the mark (built from a config, not by ``transformers``, or whose parameters
-    were replaced, as FSDP2's sharding does) has no fresh parameters: the empty set. Adapters added
+    were replaced by new objects after loading) has no fresh parameters: the empty set. Adapters added
     afterwards (peft's LoRA) and peft's copies of a fresh head (``modules_to_save``) are fresh too.
     """
     named = list(model.named_parameters())
