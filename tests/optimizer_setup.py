@@ -3,6 +3,7 @@ and losses, and bitwise comparisons of parameters and optimizer state."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -70,3 +71,18 @@ def paper_celo(params: Any, **kwargs: Any) -> Celo:
     """Celo with the paper's weights, ``total_steps=10`` unless given."""
     kwargs.setdefault("total_steps", 10)
     return Celo(params, weights=PAPER_WEIGHTS, **kwargs)
+
+
+def steps_in_own_groups(net: Any, values: list[torch.Tensor], grads: list[list[torch.Tensor]],
+                        options: list[dict[str, Any]], backend: str = "eager") -> tuple[list[torch.Tensor], Celo]:
+    """Parameters (copies of ``values``) after one Celo step (``net`` copied, 10 planned steps, loss
+    1) per entry of ``grads`` (each a gradient per tensor), tensor ``i`` in its own param group
+    with ``options[i]`` (``lr``, ``fresh``, ...); and the optimizer."""
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    groups = [{"params": [p], **o} for p, o in zip(params, options)]
+    optimizer = Celo(groups, total_steps=10, weights=copy.deepcopy(net), backend=backend)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step(loss=1.0)
+    return [p.detach() for p in params], optimizer

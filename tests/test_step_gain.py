@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optimizer_setup import steps_in_own_groups
 
 from celo_hf import Celo, CeloNet, load_celo_net
 from celo_hf.step_gain import model_start_gain, step_gain
@@ -37,16 +38,8 @@ def _gain_net(threshold: float | None, power: float = 1.0, signal: str = "tensor
 
 def _steps(net: CeloNet, lrs: list[float], grads: list[list[torch.Tensor]], values: list[torch.Tensor],
            backend: str) -> tuple[list[torch.Tensor], Celo]:
-    """Parameters after one step per entry of ``grads`` (each a gradient per tensor), tensor ``i``
-    in its own group at lr ``lrs[i]``; and the optimizer."""
-    params = [torch.nn.Parameter(v.clone()) for v in values]
-    groups = [{"params": [p], "lr": lr} for p, lr in zip(params, lrs)]
-    optimizer = Celo(groups, total_steps=10, weights=copy.deepcopy(net), backend=backend)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.clone()
-        optimizer.step(loss=1.0)
-    return [p.detach() for p in params], optimizer
+    """Parameters after one step per entry of ``grads``, tensor ``i`` in its own group at lr ``lrs[i]``; and the optimizer."""
+    return steps_in_own_groups(net, values, grads, [{"lr": lr} for lr in lrs], backend)
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "reference"])
