@@ -20,6 +20,9 @@ the paper's checkpoint. Which ``r`` it reads is the ``gain_signal``:
   first step (:func:`model_start_gain`): "was this model trained before?" is a property of the
   model, not of each tensor. Tensors with ``||g|| = 0`` or ``||p|| = 0`` at that step (zero-initialised
   adapters, parts the loss does not reach yet) carry no evidence and are left out.
+
+Tensors in a param group marked ``"fresh"`` (newly initialised on a pretrained model, such as a new
+head: :mod:`celo_hf.fresh_tensors`) take no gain of either signal and are left out of the median.
 """
 
 from __future__ import annotations
