@@ -207,16 +207,12 @@ def _gradient(item: WorkItem) -> torch.Tensor:
 
 
 def step_scales(
-    batch: list[WorkItem],
-    lr_mult: torch.Tensor,
-    gains: dict[torch.Tensor, torch.Tensor] | None,
-    run_gain: torch.Tensor | None = None,
+    batch: list[WorkItem], lr_mult: torch.Tensor, gained: torch.Tensor, gains: dict[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
     """Each tensor's step multiplier ``(B,)`` float32 on the batch's device: the scheduler's
-    ``lr_mult`` (``(1,)``), times the ``"model_start"`` ``run_gain`` (``(1,)``, if any) unless the
-    item is ``fresh``, times its group's ``lr``, times its ``"tensor"`` gain if any."""
+    ``lr_mult`` (``(1,)``; ``fresh`` items) or ``gained``, that times the ``"model_start"`` gain
+    (``(1,)``; the other items), times its group's ``lr``, times its ``"tensor"`` gain if any."""
     device = batch[0].local.device
-    gained = lr_mult if run_gain is None else lr_mult * run_gain.to(lr_mult.device)
     kinds = {(item.lr, item.fresh) for item in batch}
     if len(kinds) == 1:  # the usual case: one multiply, broadcast
         lr, fresh = kinds.pop()

@@ -124,9 +124,6 @@ class Celo(Copyable, torch.optim.Optimizer):
         if chunk_elements is not None and not (isinstance(chunk_elements, int) and chunk_elements > 0):
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         super().__init__(params, {"lr": lr, "weight_decay": float(weight_decay), FRESH: False})
-        for group in self.param_groups:
-            if not isinstance(group[FRESH], bool):
-                raise TypeError(f"a param group's {FRESH!r} must be True or False, got {group[FRESH]!r}")
         for p in chain.from_iterable(g["params"] for g in self.param_groups):
             if not p.is_floating_point():
                 raise TypeError(f"Celo optimizes floating-point parameters, got one of dtype {p.dtype}")
@@ -147,6 +144,14 @@ class Celo(Copyable, torch.optim.Optimizer):
         self._update_weights: dict[tuple[torch.device, int], UpdateWeights] = {}
         self._stacks = StateStacks()
         self._warned_past_end = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, with the group's ``fresh`` checked to be a bool (also for the constructor's groups)."""
+        super().add_param_group(param_group)
+        fresh = self.param_groups[-1][FRESH]
+        if not isinstance(fresh, bool):
+            self.param_groups.pop()
+            raise TypeError(f"a param group's {FRESH!r} must be True or False, got {fresh!r}")
 
     # ---- copies and pickles ----------------------------------------------------------------------
 
@@ -243,11 +248,11 @@ class Celo(Copyable, torch.optim.Optimizer):
             return closure_loss
 
         lr_mult = self._schedule(loss_t, device)
-        run_gain = None
+        gained = lr_mult  # lr_mult times the "model_start" gain, for the tensors not marked fresh
         if self.net.gain_in_use("model_start"):
             if self._run_gain is None:
                 self._run_gain = first_step_gain(work, self.net)
-            run_gain = self._run_gain.to(device)
+            gained = lr_mult * self._run_gain.to(device)
         num_decays = len(self.net.momentum_decays)
         for item in work:
             if not self.state[item.param]:
@@ -261,7 +266,7 @@ class Celo(Copyable, torch.optim.Optimizer):
         for batch in batches(work, chunk_elements):
             on = batch[0].local.device
             update_work_(
-                batch, [self.state[item.param] for item in batch], self._stacks, step_scales(batch, lr_mult, gains, run_gain),
+                batch, [self.state[item.param] for item in batch], self._stacks, step_scales(batch, lr_mult, gained, gains),
                 self._weights_on(on, len(batch)), self._backend_on(on), self.chunk_elements,
             )
         return closure_loss

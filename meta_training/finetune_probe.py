@@ -16,7 +16,9 @@ tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loo
   ``||g|| / ||p||`` at the first step, for Celo (embedded default and paper weights, lr 1) and
   AdamW (lr 3e-4, the recipe's tuned value);
 * :func:`update_alignment`: per kind of tensor, how Celo's update compares with AdamW's for the
-  same gradients (direction and size).
+  same gradients (direction and size);
+* :func:`head_trace` (``--head_trace``): the loss and the fresh head's growth along the fine-tune,
+  the head marked fresh or not.
 """
 
 from __future__ import annotations
@@ -74,26 +76,48 @@ def held_in_model(lora: bool, dropout: bool = False, seed: int = 0
     return model, tokenize
 
 
-def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0,
-                   mark_fresh: bool = False) -> float:
-    """Mean training loss of the last 10 of ``steps`` Celo steps (lr 1) of :func:`held_in_model`
-    (``seed``: the head, the adapters, the data's shuffle and the dropout masks). ``mark_fresh``:
-    Celo built by :func:`celo_hf.create`, which marks the tensors ``from_pretrained`` initialised
-    (the head; with ``lora`` the adapters too) as fresh (:mod:`celo_hf.fresh_tensors`); else one
-    param group of every trainable tensor, none marked."""
+def finetune_losses(net: CeloNet | None, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0,
+                    mark_fresh: bool = False, watch: Callable[[torch.nn.Module], None] | None = None) -> list[float]:
+    """The training losses of ``steps`` Celo steps (lr 1) of :func:`held_in_model` (``seed``: the
+    head, the adapters, the data's shuffle and the dropout masks). ``mark_fresh``: Celo built by
+    :func:`celo_hf.create`, which marks the tensors ``from_pretrained`` initialised (the head; with
+    ``lora`` the adapters too) as fresh (:mod:`celo_hf.fresh_tensors`); else one param group of
+    every trainable tensor, none marked. ``watch(model)`` is called before the first step and
+    after every step."""
     model, tokenize = held_in_model(lora, dropout, seed)
     if mark_fresh:
         optimizer, _ = create(model, steps, weights=net)
     else:
         optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
     losses = []
+    if watch is not None:
+        watch(model)
     for texts, labels in genre_batches(steps, seed):
         loss = model(**tokenize(texts), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(loss=loss.detach())
         losses.append(loss.item())
-    return sum(losses[-TAIL:]) / TAIL
+        if watch is not None:
+            watch(model)
+    return losses
+
+
+def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0,
+                   mark_fresh: bool = False) -> float:
+    """Mean training loss of the last 10 of :func:`finetune_losses`."""
+    return sum(finetune_losses(net, steps, lora, dropout, seed, mark_fresh)[-TAIL:]) / TAIL
+
+
+def head_trace(mark_fresh: bool, steps: int = 100, every: int = 10) -> list[tuple[int, float, float]]:
+    """How the embedded default fine-tunes the held-in model (dropout on, seed 0): every ``every``
+    steps, ``(step, mean loss over the last `every` steps, ||W - W_0|| / ||W_0||)`` for the head's
+    weight matrix ``W``; ``mark_fresh`` as for :func:`finetune_losses`."""
+    heads: list[torch.Tensor] = []
+    losses = finetune_losses(None, steps, dropout=True, mark_fresh=mark_fresh,
+                             watch=lambda model: heads.append(model.classifier.weight.detach().clone()))
+    growth = [float((head - heads[0]).norm() / heads[0].norm()) for head in heads]
+    return [(t, sum(losses[t - every : t]) / every, growth[t]) for t in range(every, steps + 1, every)]
 
 
 def lora_finetune_score(net: CeloNet, steps: int = 100, mark_fresh: bool = False) -> float:
@@ -219,7 +243,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--paper_weights", default="../shared/reference/celo_theta.state")
+    parser.add_argument("--head_trace", action="store_true", help="write only head_trace.md (the fresh head, marked or not)")
     args = parser.parse_args(argv)
+    if args.head_trace:
+        traces = {marked: head_trace(marked) for marked in (False, True)}
+        rows = ["| step | loss, head unmarked | head growth, unmarked | loss, head fresh | head growth, fresh |",
+                "|---:|---:|---:|---:|---:|"]
+        rows += [f"| {a[0]} | {a[1]:.4f} | {a[2]:.3f} | {b[1]:.4f} | {b[2]:.3f} |" for a, b in zip(traces[False], traces[True])]
+        write_report(args.out / "head_trace.md", "The embedded default fine-tuning the held-in MiniLM-L6 (comedy vs tragedy, "
+                     "dropout on, seed 0, 100 steps): mean loss over each 10 steps and ||W - W_0|| / ||W_0|| of the head's "
+                     "matrix, built with one unmarked group or as `celo_hf.create` builds it (the head fresh). "
+                     "`python -m meta_training.finetune_probe --head_trace --out meta_training/results/finetune_probe`", rows)
+        return
     contenders = {
         "AdamW lr=3e-4": lambda params: torch.optim.AdamW(params, lr=3e-4),
         "Celo (embedded default)": lambda params: Celo(params, total_steps=100),

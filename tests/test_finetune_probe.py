@@ -136,3 +136,12 @@ def test_the_held_in_fine_tune_can_build_celo_as_create_does():
 
     net = load_celo_net(None)
     assert finetune_score(net, steps=3, dropout=False, mark_fresh=True) != finetune_score(net, steps=3, dropout=False)
+
+
+def test_head_trace_shows_the_fresh_head_growing_faster():
+    """Two steps: the head marked fresh (no gain) moves further from its start than unmarked."""
+    from meta_training.finetune_probe import head_trace
+
+    unmarked, fresh = (head_trace(marked, steps=2, every=1) for marked in (False, True))
+    assert [row[0] for row in fresh] == [1, 2]
+    assert 0 < unmarked[1][2] < fresh[1][2]

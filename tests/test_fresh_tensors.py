@@ -174,3 +174,12 @@ def test_trainers_factory_route_marks_the_head(tmp_path):
     trainer.create_optimizer()
     marked = [p for g in trainer.optimizer.param_groups if g[FRESH] for p in g["params"]]
     assert {id(p) for p in marked} == {id(model.classifier.weight), id(model.classifier.bias)}
+
+
+def test_an_added_param_group_is_checked_too():
+    optimizer = Celo([nn.Parameter(torch.ones(3))], total_steps=3)
+    with pytest.raises(TypeError, match=r"'fresh' must be True or False, got 1"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2))], FRESH: 1})
+    assert len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2))], FRESH: True})
+    assert [g[FRESH] for g in optimizer.param_groups] == [False, True]
