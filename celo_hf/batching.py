@@ -207,18 +207,19 @@ def _gradient(item: WorkItem) -> torch.Tensor:
 
 
 def step_scales(
-    batch: list[WorkItem], lr_mult: torch.Tensor, gained: torch.Tensor, gains: dict[torch.Tensor, torch.Tensor] | None
+    batch: list[WorkItem], fresh_mult: torch.Tensor, gained: torch.Tensor, gains: dict[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
-    """Each tensor's step multiplier ``(B,)`` float32 on the batch's device: the scheduler's
-    ``lr_mult`` (``(1,)``; ``fresh`` items) or ``gained``, that times the ``"model_start"`` gain
-    (``(1,)``; the other items), times its group's ``lr``, times its ``"tensor"`` gain if any."""
+    """Each tensor's step multiplier ``(B,)`` float32 on the batch's device: ``fresh_mult``, the
+    scheduler's ``lr_mult`` times the meta-model's ``fresh_gain`` if any (``(1,)``; ``fresh`` items),
+    or ``gained``, ``lr_mult`` times the ``"model_start"`` gain (``(1,)``; the other items), times
+    its group's ``lr``, times its ``"tensor"`` gain if any."""
     device = batch[0].local.device
     kinds = {(item.lr, item.fresh) for item in batch}
     if len(kinds) == 1:  # the usual case: one multiply, broadcast
         lr, fresh = kinds.pop()
-        scale = ((lr_mult if fresh else gained).to(device) * lr).expand(len(batch))
+        scale = ((fresh_mult if fresh else gained).to(device) * lr).expand(len(batch))
     else:
-        mults = torch.cat([lr_mult if item.fresh else gained for item in batch]).to(device)
+        mults = torch.cat([fresh_mult if item.fresh else gained for item in batch]).to(device)
         scale = mults * torch.tensor([item.lr for item in batch], dtype=torch.float32, device=device)
     if gains is not None:
         scale = scale * torch.stack([gains[item.param] for item in batch]).to(device)

@@ -71,6 +71,13 @@ class CeloNet(
             (:func:`celo_hf.layout.param_scale_floor`), so that a zero-initialised matrix (a LoRA
             ``B``) moves like an initialised one. ``None`` (the paper's Celo v1): every step scales
             with its tensor's RMS alone.
+        fresh_gain: ``k``: under the ``"model_start"`` gain ``G``, the tensors in param groups marked
+            ``"fresh"`` (newly initialised on a pretrained model, such as a new classifier head:
+            :mod:`celo_hf.fresh_tensors`) take steps ``min(k, 1 / G)`` times the scheduler's
+            (:func:`celo_hf.step_gain.fresh_tensor_gain`): up to ``k`` times larger while the
+            pretrained body is slowed, and unchanged when nothing is (``G = 1``: a model trained
+            from scratch, or LoRA, whose trainable tensors are all fresh). ``None``: fresh tensors
+            step at the scheduler's ``lr_mult`` alone.
     """
 
     update_rule = CELO
@@ -90,6 +97,7 @@ class CeloNet(
         gain_power: float = 1.0,
         gain_signal: str = "tensor",
         param_scale_floor: float | None = None,
+        fresh_gain: float | None = None,
     ) -> None:
         super().__init__()
         self.momentum_decays, self.factored_decays = paired_decays(momentum_decays, factored_decays)
@@ -101,6 +109,11 @@ class CeloNet(
             raise ValueError(f"gain_signal must be one of {GAIN_SIGNALS}, got {gain_signal!r}")
         if param_scale_floor is not None and not param_scale_floor > 0:
             raise ValueError(f"param_scale_floor must be a positive number or None, got {param_scale_floor!r}")
+        if fresh_gain is not None and not fresh_gain >= 1:
+            raise ValueError(f"fresh_gain must be a number >= 1 or None, got {fresh_gain!r}")
+        if fresh_gain is not None and (gain_threshold is None or gain_signal != "model_start"):
+            raise ValueError(f"fresh_gain={fresh_gain!r} needs the model-start gain (gain_signal='model_start' and a "
+                             f"gain_threshold), got gain_signal={gain_signal!r}, gain_threshold={gain_threshold!r}")
         self.rms_decay = float(rms_decay)
         self.step_mult = float(step_mult)
         self.exp_mult = float(exp_mult)
@@ -109,6 +122,7 @@ class CeloNet(
         self.gain_power = float(gain_power)
         self.gain_signal = gain_signal
         self.param_scale_floor = None if param_scale_floor is None else float(param_scale_floor)
+        self.fresh_gain = None if fresh_gain is None else float(fresh_gain)
         self.group_widths = feature_group_widths(len(self.momentum_decays))
         self.num_features = sum(self.group_widths)
 

@@ -42,6 +42,7 @@ from .loss_recording import recorder_for
 from .network import CeloNet
 from .optim_contract import Copyable, check_lr, hooks_set_aside
 from .scheduler_state import SchedulerState
+from .step_gain import fresh_tensor_gain
 
 Backend = str  #: one of BACKENDS
 BACKENDS = backends.NAMES
@@ -249,10 +250,14 @@ class Celo(Copyable, torch.optim.Optimizer):
 
         lr_mult = self._schedule(loss_t, device)
         gained = lr_mult  # lr_mult times the "model_start" gain, for the tensors not marked fresh
+        fresh_mult = lr_mult  # lr_mult times the fresh tensors' gain, for those marked fresh
         if self.net.gain_in_use("model_start"):
             if self._run_gain is None:
                 self._run_gain = first_step_gain(work, self.net)
-            gained = lr_mult * self._run_gain.to(device)
+            run_gain = self._run_gain.to(device)
+            gained = lr_mult * run_gain
+            if self.net.fresh_gain is not None:
+                fresh_mult = lr_mult * fresh_tensor_gain(run_gain, self.net.fresh_gain)
         num_decays = len(self.net.momentum_decays)
         for item in work:
             if not self.state[item.param]:
@@ -266,7 +271,7 @@ class Celo(Copyable, torch.optim.Optimizer):
         for batch in batches(work, chunk_elements):
             on = batch[0].local.device
             update_work_(
-                batch, [self.state[item.param] for item in batch], self._stacks, step_scales(batch, lr_mult, gained, gains),
+                batch, [self.state[item.param] for item in batch], self._stacks, step_scales(batch, fresh_mult, gained, gains),
                 self._weights_on(on, len(batch)), self._backend_on(on), self.chunk_elements,
             )
         return closure_loss

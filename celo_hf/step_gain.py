@@ -23,6 +23,7 @@ the paper's checkpoint. Which ``r`` it reads is the ``gain_signal``:
 
 Tensors in a param group marked ``"fresh"`` (newly initialised on a pretrained model, such as a new
 head: :mod:`celo_hf.fresh_tensors`) take no gain of either signal and are left out of the median.
+With ``CeloNet(fresh_gain=k)`` they step faster while the body is slowed (:func:`fresh_tensor_gain`).
 """
 
 from __future__ import annotations
@@ -63,3 +64,11 @@ def model_start_gain(grad_norm: torch.Tensor, param_norm: torch.Tensor, threshol
     median = median_ratio(grad_norm, param_norm)
     gain = torch.clamp(median / threshold, max=1.0).pow(power)
     return torch.where(median.isnan(), torch.ones_like(gain), gain)
+
+
+def fresh_tensor_gain(run_gain: torch.Tensor, fresh_gain: float) -> torch.Tensor:
+    """The step multiplier of fresh tensors under a ``"model_start"`` gain ``run_gain`` ``G``
+    (any shape): ``min(fresh_gain, 1 / G)``, float32. A fresh head on a pretrained body whose steps
+    are slowed (``G < 1``) steps up to ``fresh_gain`` times Celo's own step; with ``G = 1``
+    (nothing slowed) it steps as every other tensor."""
+    return torch.clamp(run_gain.float().reciprocal(), max=fresh_gain)

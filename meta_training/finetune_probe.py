@@ -144,6 +144,10 @@ def seeded_dropout_finetune_score(net: CeloNet, steps: int = 100, seeds: Sequenc
 UNSEEN_SEEDS = (3, 4, 5)
 
 
+#: Seeds of the dropout-on check that no probe or round had scored when ``fresh_tensor_gain``'s rule was written.
+LATER_SEEDS = (6, 7, 8)
+
+
 def unseen_seeds_dropout_finetune_score(net: CeloNet, steps: int = 100, mark_fresh: bool = False) -> float:
     """:func:`seeded_dropout_finetune_score` over :data:`UNSEEN_SEEDS` (the ``fresh_head`` round's pick)."""
     return seeded_dropout_finetune_score(net, steps, UNSEEN_SEEDS, mark_fresh)

@@ -11,6 +11,7 @@
     python -m meta_training.select_gain --round classify_wide --out meta_training/results/classify_wide_adoption
     python -m meta_training.select_gain --round fresh_head --out meta_training/results/fresh_head_adoption
     python -m meta_training.select_gain --round fresh_gain --out meta_training/results/fresh_gain_selection
+    python -m meta_training.select_gain --round fresh_tensor_gain --out meta_training/results/fresh_tensor_gain_selection
 
 Each round's rule and candidates (:data:`ROUNDS`) are in its folder's ``RULE.md``, written before
 any of its scores was seen. The gain rounds put a ``gain_signal`` and candidate ``(gain_threshold,
@@ -35,7 +36,9 @@ fine-tune with dropout on, over three seeds, is lower (``meta_training/runs/clas
 LoRA fine-tune within 1.02x, adopted if the dropout-on fine-tune over three seeds not scored
 before (3-5) is lower (``meta_training/results/fresh_head_adoption/RULE.md``); ``fresh_gain``
 then puts thresholds on the embedded default with every fine-tune built that way
-(``meta_training/results/fresh_gain_selection/RULE.md``). Writes
+(``meta_training/results/fresh_gain_selection/RULE.md``); ``fresh_tensor_gain`` puts candidate
+``fresh_gain`` values (the fresh head's steps while the body is slowed) on it, picked by the
+dropout-on fine-tune over seeds 6-8 (``meta_training/results/fresh_tensor_gain_selection/RULE.md``). Writes
 ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
@@ -44,6 +47,7 @@ the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +60,7 @@ from celo_hf import CeloNet, load_celo_net
 from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 
 from .finetune_probe import (
+    LATER_SEEDS,
     dropout_finetune_score,
     finetune_score,
     lora_finetune_score,
@@ -155,8 +160,12 @@ ROUNDS["fresh_head"] = Round({"fresh_head": {}}, (), pick_by="finetune_dropout_u
 ROUNDS["fresh_gain"] = gain_round("model_start", ((0.0035, 2.0), (0.007, 2.0)), ("digits", "lm"),
                                   pick_by="finetune_dropout_unseen", base="embedded",
                                   fresh_marked=("none", "0.0035^2", "0.007^2"))
+ROUNDS["fresh_tensor_gain"] = Round({f"{k:g}": {"fresh_gain": k} for k in (2.0, 3.0)}, (),
+                                    pick_by="finetune_dropout_later", base="embedded", varies="fresh_gain",
+                                    fresh_marked=("none", "2", "3"))
 #: The checks that fine-tune a pretrained model (they take ``mark_fresh``).
-FINETUNE_CHECKS = ("finetune", "finetune_lora", "finetune_dropout", "finetune_dropout_seeds", "finetune_dropout_unseen")
+FINETUNE_CHECKS = ("finetune", "finetune_lora", "finetune_dropout", "finetune_dropout_seeds", "finetune_dropout_unseen",
+                   "finetune_dropout_later")
 
 
 def configured_net(base: CeloNet, **settings: Any) -> CeloNet:
@@ -194,7 +203,8 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
     names = {"digits": "digits held-in loss", "lm": "LM held-in loss", "finetune": "fine-tune score",
              "finetune_lora": "LoRA fine-tune score", "finetune_dropout": "fine-tune score, dropout on",
              "finetune_dropout_seeds": "fine-tune score, dropout on, 3 seeds",
-             "finetune_dropout_unseen": "fine-tune score, dropout on, seeds 3-5"}
+             "finetune_dropout_unseen": "fine-tune score, dropout on, seeds 3-5",
+             "finetune_dropout_later": "fine-tune score, dropout on, seeds 6-8"}
     shown = [check for check in selection.checks() if check in limits or check == selection.pick_by]
     rows = [f"| {selection.varies} | " + " | ".join(names[c] for c in shown) + " | zero-gradient drift | eligible |",
             "|---|" + "---:|" * (len(shown) + 1) + "---|"]
@@ -207,7 +217,7 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
     verdict = f"chosen: {selection.varies}={chosen}" if chosen else "no candidate is eligible and better: none is chosen"
     table = "\n".join(rows) + f"\n\n{verdict}\n"
     (out / "scores.md").write_text(table)
-    if chosen is not None and chosen not in selection.fresh_marked:  # a marked candidate keeps the base's weights
+    if chosen is not None and (selection.keyed()[chosen] or chosen in selection.weights):  # else: the base's own
         selection.candidate_net(base, chosen).save_pretrained(out / "chosen")
     return table
 
@@ -234,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     drift_tensors = [torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.full((32,), 0.1)]
     checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score,
               "finetune_dropout": dropout_finetune_score, "finetune_dropout_seeds": seeded_dropout_finetune_score,
-              "finetune_dropout_unseen": unseen_seeds_dropout_finetune_score}
+              "finetune_dropout_unseen": unseen_seeds_dropout_finetune_score,
+              "finetune_dropout_later": functools.partial(seeded_dropout_finetune_score, seeds=LATER_SEEDS)}
     scores: dict[str, dict[str, float]] = {}
     for key in tqdm(selection.keyed(), desc="candidates"):
         net = selection.candidate_net(base, key)

@@ -12,10 +12,11 @@ from celo_hf import Celo, CeloNet, create, load_celo_net
 from celo_hf.fresh_tensors import FRESH, newly_initialised
 
 
-def _gain_net(threshold: float | None, signal: str = "model_start") -> CeloNet:
+def _gain_net(threshold: float | None, signal: str = "model_start", fresh_gain: float | None = None) -> CeloNet:
     from meta_training.select_gain import configured_net
 
-    return configured_net(load_celo_net(None), gain_threshold=threshold, gain_power=2.0, gain_signal=signal)
+    return configured_net(load_celo_net(None), gain_threshold=threshold, gain_power=2.0, gain_signal=signal,
+                          fresh_gain=fresh_gain)
 
 
 def _pretrained_like() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
@@ -54,6 +55,50 @@ def test_a_fresh_tensor_steps_without_the_gain_and_the_others_with_the_gain_of_t
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     unmarked, _ = _run(net, values, grads, [False] * 4, backend=backend)
     assert not torch.allclose(unmarked[3], marked[3]), "unmarked, the head takes the gain"
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_the_fresh_gain_multiplies_the_fresh_tensors_steps_alone(backend):
+    """``CeloNet(fresh_gain=k)``: a fresh tensor steps as it would at an lr of ``k`` with no gain;
+    the body is untouched (its gain still taken over the body alone)."""
+    values, grads = _pretrained_like()
+    fresh = [False, False, True, True]
+    boosted, _ = _run(_gain_net(0.005, fresh_gain=3.0), values, grads, fresh, backend=backend)
+    plain, _ = _run(_gain_net(0.005), values, grads, fresh, backend=backend)
+    as_lr, _ = _run(_gain_net(None), values, grads, [False] * 4, lrs=[1.0, 1.0, 3.0, 3.0], backend=backend)
+    for i in (0, 1):
+        assert torch.equal(boosted[i], plain[i]), f"tensor {i} is not fresh"
+    for i in (2, 3):
+        torch.testing.assert_close(boosted[i], as_lr[i], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(boosted[i], plain[i])
+
+
+@pytest.mark.parametrize("fresh", [[False] * 4, [True] * 4], ids=["nothing marked", "everything marked"])
+def test_the_fresh_gain_changes_nothing_when_no_body_is_slowed(fresh):
+    """Training from scratch (nothing marked) and LoRA (every trainable tensor fresh: gain 1) step
+    bit for bit as without it."""
+    values, grads = _pretrained_like()
+    for a, b in zip(_run(_gain_net(0.005, fresh_gain=3.0), values, grads, fresh)[0],
+                    _run(_gain_net(0.005), values, grads, fresh)[0]):
+        assert torch.equal(a, b)
+
+
+def test_the_fresh_tensor_gain_is_capped_by_how_much_the_body_is_slowed():
+    from celo_hf.step_gain import fresh_tensor_gain
+
+    torch.testing.assert_close(fresh_tensor_gain(torch.tensor([1.0, 0.5, 0.1, 1e-3]), 3.0),
+                               torch.tensor([1.0, 2.0, 3.0, 3.0]))
+
+
+def test_the_fresh_gain_is_saved_with_the_weights_and_checked(tmp_path):
+    net = _gain_net(0.005, fresh_gain=2.5)
+    net.save_pretrained(tmp_path)
+    assert load_celo_net(tmp_path).fresh_gain == 2.5
+    assert CeloNet().fresh_gain is None, "the paper's Celo v1: no fresh gain"
+    with pytest.raises(ValueError, match=r"fresh_gain must be a number >= 1 or None, got 0.5"):
+        _gain_net(0.005, fresh_gain=0.5)
+    with pytest.raises(ValueError, match=r"fresh_gain=2.0 needs the model-start gain .* got gain_signal='tensor'"):
+        _gain_net(0.005, signal="tensor", fresh_gain=2.0)
 
 
 def test_fresh_marks_change_nothing_without_a_gain():

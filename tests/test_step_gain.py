@@ -241,3 +241,23 @@ def test_fresh_head_round_keeps_the_weights_guards_lora_and_picks_by_unseen_seed
     assert choose({"none": base, "fresh_head": {**base}}, selection) is None
     table = report({"none": base, "fresh_head": better}, load_celo_net(None), tmp_path, selection)
     assert "fresh_head (chosen)" in table and not (tmp_path / "chosen").exists()
+
+
+def test_fresh_tensor_gain_round_puts_fresh_gains_on_the_default_and_picks_by_later_seeds(tmp_path):
+    """Candidates fresh_gain 2 and 3 on the embedded default, every fine-tune (the base's too) built
+    with the head marked; the lowest dropout-on score over seeds 6-8 wins if below the base's, and
+    its settings are saved."""
+    from meta_training.finetune_probe import LATER_SEEDS, UNSEEN_SEEDS
+    from meta_training.select_gain import ROUNDS, choose, report
+
+    selection = ROUNDS["fresh_tensor_gain"]
+    assert selection.checks() == ("finetune_dropout_later",) and LATER_SEEDS == (6, 7, 8)
+    assert set(LATER_SEEDS).isdisjoint(UNSEEN_SEEDS) and set(LATER_SEEDS).isdisjoint((0, 1, 2))
+    assert selection.keyed() == {"none": {}, "2": {"fresh_gain": 2.0}, "3": {"fresh_gain": 3.0}}
+    assert set(selection.fresh_marked) == set(selection.keyed())
+    base = {"finetune_dropout_later": 0.66, "drift": 1e-10}
+    scores = {"none": base, "2": {**base, "finetune_dropout_later": 0.65}, "3": {**base, "finetune_dropout_later": 0.64}}
+    assert choose(scores, selection) == "3"
+    assert choose({**scores, "2": base, "3": base}, selection) is None
+    table = report(scores, load_celo_net(None), tmp_path, selection)
+    assert "| 3 (chosen) |" in table and load_celo_net(tmp_path / "chosen").fresh_gain == 3.0
