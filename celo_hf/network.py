@@ -76,8 +76,8 @@ class CeloNet(
             :mod:`celo_hf.fresh_tensors`) take steps ``min(k, 1 / G)`` times the scheduler's
             (:func:`celo_hf.step_gain.fresh_tensor_gain`): up to ``k`` times larger while the
             pretrained body is slowed, and unchanged when nothing is (``G = 1``: a model trained
-            from scratch, or LoRA, whose trainable tensors are all fresh). ``None``: fresh tensors
-            step at the scheduler's ``lr_mult`` alone.
+            from scratch, or LoRA, whose trainable tensors are all fresh). ``None``, or no
+            model-start gain: fresh tensors step at the scheduler's ``lr_mult`` alone.
     """
 
     update_rule = CELO
@@ -111,9 +111,6 @@ class CeloNet(
             raise ValueError(f"param_scale_floor must be a positive number or None, got {param_scale_floor!r}")
         if fresh_gain is not None and not fresh_gain >= 1:
             raise ValueError(f"fresh_gain must be a number >= 1 or None, got {fresh_gain!r}")
-        if fresh_gain is not None and (gain_threshold is None or gain_signal != "model_start"):
-            raise ValueError(f"fresh_gain={fresh_gain!r} needs the model-start gain (gain_signal='model_start' and a "
-                             f"gain_threshold), got gain_signal={gain_signal!r}, gain_threshold={gain_threshold!r}")
         self.rms_decay = float(rms_decay)
         self.step_mult = float(step_mult)
         self.exp_mult = float(exp_mult)

@@ -1,6 +1,6 @@
 """The embedded default weights: present in the package, the committed LM-aimed meta-training run's
-pick, which started from the previous default; that one is produced from the committed CPU run by the
-committed calibration and selection rounds."""
+pick with the fresh-tensor gain its selection round chose; that run started from the previous
+default, which is produced from the committed CPU run by the committed calibration and selection rounds."""
 
 import subprocess
 import sys
@@ -15,33 +15,37 @@ from celo_hf.hub import DEFAULT_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_BEST = REPO / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best"
-CHOSEN = REPO / "meta_training" / "results" / "lm_schedule_adoption" / "chosen"
+#: The fresh_tensor_gain round's pick: the LM-aimed run's pick with fresh_gain=3.
+CHOSEN = REPO / "meta_training" / "results" / "fresh_tensor_gain_selection" / "chosen"
+#: The LM-aimed run's pick, the default before that round (still loadable by this path).
 LM_RUN_BEST = REPO / "meta_training" / "runs" / "lm_schedule" / "phase1" / "best"
 #: The default before the LM-aimed run, its starting point (still loadable by this path).
 PREVIOUS = REPO / "meta_training" / "results" / "param_scale_floor_selection" / "chosen"
 
 
-def test_weights_none_loads_the_adopted_run_pick_byte_for_byte():
+def test_weights_none_loads_the_adopted_round_pick_byte_for_byte():
     for name in ("config.json", "model.safetensors"):
-        assert (DEFAULT_WEIGHTS_DIR / name).read_bytes() == (CHOSEN / name).read_bytes() == (LM_RUN_BEST / name).read_bytes(), name
-    net = celo_hf.load_celo_net(None)
+        assert (DEFAULT_WEIGHTS_DIR / name).read_bytes() == (CHOSEN / name).read_bytes(), name
+    assert (CHOSEN / "model.safetensors").read_bytes() == (LM_RUN_BEST / "model.safetensors").read_bytes()
+    net, run_pick = celo_hf.load_celo_net(None), celo_hf.load_celo_net(LM_RUN_BEST)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in load_file(str(CHOSEN / "model.safetensors")).items())
     assert (net.gain_signal, net.gain_threshold, net.gain_power) == ("model_start", 0.005, 2.0)
     assert net.param_scale_floor == 0.1
+    assert net._hub_mixin_config == run_pick._hub_mixin_config | {"fresh_gain": 3.0}
 
 
-def test_the_default_differs_from_its_start_in_the_update_mlp_alone_and_stays_calibrated():
+def test_the_lm_run_pick_differs_from_its_start_in_the_update_mlp_alone_and_stays_calibrated():
     """The LM-aimed run trained the update MLP (phase 1), kept zero-gradient-calibrated, from the
-    previous default: the scheduler is the same, the MLP moved, a zero gradient still moves nothing."""
+    default before it: the scheduler is the same, the MLP moved, a zero gradient still moves nothing."""
     from celo_hf.diagnostics import calibrate_zero_gradient_
     from meta_training.select_gain import configured_net
 
-    default, previous = celo_hf.load_celo_net(None), celo_hf.load_celo_net(PREVIOUS)
-    assert default._hub_mixin_config == previous._hub_mixin_config
-    changed = {k for k, v in default.state_dict().items() if not torch.equal(v, previous.state_dict()[k])}
+    run_pick, previous = celo_hf.load_celo_net(LM_RUN_BEST), celo_hf.load_celo_net(PREVIOUS)
+    assert run_pick._hub_mixin_config == previous._hub_mixin_config
+    changed = {k for k, v in run_pick.state_dict().items() if not torch.equal(v, previous.state_dict()[k])}
     assert changed and all(k.startswith("mlp.") for k in changed), sorted(changed)
-    recalibrated = calibrate_zero_gradient_(configured_net(default))
-    assert all(torch.allclose(v, default.state_dict()[k], rtol=0, atol=1e-6) for k, v in recalibrated.state_dict().items())
+    recalibrated = calibrate_zero_gradient_(configured_net(run_pick))
+    assert all(torch.allclose(v, run_pick.state_dict()[k], rtol=0, atol=1e-6) for k, v in recalibrated.state_dict().items())
 
 
 def test_the_previous_default_is_the_meta_trained_run_calibrated_with_the_chosen_gain_and_floor():

@@ -90,15 +90,19 @@ def test_the_fresh_tensor_gain_is_capped_by_how_much_the_body_is_slowed():
                                torch.tensor([1.0, 2.0, 3.0, 3.0]))
 
 
-def test_the_fresh_gain_is_saved_with_the_weights_and_checked(tmp_path):
+def test_the_fresh_gain_is_saved_with_the_weights_checked_and_needs_the_model_start_gain(tmp_path):
     net = _gain_net(0.005, fresh_gain=2.5)
     net.save_pretrained(tmp_path)
     assert load_celo_net(tmp_path).fresh_gain == 2.5
     assert CeloNet().fresh_gain is None, "the paper's Celo v1: no fresh gain"
     with pytest.raises(ValueError, match=r"fresh_gain must be a number >= 1 or None, got 0.5"):
         _gain_net(0.005, fresh_gain=0.5)
-    with pytest.raises(ValueError, match=r"fresh_gain=2.0 needs the model-start gain .* got gain_signal='tensor'"):
-        _gain_net(0.005, signal="tensor", fresh_gain=2.0)
+    values, grads = _pretrained_like()
+    fresh = [False, False, True, True]
+    for other, without in ((_gain_net(0.005, "tensor", fresh_gain=3.0), _gain_net(0.005, "tensor")),
+                           (_gain_net(None, fresh_gain=3.0), _gain_net(None))):
+        for a, b in zip(_run(other, values, grads, fresh)[0], _run(without, values, grads, fresh)[0]):
+            assert torch.equal(a, b), "without the model-start gain the fresh gain does nothing"
 
 
 def test_fresh_marks_change_nothing_without_a_gain():
