@@ -86,7 +86,8 @@ class Round:
     fine-tuning checks that must stay within :data:`KEPT_TOLERANCE` of the base's (``kept``), and
     the fine-tuning check the pick minimises (``pick_by``). ``base``: ``"calibrated"``, the CPU
     run's weights (:data:`CPU_RUN_BEST`) calibrated for zero drift, no gain (the gain rounds);
-    ``"embedded"``, the embedded default as it is."""
+    ``"embedded"``, the embedded default as it is now; else a folder of weights (relative to the
+    repository): the embedded default as the round found it, so that it scores the same base later."""
 
     candidates: dict[str, dict[str, Any]]
     from_scratch: tuple[str, ...]
@@ -138,30 +139,36 @@ def gain_round(signal: str, pairs: tuple[tuple[float, float], ...], from_scratch
     return Round(keys, from_scratch, varies=f"gain_threshold ({signal})", **rule)
 
 
+#: The embedded defaults the later rounds were scored against, in turn: the CPU run calibrated with
+#: the model-start gain; that with the param-scale floor; the LM-aimed run's pick (from 067dd03
+#: until round ``fresh_tensor_gain`` gave it a ``fresh_gain``).
+GAIN_PICK = "meta_training/results/gain_selection_model_start_power/chosen"
+FLOOR_PICK = "meta_training/results/param_scale_floor_selection/chosen"
+LM_RUN_PICK = "meta_training/runs/lm_schedule/phase1/best"
 ROUNDS = {
     "tensor": gain_round("tensor", ((0.01, 1.0), (0.03, 1.0), (0.1, 1.0)), ("digits",)),
     "model_start": gain_round("model_start", ((0.003, 1.0), (0.01, 1.0), (0.03, 1.0)), ("digits", "lm")),
     "model_start_power": gain_round("model_start", ((0.01, 1.5), (0.01, 2.0), (0.005, 2.0)), ("digits", "lm")),
     "param_scale_floor": Round({f"{c:g}": {"param_scale_floor": c} for c in (0.03, 0.1, 0.3)}, ("digits", "lm"),
-                               pick_by="finetune_lora", kept=("finetune",), base="embedded", varies="param_scale_floor"),
+                               pick_by="finetune_lora", kept=("finetune",), base=GAIN_PICK, varies="param_scale_floor"),
     "model_start_dropout": gain_round("model_start", ((0.0035, 2.0), (0.007, 2.0), (0.01, 2.0)), ("digits", "lm"),
-                                      pick_by="finetune_dropout", base="embedded"),
-    "lm_schedule": Round({"phase1/best": {}}, (), pick_by=None, kept=("finetune", "finetune_lora"), base="embedded",
+                                      pick_by="finetune_dropout", base=FLOOR_PICK),
+    "lm_schedule": Round({"phase1/best": {}}, (), pick_by=None, kept=("finetune", "finetune_lora"), base=FLOOR_PICK,
                          varies="lm_schedule run", weights={"phase1/best": "meta_training/runs/lm_schedule/phase1/best"}),
     "classify": Round({"phase1/best": {}}, ("digits", "lm"), pick_by="finetune_dropout_seeds", kept=("finetune_lora",),
-                      base="embedded", varies="classify run", weights={"phase1/best": "meta_training/runs/classify/phase1/best"}),
+                      base=LM_RUN_PICK, varies="classify run", weights={"phase1/best": "meta_training/runs/classify/phase1/best"}),
 }
 ROUNDS["classify_focus"] = replace(ROUNDS["classify"], candidates={"focus/best": {}}, varies="classify run, stage 2",
                                    weights={"focus/best": "meta_training/runs/classify/focus/best"})
 ROUNDS["classify_wide"] = replace(ROUNDS["classify"], candidates={"wide/best": {}}, varies="classify run, stage 3",
                                   weights={"wide/best": "meta_training/runs/classify/wide/best"})
 ROUNDS["fresh_head"] = Round({"fresh_head": {}}, (), pick_by="finetune_dropout_unseen", kept=("finetune_lora",),
-                             base="embedded", varies="fresh tensors", fresh_marked=("fresh_head",))
+                             base=LM_RUN_PICK, varies="fresh tensors", fresh_marked=("fresh_head",))
 ROUNDS["fresh_gain"] = gain_round("model_start", ((0.0035, 2.0), (0.007, 2.0)), ("digits", "lm"),
-                                  pick_by="finetune_dropout_unseen", base="embedded",
+                                  pick_by="finetune_dropout_unseen", base=LM_RUN_PICK,
                                   fresh_marked=("none", "0.0035^2", "0.007^2"))
 ROUNDS["fresh_tensor_gain"] = Round({f"{k:g}": {"fresh_gain": k} for k in (2.0, 3.0)}, (),
-                                    pick_by="finetune_dropout_later", base="embedded", varies="fresh_gain",
+                                    pick_by="finetune_dropout_later", base=LM_RUN_PICK, varies="fresh_gain",
                                     fresh_marked=("none", "2", "3"))
 #: The checks that fine-tune a pretrained model (they take ``mark_fresh``).
 FINETUNE_CHECKS = ("finetune", "finetune_lora", "finetune_dropout", "finetune_dropout_seeds", "finetune_dropout_unseen",
@@ -226,7 +233,7 @@ def base_net(selection: Round) -> CeloNet:
     """The weights a round's settings are put on (:attr:`Round.base`)."""
     if selection.base == "calibrated":
         return calibrate_zero_gradient_(load_celo_net(CPU_RUN_BEST))
-    return load_celo_net(None)
+    return load_celo_net(None if selection.base == "embedded" else REPO / selection.base)
 
 
 def main(argv: list[str] | None = None) -> None:

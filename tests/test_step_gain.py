@@ -261,3 +261,19 @@ def test_fresh_tensor_gain_round_puts_fresh_gains_on_the_default_and_picks_by_la
     assert choose({**scores, "2": base, "3": base}, selection) is None
     table = report(scores, load_celo_net(None), tmp_path, selection)
     assert "| 3 (chosen) |" in table and load_celo_net(tmp_path / "chosen").fresh_gain == 3.0
+
+
+def test_each_round_scores_the_default_it_was_run_against():
+    """A round's base is the embedded default as the round found it, not as it is now: re-running a
+    round scores the same base (the fresh rounds' has no fresh_gain, which the last of them added)."""
+    from meta_training.select_gain import ROUNDS, base_net
+
+    bases = {name: base_net(selection) for name, selection in ROUNDS.items()}
+    assert all(bases[name].gain_threshold is None for name in ("tensor", "model_start", "model_start_power"))
+    floorless = bases["param_scale_floor"]
+    assert (floorless.gain_threshold, floorless.param_scale_floor) == (0.005, None)
+    assert bases["model_start_dropout"].param_scale_floor == bases["lm_schedule"].param_scale_floor == 0.1
+    for name in ("classify", "classify_focus", "classify_wide", "fresh_head", "fresh_gain", "fresh_tensor_gain"):
+        assert bases[name].fresh_gain is None and bases[name].param_scale_floor == 0.1, name
+        assert torch.equal(bases[name].mlp_layers()[0][0], load_celo_net(None).mlp_layers()[0][0]), name
+    assert load_celo_net(None).fresh_gain == 3.0
