@@ -13,6 +13,7 @@ Meta-weights are a "stacked state dict": ``CeloNet.state_dict()`` keys, each ten
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from .driver import update_batch_
 from .layout import TensorState, UpdateWeights, init_tensor_state, state_shape
 from .network import CeloNet
 from .scheduler_state import LstmState, Schedule, SchedulerState
-from .step_gain import model_start_gain, row_norms, step_gain
+from .step_gain import fresh_tensor_gain, model_start_gain, row_norms, step_gain
 
 MetaWeights = dict[str, torch.Tensor]
 
@@ -126,14 +127,20 @@ def update(
     meta_weights: MetaWeights,
     net: CeloNet,
     backend: str = "eager",
+    fresh: Collection[str] = (),
 ) -> PopulationState:
     """One Celo step for every member: ``params`` (``name -> (P, *S)``) and the accumulators in
     ``state.tensors`` are updated in place; the new global state is returned.
 
     ``loss`` ``(P,)``: each member's training loss at the current parameters. ``net`` supplies the
     configuration and serves as the template module for the members' meta-weights. ``backend``:
-    a registered backend's name (:data:`celo_hf.backends.REGISTRY`).
+    a registered backend's name (:data:`celo_hf.backends.REGISTRY`). ``fresh``: the names of the
+    tensors newly initialised on a pretrained model (a fine-tune's new head, its adapters), which
+    step as :class:`celo_hf.Celo` steps param groups marked ``"fresh"`` (:mod:`celo_hf.fresh_tensors`).
     """
+    unknown = sorted(set(fresh) - params.keys())
+    if unknown:
+        raise ValueError(f"fresh names {unknown} are not among the parameters {sorted(params)}")
     schedule = _member_schedules(net, meta_weights) if net.learned_schedule else None
     lr_mult, scheduler = state.scheduler.update(loss.float(), state.total_steps, schedule)
     layers = [
@@ -143,25 +150,34 @@ def update(
     ]
     weights = UpdateWeights.from_mlp_layers(net, layers, loss.device)
     run_gain = state.run_gain
+    gained = fresh_mult = lr_mult  # the scales of the other tensors and of the fresh ones
     if net.gain_in_use("model_start"):
-        fresh = state.scheduler.iteration == 0
-        if bool(fresh.any()):  # only members at their first step need the norms
-            run_gain = torch.where(fresh, _first_step_gains(params, grads, net), run_gain)
-        lr_mult = lr_mult * run_gain
+        first = state.scheduler.iteration == 0
+        if bool(first.any()):  # only members at their first step need the norms
+            run_gain = torch.where(first, _first_step_gains(params, grads, net, fresh), run_gain)
+        gained = lr_mult * run_gain
+        if net.fresh_gain is not None:
+            fresh_mult = lr_mult * fresh_tensor_gain(run_gain, net.fresh_gain)
     for name, p in params.items():
         shape = (p.shape[0], *state_shape(p.shape[1:]))
-        scale = lr_mult
-        if net.gain_in_use("tensor"):
+        scale = fresh_mult if name in fresh else gained
+        if net.gain_in_use("tensor") and name not in fresh:
             norms = (row_norms(t.reshape(shape[0], -1)) for t in (grads[name], p))
             scale = lr_mult * step_gain(*norms, net.gain_threshold, net.gain_power)
         update_batch_(p.view(shape), grads[name].reshape(shape), state.tensors[name], scale, weights, backend)
     return PopulationState(state.total_steps, scheduler, state.tensors, run_gain)
 
 
-def _first_step_gains(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], net: CeloNet) -> torch.Tensor:
-    """Every member's ``"model_start"`` gain were this its first step: ``(P,)`` float32."""
+def _first_step_gains(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], net: CeloNet,
+                      fresh: Collection[str]) -> torch.Tensor:
+    """Every member's ``"model_start"`` gain were this its first step, the ``fresh`` tensors left
+    out (1 when every tensor is fresh): ``(P,)`` float32."""
     assert net.gain_threshold is not None
-    norms = [torch.stack([row_norms(t.reshape(t.shape[0], -1)) for t in (grads[name], p)]) for name, p in params.items()]
+    evidence = {name: p for name, p in params.items() if name not in fresh}
+    if not evidence:
+        some = next(iter(params.values()))
+        return torch.ones(some.shape[0], device=some.device)
+    norms = [torch.stack([row_norms(t.reshape(t.shape[0], -1)) for t in (grads[name], p)]) for name, p in evidence.items()]
     grad_norms, param_norms = torch.stack(norms, dim=-1)  # each (P, tensors)
     return model_start_gain(grad_norms, param_norms, net.gain_threshold, net.gain_power)
 

@@ -185,3 +185,15 @@ class LowRankAdapted:
 
     def losses_of_weights(self, weights: Weights, batch: Batch) -> torch.Tensor:
         return self.base.losses_of_weights(self.full_weights(weights), batch)
+
+
+def newly_initialised(model: InnerModel) -> tuple[str, ...]:
+    """The trainable tensors of ``model`` that a fine-tune initialises instead of loading: a
+    :class:`FullFineTune`'s ``fresh`` ones (a new head), every tensor of a :class:`LowRankAdapted`
+    (the adapters and any head, as :func:`celo_hf.fresh_tensors.newly_initialised` finds peft's);
+    none for a model trained from scratch. Meta-training marks them as :func:`celo_hf.create` does."""
+    if isinstance(model, FullFineTune):
+        return model.fresh
+    if isinstance(model, LowRankAdapted):
+        return tuple(model.shapes)
+    return ()

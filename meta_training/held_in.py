@@ -76,7 +76,7 @@ def final_loss(net: nn.Module, family: tasks.TaskFamily, seeds: int, steps: int,
         params = rule.parameters(init)
         ones = {name: torch.ones(1, *value.shape) for name, value in init.items()}
         task = family.sample_task(generator)
-        optimizer = rule.optimizer(net, params, steps)
+        optimizer = rule.optimizer(net, params, steps, fresh=finetune.newly_initialised(family.model))
         tail = []
         for step in range(steps):
             batch = tuple(t[None] for t in family.sample_batch(task, generator, family.batch_size))

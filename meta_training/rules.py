@@ -25,7 +25,7 @@ every other tensor on the learned rule, matrices handed to the rule as ``(in, ou
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +35,7 @@ from torch import nn
 from celo_hf import Celo, CeloNet, population
 from celo_hf.celo2 import population as celo2_population
 from celo_hf.celo2.routing import DEFAULT_ADAM_REGEX
+from celo_hf.fresh_tensors import FRESH
 from celo_hf.hub import load_celo_net
 from celo_hf.layout import TensorState
 
@@ -85,8 +86,10 @@ class Rule(Protocol):
         """Fresh state for ``P`` members (``total_steps`` ``(P,)``: each one's planned length)."""
 
     def update(self, net: nn.Module, state: Any, params: Weights, grads: Weights, loss: torch.Tensor,
-               meta_weights: Weights) -> Any:
-        """One step of every member (``params`` in place); ``loss`` ``(P,)``. Returns the new state."""
+               meta_weights: Weights, fresh: Collection[str] = ()) -> Any:
+        """One step of every member (``params`` in place); ``loss`` ``(P,)``; ``fresh``: the tensors
+        a fine-tune newly initialised (:func:`meta_training.finetune.newly_initialised`), stepped as
+        the optimizer steps param groups marked fresh. Returns the new state."""
 
     def reset(self, state: Any, members: torch.Tensor, total_steps: torch.Tensor, meta_weights: Weights) -> Any:
         """The state with the members flagged in the ``(P,)`` bool mask ``members`` started afresh."""
@@ -103,8 +106,10 @@ class Rule(Protocol):
     def inner_weights(self, params: Mapping[str, torch.Tensor]) -> Weights:
         """:meth:`parameters`' tensors back as the inner model computes with them, ``name -> (1, *shape)``."""
 
-    def optimizer(self, net: nn.Module, params: dict[str, nn.Parameter], total_steps: int) -> torch.optim.Optimizer:
-        """The rule's optimizer on one model's :meth:`parameters`, for ``total_steps`` steps."""
+    def optimizer(self, net: nn.Module, params: dict[str, nn.Parameter], total_steps: int,
+                  fresh: Collection[str] = ()) -> torch.optim.Optimizer:
+        """The rule's optimizer on one model's :meth:`parameters`, for ``total_steps`` steps, the
+        ``fresh`` ones (as in :meth:`update`) marked so."""
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         """One optimizer step after ``loss.backward()``."""
@@ -148,8 +153,8 @@ class CeloRule:
         return population.init(params, total_steps, meta_weights, net)
 
     def update(self, net: nn.Module, state: population.PopulationState, params: Weights, grads: Weights,
-               loss: torch.Tensor, meta_weights: Weights) -> population.PopulationState:
-        return population.update(state, params, grads, loss, meta_weights, net)
+               loss: torch.Tensor, meta_weights: Weights, fresh: Collection[str] = ()) -> population.PopulationState:
+        return population.update(state, params, grads, loss, meta_weights, net, fresh=fresh)
 
     def reset(self, state: population.PopulationState, members: torch.Tensor, total_steps: torch.Tensor,
               meta_weights: Weights) -> population.PopulationState:
@@ -167,8 +172,11 @@ class CeloRule:
     def inner_weights(self, params: Mapping[str, torch.Tensor]) -> Weights:
         return {name: p[None] for name, p in params.items()}
 
-    def optimizer(self, net: nn.Module, params: dict[str, nn.Parameter], total_steps: int) -> Celo:
-        return Celo(params.values(), total_steps=total_steps, weights=copy.deepcopy(net))
+    def optimizer(self, net: nn.Module, params: dict[str, nn.Parameter], total_steps: int,
+                  fresh: Collection[str] = ()) -> Celo:
+        groups = [{"params": [p for name, p in params.items() if (name in fresh) == marked], FRESH: marked}
+                  for marked in (False, True)]
+        return Celo([g for g in groups if g["params"]], total_steps=total_steps, weights=copy.deepcopy(net))
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimizer.step(loss=loss.detach())
@@ -273,8 +281,8 @@ class Celo2Rule:
         return celo2_population.init(ModuleView.of(_shapes(params)).to_module(params), self.settings(net))
 
     def update(self, net: nn.Module, state: Celo2State, params: Weights, grads: Weights, loss: torch.Tensor,
-               meta_weights: Weights) -> Celo2State:
-        """One step (Celo2 reads no loss)."""
+               meta_weights: Weights, fresh: Collection[str] = ()) -> Celo2State:
+        """One step (Celo2 reads no loss, and has no gain for fresh marks to change)."""
         view = ModuleView.of(_shapes(params))
         celo2_population.update(state, view.to_module(params), view.to_module(grads), meta_weights, self.settings(net))
         return state
@@ -302,8 +310,9 @@ class Celo2Rule:
         stacked = _stacked(params)
         return ModuleView.of(_shapes(stacked)).oriented(stacked)
 
-    def optimizer(self, net: nn.Module, params: dict[str, nn.Parameter], total_steps: int) -> torch.optim.Optimizer:
-        """``Celo2`` with its defaults at lr :data:`CELO2_LR`, on the module names."""
+    def optimizer(self, net: nn.Module, params: dict[str, nn.Parameter], total_steps: int,
+                  fresh: Collection[str] = ()) -> torch.optim.Optimizer:
+        """``Celo2`` with its defaults at lr :data:`CELO2_LR`, on the module names (no gain: ``fresh`` changes nothing)."""
         from celo_hf import Celo2
 
         names = ModuleView.of(_shapes(_stacked(params))).names

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from celo_hf import CeloNet
 from celo_hf.diagnostics import calibrate_zero_gradient_
 
-from . import held_in, inner, report
+from . import finetune, held_in, inner, report
 from .extras import require_meta_extra
 from .pes import antithetic_population, pes_gradient, sample_perturbations
 from .rules import RULES, Rule
@@ -263,7 +263,8 @@ class MetaTrainer:
                    for j, i in enumerate(group.local)]
         batch = tuple(torch.stack(parts).repeat(2, *([1] * parts[0].dim())) for parts in zip(*batches))
         loss, grads = inner.model_losses_and_grads(group.model, group.params, group.scales, batch)
-        group.state = self.rule.update(self.net, group.state, group.params, grads, loss, meta_weights)
+        group.state = self.rule.update(self.net, group.state, group.params, grads, loss, meta_weights,
+                                       fresh=finetune.newly_initialised(group.model))
         restarting = resetting[group.local]
         if bool(restarting.any()):
             for j in restarting.nonzero().flatten().tolist():

@@ -207,3 +207,22 @@ def test_classify_probe_rows_and_the_head_lr_reaches_the_head_alone():
     assert len(rows) == 3 + expected and all(row.count("|") == 5 for row in rows)
     ratio = classify_probe.first_step_ratio(family)
     assert 0 < ratio < 1 and ratio != classify_probe.first_step_ratio(family, seed=1)
+
+
+def test_fine_tunes_mark_what_they_initialise_fresh_as_create_does():
+    """A new head (full fine-tune), every adapter and head (LoRA), nothing from scratch; Celo's
+    held-in optimizer puts them in a param group marked fresh."""
+    from celo_hf.fresh_tensors import FRESH
+    from meta_training.rules import RULES
+
+    marks = {name: finetune.newly_initialised(tasks.family(name).model)
+             for name in ("ft_cls_full", "ft_cls_lora", "ft_digits_head", "ft_lm_full", "digits", "lm_d16_l1_t16")}
+    assert marks["ft_cls_full"] == ("cls.weight", "cls.bias") and marks["ft_digits_head"] == ("w2", "b2")
+    assert set(marks["ft_cls_lora"]) == set(tasks.family("ft_cls_lora").model.shapes) and "0.qkv.B" in marks["ft_cls_lora"]
+    assert marks["ft_lm_full"] == marks["digits"] == marks["lm_d16_l1_t16"] == ()
+    model = tasks.family("ft_digits_head").model
+    rule = RULES["celo"]
+    params = rule.parameters(model.init(torch.Generator().manual_seed(0)))
+    optimizer = rule.optimizer(rule.load_net(None), params, 10, fresh=marks["ft_digits_head"])
+    held = [([id(p) for p in g["params"]], g[FRESH]) for g in optimizer.param_groups]
+    assert held == [([id(params["w1"]), id(params["b1"])], False), ([id(params["w2"]), id(params["b2"])], True)]
