@@ -209,11 +209,10 @@ def _gradient(item: WorkItem) -> torch.Tensor:
 def step_scales(
     batch: list[WorkItem], fresh_mult: torch.Tensor, gained: torch.Tensor, gains: dict[torch.Tensor, torch.Tensor] | None
 ) -> torch.Tensor:
-    """Each tensor's step multiplier ``(B,)`` float32 on the batch's device: ``fresh_mult``, the
-    scheduler's ``lr_mult`` times the fresh tensors' gain if any (``(1,)``; ``fresh`` items:
-    :func:`celo_hf.step_gain.fresh_tensor_gain`),
-    or ``gained``, ``lr_mult`` times the ``"model_start"`` gain (``(1,)``; the other items), times
-    its group's ``lr``, times its ``"tensor"`` gain if any."""
+    """Each tensor's step multiplier ``(B,)`` float32 on the batch's device: ``fresh_mult`` for the
+    ``fresh`` items, ``gained`` for the others (both ``(1,)``: the scheduler's ``lr_mult`` times
+    :func:`celo_hf.step_gain.model_start_scales`' gains, if any), times its group's ``lr``, times
+    its ``"tensor"`` gain if any."""
     device = batch[0].local.device
     kinds = {(item.lr, item.fresh) for item in batch}
     if len(kinds) == 1:  # the usual case: one multiply, broadcast

@@ -42,7 +42,7 @@ from .loss_recording import recorder_for
 from .network import CeloNet
 from .optim_contract import Copyable, check_lr, hooks_set_aside
 from .scheduler_state import SchedulerState
-from .step_gain import fresh_tensor_gain
+from .step_gain import model_start_scales
 
 Backend = str  #: one of BACKENDS
 BACKENDS = backends.NAMES
@@ -249,15 +249,11 @@ class Celo(Copyable, torch.optim.Optimizer):
             return closure_loss
 
         lr_mult = self._schedule(loss_t, device)
-        gained = lr_mult  # lr_mult times the "model_start" gain, for the tensors not marked fresh
-        fresh_mult = lr_mult  # lr_mult times the fresh tensors' gain, for those marked fresh
+        gained = fresh_mult = lr_mult  # the multipliers of the tensors not marked fresh and of the fresh ones
         if self.net.gain_in_use("model_start"):
             if self._run_gain is None:
                 self._run_gain = first_step_gain(work, self.net)
-            run_gain = self._run_gain.to(device)
-            gained = lr_mult * run_gain
-            if self.net.fresh_gain is not None:
-                fresh_mult = lr_mult * fresh_tensor_gain(run_gain, self.net.fresh_gain)
+            gained, fresh_mult = model_start_scales(lr_mult, self._run_gain.to(device), self.net.fresh_gain)
         num_decays = len(self.net.momentum_decays)
         for item in work:
             if not self.state[item.param]:

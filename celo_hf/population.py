@@ -24,7 +24,7 @@ from .driver import update_batch_
 from .layout import TensorState, UpdateWeights, init_tensor_state, state_shape
 from .network import CeloNet
 from .scheduler_state import LstmState, Schedule, SchedulerState
-from .step_gain import fresh_tensor_gain, model_start_gain, row_norms, step_gain
+from .step_gain import model_start_gain, model_start_scales, row_norms, step_gain
 
 MetaWeights = dict[str, torch.Tensor]
 
@@ -155,9 +155,7 @@ def update(
         first = state.scheduler.iteration == 0
         if bool(first.any()):  # only members at their first step need the norms
             run_gain = torch.where(first, _first_step_gains(params, grads, net, fresh), run_gain)
-        gained = lr_mult * run_gain
-        if net.fresh_gain is not None:
-            fresh_mult = lr_mult * fresh_tensor_gain(run_gain, net.fresh_gain)
+        gained, fresh_mult = model_start_scales(lr_mult, run_gain, net.fresh_gain)
     for name, p in params.items():
         shape = (p.shape[0], *state_shape(p.shape[1:]))
         scale = fresh_mult if name in fresh else gained

@@ -72,3 +72,13 @@ def fresh_tensor_gain(run_gain: torch.Tensor, fresh_gain: float) -> torch.Tensor
     are slowed (``G < 1``) steps up to ``fresh_gain`` times Celo's own step; with ``G = 1``
     (nothing slowed) it steps as every other tensor."""
     return torch.clamp(run_gain.float().reciprocal(), max=fresh_gain)
+
+
+def model_start_scales(lr_mult: torch.Tensor, run_gain: torch.Tensor, fresh_gain: float | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step multipliers under a ``"model_start"`` gain ``run_gain``: ``(lr_mult * run_gain``
+    for the tensors not marked fresh, ``lr_mult`` times :func:`fresh_tensor_gain` for the fresh ones
+    (``lr_mult`` itself without a ``fresh_gain``)``)``. Shapes broadcast: ``(1,)`` in the optimizer,
+    ``(P,)`` in the population."""
+    fresh = lr_mult if fresh_gain is None else lr_mult * fresh_tensor_gain(run_gain, fresh_gain)
+    return lr_mult * run_gain, fresh
