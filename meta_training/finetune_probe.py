@@ -18,12 +18,16 @@ tragedies, shuffled with seed 0, the first 256 held out), in a plain PyTorch loo
 * :func:`update_alignment`: per kind of tensor, how Celo's update compares with AdamW's for the
   same gradients (direction and size);
 * :func:`head_trace` (``--head_trace``): the loss and the fresh head's growth along the fine-tune,
-  the head marked fresh or not.
+  the head marked fresh or not;
+* :func:`step_size_sweep` (``--step_sweep``): how the dropout-on check's score depends on the size
+  of the steps on the pretrained tensors, for Celo (their steps scaled, the fresh head's kept) and
+  for AdamW (its peak lr scaled), over three seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 from celo_hf import Celo, CeloNet, create, load_celo_net
+from celo_hf.fresh_tensors import FRESH
 
 from .trainer_tasks import with_lora
 
@@ -76,19 +81,13 @@ def held_in_model(lora: bool, dropout: bool = False, seed: int = 0
     return model, tokenize
 
 
-def finetune_losses(net: CeloNet | None, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0,
-                    mark_fresh: bool = False, watch: Callable[[torch.nn.Module], None] | None = None) -> list[float]:
-    """The training losses of ``steps`` Celo steps (lr 1) of :func:`held_in_model` (``seed``: the
-    head, the adapters, the data's shuffle and the dropout masks). ``mark_fresh``: Celo built by
-    :func:`celo_hf.create`, which marks the tensors ``from_pretrained`` initialised (the head; with
-    ``lora`` the adapters too) as fresh (:mod:`celo_hf.fresh_tensors`); else one param group of
-    every trainable tensor, none marked. ``watch(model)`` is called before the first step and
-    after every step."""
-    model, tokenize = held_in_model(lora, dropout, seed)
-    if mark_fresh:
-        optimizer, _ = create(model, steps, weights=net)
-    else:
-        optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
+def train_losses(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+                 optimizer: torch.optim.Optimizer, steps: int, seed: int,
+                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 watch: Callable[[torch.nn.Module], None] | None = None) -> list[float]:
+    """The training losses of ``steps`` steps of ``optimizer`` on ``model`` over :func:`genre_batches`
+    (``seed``); a :class:`~celo_hf.Celo` is handed each step's loss, ``schedule`` (if any) steps after
+    the optimizer, ``watch(model)`` is called before the first step and after every step."""
     losses = []
     if watch is not None:
         watch(model)
@@ -96,17 +95,57 @@ def finetune_losses(net: CeloNet | None, steps: int = 100, lora: bool = False, d
         loss = model(**tokenize(texts), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step(loss=loss.detach())
+        if isinstance(optimizer, Celo):
+            optimizer.step(loss=loss.detach())
+        else:
+            optimizer.step()
+        if schedule is not None:
+            schedule.step()
         losses.append(loss.item())
         if watch is not None:
             watch(model)
     return losses
 
 
+def finetune_losses(net: CeloNet | None, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0,
+                    mark_fresh: bool = False, watch: Callable[[torch.nn.Module], None] | None = None,
+                    body_lr: float = 1.0) -> list[float]:
+    """The training losses of ``steps`` Celo steps (lr 1) of :func:`held_in_model` (``seed``: the
+    head, the adapters, the data's shuffle and the dropout masks). ``mark_fresh``: Celo built by
+    :func:`celo_hf.create`, which marks the tensors ``from_pretrained`` initialised (the head; with
+    ``lora`` the adapters too) as fresh (:mod:`celo_hf.fresh_tensors`); else one param group of
+    every trainable tensor, none marked. ``body_lr``: the lr of the groups not marked fresh (a
+    multiplier of their steps; the fresh groups keep lr 1). ``watch`` as for :func:`train_losses`."""
+    model, tokenize = held_in_model(lora, dropout, seed)
+    if mark_fresh:
+        optimizer, _ = create(model, steps, weights=net)
+    else:
+        optimizer = Celo([p for p in model.parameters() if p.requires_grad], total_steps=steps, weights=net)
+    for group in optimizer.param_groups:
+        if not group.get(FRESH, False):
+            group["lr"] = body_lr
+    return train_losses(model, tokenize, optimizer, steps, seed, watch=watch)
+
+
+def adamw_finetune_losses(lr: float, steps: int = 100, seed: int = 0) -> list[float]:
+    """The training losses of ``steps`` AdamW steps on :func:`held_in_model` with dropout on
+    (``seed``), as ``Trainer``'s default trains: peak ``lr`` decayed linearly to 0, weight decay 0."""
+    model, tokenize = held_in_model(lora=False, dropout=True, seed=seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / steps)
+    return train_losses(model, tokenize, optimizer, steps, seed, schedule=schedule)
+
+
+def tail_mean(losses: Sequence[float]) -> float:
+    """The mean of the last :data:`TAIL` losses (of all, if fewer): the held-in checks' score."""
+    tail = losses[-TAIL:]
+    return sum(tail) / len(tail)
+
+
 def finetune_score(net: CeloNet, steps: int = 100, lora: bool = False, dropout: bool = False, seed: int = 0,
                    mark_fresh: bool = False) -> float:
     """Mean training loss of the last 10 of :func:`finetune_losses`."""
-    return sum(finetune_losses(net, steps, lora, dropout, seed, mark_fresh)[-TAIL:]) / TAIL
+    return tail_mean(finetune_losses(net, steps, lora, dropout, seed, mark_fresh))
 
 
 def head_trace(mark_fresh: bool, steps: int = 100, every: int = 10) -> list[tuple[int, float, float]]:
@@ -235,6 +274,62 @@ def update_alignment(net: CeloNet | None = None, steps: int = 40, skip: int = 5,
             for kind, values in pairs.items()}
 
 
+#: The step-size sweep (:func:`step_size_sweep`): multipliers of Celo's steps on the pretrained
+#: tensors (the fresh head keeps its own), AdamW's peak lrs around the recipe's tuned 3e-4, and seeds.
+SWEEP_BODY_LRS = (0.5, 1.0, 2.0)
+SWEEP_ADAMW_LRS = (1.5e-4, 3e-4, 6e-4)
+SWEEP_SEEDS = (0, 1, 2)
+
+
+def step_size_sweep(body_lrs: Sequence[float] = SWEEP_BODY_LRS, adamw_lrs: Sequence[float] = SWEEP_ADAMW_LRS,
+                    seeds: Sequence[int] = SWEEP_SEEDS, steps: int = 100) -> dict[str, list[list[float]]]:
+    """How sharply the held-in fine-tune (every tensor, dropout on) depends on the size of the steps
+    on its pretrained tensors: for Celo as :func:`celo_hf.create` builds it (embedded default) with
+    the unmarked groups' lr at each of ``body_lrs``, and for AdamW at each peak lr of ``adamw_lrs``
+    (:func:`adamw_finetune_losses`), the training losses of each seed: ``label -> [losses per seed]``."""
+    runs: dict[str, Callable[[int], list[float]]] = {}
+    for body_lr in body_lrs:
+        runs[f"Celo, pretrained tensors' steps x{body_lr:g}"] = lambda seed, b=body_lr: finetune_losses(
+            None, steps, dropout=True, seed=seed, mark_fresh=True, body_lr=b)
+    for lr in adamw_lrs:
+        runs[f"AdamW lr={lr:g}"] = lambda seed, lr=lr: adamw_finetune_losses(lr, steps, seed)
+    return {label: [run(seed) for seed in seeds] for label, run in runs.items()}
+
+
+def sweep_report(sweep: dict[str, list[list[float]]], seeds: Sequence[int]) -> list[str]:
+    """The markdown table of :func:`step_size_sweep`: each setting's score (:func:`tail_mean`) per seed and their mean."""
+    rows = ["| optimizer | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
+    for label, runs in sweep.items():
+        scores = [tail_mean(losses) for losses in runs]
+        rows.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in scores) + f" | {statistics.fmean(scores):.4f} |")
+    return rows
+
+
+def plot_sweep(sweep: dict[str, list[list[float]]], path: Path, window: int = TAIL) -> None:
+    """The seed-mean training loss of each setting of :func:`step_size_sweep`, averaged over
+    windows of ``window`` steps, against the step: one PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for label, runs in sweep.items():
+        mean = [statistics.fmean(values) for values in zip(*runs)]
+        ends = range(window, len(mean) + 1, window)
+        axes.plot(list(ends), [statistics.fmean(mean[t - window:t]) for t in ends], marker="o", markersize=3,
+                  linestyle="--" if label.startswith("AdamW") else "-", label=label)
+    axes.axhline(math.log(2), color="grey", linewidth=0.8, label="chance (ln 2)")
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"training loss (mean over seeds and {window} steps)")
+    axes.set_title("MiniLM-L6 held-in fine-tune: step size on the pretrained tensors")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_report(path: Path, heading: str, rows: list[str]) -> None:
     """Write (and print) a probe's markdown: ``heading``, a blank line, then the table ``rows``."""
     text = f"{heading}\n\n" + "\n".join(rows) + "\n"
@@ -248,7 +343,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--paper_weights", default="../shared/reference/celo_theta.state")
     parser.add_argument("--head_trace", action="store_true", help="write only head_trace.md (the fresh head, marked or not)")
+    parser.add_argument("--step_sweep", action="store_true",
+                        help="write only step_sweep.md and step_sweep.png (Celo's body steps and AdamW's lr, scaled)")
     args = parser.parse_args(argv)
+    if args.step_sweep:
+        sweep = step_size_sweep()
+        plot_sweep(sweep, args.out / "step_sweep.png")
+        write_report(args.out / "step_sweep.md", "The held-in MiniLM-L6 fine-tune (comedy vs tragedy, every tensor, "
+                     "dropout on, 100 steps; score = mean training loss of the last 10 steps, ln 2 = 0.693 is chance) "
+                     "with the steps on its pretrained tensors scaled: Celo (embedded default, built as `celo_hf.create` "
+                     "builds it, the fresh head's steps unchanged) and AdamW (Trainer's linear decay, weight decay 0). "
+                     "`python -m meta_training.finetune_probe --step_sweep --out meta_training/results/finetune_probe`; "
+                     "curves: `step_sweep.png`.", sweep_report(sweep, SWEEP_SEEDS))
+        return
     if args.head_trace:
         traces = {marked: head_trace(marked) for marked in (False, True)}
         rows = ["| step | loss, head unmarked | head growth, unmarked | loss, head fresh | head growth, fresh |",

@@ -145,3 +145,41 @@ def test_head_trace_shows_the_fresh_head_growing_faster():
     unmarked, fresh = (head_trace(marked, steps=2, every=1) for marked in (False, True))
     assert [row[0] for row in fresh] == [1, 2]
     assert 0 < unmarked[1][2] < fresh[1][2]
+
+
+def test_the_step_sweep_scales_only_the_pretrained_tensors_steps():
+    """body_lr 0: every pretrained tensor stays where from_pretrained put it while the fresh head
+    moves; body_lr 2 moves the pretrained tensors further than 1 does."""
+    from meta_training.finetune_probe import finetune_losses
+
+    def moves(body_lr: float) -> tuple[float, float]:
+        start: dict[str, torch.Tensor] = {}
+        moved: dict[str, float] = {}
+
+        def watch(model: torch.nn.Module) -> None:
+            for name, p in model.named_parameters():
+                if name not in start:
+                    start[name] = p.detach().clone()
+                moved[name] = float((p.detach() - start[name]).norm())
+
+        finetune_losses(None, steps=2, dropout=True, mark_fresh=True, watch=watch, body_lr=body_lr)
+        head = sum(v for n, v in moved.items() if n.startswith("classifier"))
+        return head, sum(v for n, v in moved.items() if not n.startswith("classifier"))
+
+    (head_frozen, body_frozen), (_, body_one), (_, body_two) = (moves(b) for b in (0.0, 1.0, 2.0))
+    assert body_frozen == 0.0 and head_frozen > 0
+    assert 1.5 * body_one < body_two
+
+
+def test_the_adamw_side_of_the_sweep_decays_trainers_way_and_the_report_averages_seeds():
+    """AdamW's schedule: the peak lr decayed linearly to 0 over the run, as Trainer's default; the
+    report's mean is the mean of the seeds' last-10 means."""
+    from meta_training.finetune_probe import SWEEP_SEEDS, adamw_finetune_losses, sweep_report, tail_mean
+
+    losses = adamw_finetune_losses(3e-4, steps=2, seed=0)
+    assert len(losses) == 2 and losses == adamw_finetune_losses(3e-4, steps=2, seed=0)
+    assert losses[1] != adamw_finetune_losses(0.0, steps=2, seed=0)[1]
+    sweep = {"AdamW lr=1": [[1.0] * 20, [0.5] * 5 + [0.7] * 10, [0.6] * 10]}
+    rows = sweep_report(sweep, SWEEP_SEEDS)
+    assert rows[2] == "| AdamW lr=1 | 1.0000 | 0.7000 | 0.6000 | 0.7667 |"
+    assert tail_mean([2.0, 4.0]) == 3.0
