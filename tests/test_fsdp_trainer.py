@@ -42,3 +42,13 @@ def test_fsdp2_trainer_equals_one_process(two_process_runs, tmp_path):
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(ranks[0]["fed"], single["fed"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_sharding_keeps_from_pretrained_marks_so_the_factory_finds_the_fresh_head(two_process_runs, tmp_path):
+    """The LM reloaded as a sequence classifier and sharded by transformers at load time: on each
+    rank CeloFactory marks exactly the new ``score`` head fresh, a DTensor, as it does unsharded."""
+    fsdp_trainer.run(tmp_path, world_size=1)
+    ranks = [torch.load(two_process_runs / "fsdp_trainer" / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.load(tmp_path / "rank0.pt")["fresh"] == {"score.weight": False}
+    assert [r["fresh"] for r in ranks] == [{"score.weight": True}] * 2

@@ -14,7 +14,8 @@ The script asserts that two processes ran and that every parameter Celo updates 
 DTensor on a 2-rank mesh, some of them split between the ranks.
 
 Writes ``OUT_DIR/rank{r}.pt``: the losses fed to Celo, the losses Trainer logged, Celo's iteration
-count and the final full parameters by name (float64).
+count, the final full parameters by name (float64), and which parameters ``CeloFactory`` marks fresh
+on the same model loaded, sharded the same way, as a sequence classifier (:func:`fresh_marked`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 from transformers.distributed import DistributedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,6 +97,17 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def fresh_marked(model_dir: Path, distributed: dict[str, Any]) -> dict[str, bool]:
+    """The saved LM loaded as a 3-way sequence classifier (its ``score`` head new), sharded as the
+    LM was, and Celo built over it by Trainer's FSDP route (``CeloFactory``): the names of the
+    parameters in Celo's ``"fresh"`` param groups, each with whether it is a DTensor."""
+    classifier = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3, dtype=torch.float32,
+                                                                    **distributed)
+    celo = celo_hf.CeloFactory()(classifier, total_steps=1, weights=PAPER_WEIGHTS)
+    fresh = {id(p) for group in celo.param_groups if group.get("fresh") for p in group["params"]}
+    return {name: isinstance(p, DTensor) for name, p in classifier.named_parameters() if id(p) in fresh}
+
+
 def run(out_dir: Path, world_size: int) -> None:
     """The tiny Llama sharded over ``world_size`` (2) processes, or unsharded in one; into ``out_dir``."""
     sharded = world_size == 2
@@ -130,6 +142,7 @@ def run(out_dir: Path, world_size: int) -> None:
         "iteration": celo.iteration,
         "split": inspect.split,
         "params": full_parameters(trainer.model),
+        "fresh": fresh_marked(model_dir, distributed),
     }
     torch.save(result, out_dir / f"rank{trainer.args.process_index}.pt")
 
