@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from celo_hf import Celo, CeloNet, create, load_celo_net
 from celo_hf.fresh_tensors import FRESH
@@ -293,7 +294,14 @@ def step_size_sweep(body_lrs: Sequence[float] = SWEEP_BODY_LRS, adamw_lrs: Seque
             None, steps, dropout=True, seed=seed, mark_fresh=True, body_lr=b)
     for lr in adamw_lrs:
         runs[f"AdamW lr={lr:g}"] = lambda seed, lr=lr: adamw_finetune_losses(lr, steps, seed)
-    return {label: [run(seed) for seed in seeds] for label, run in runs.items()}
+    progress = tqdm(total=len(runs) * len(seeds), desc="fine-tunes")
+    sweep: dict[str, list[list[float]]] = {}
+    for label, run in runs.items():
+        for seed in seeds:
+            sweep.setdefault(label, []).append(run(seed))
+            progress.update()
+    progress.close()
+    return sweep
 
 
 def sweep_report(sweep: dict[str, list[list[float]]], seeds: Sequence[int]) -> list[str]:

@@ -183,3 +183,14 @@ def test_the_adamw_side_of_the_sweep_decays_trainers_way_and_the_report_averages
     rows = sweep_report(sweep, SWEEP_SEEDS)
     assert rows[2] == "| AdamW lr=1 | 1.0000 | 0.7000 | 0.6000 | 0.7667 |"
     assert tail_mean([2.0, 4.0]) == 3.0
+
+
+def test_the_step_sweep_runs_each_setting_on_each_seed():
+    """Labels name the settings; Celo's x1 row is the held-in check's own fine-tune (built as create builds it)."""
+    from meta_training.finetune_probe import adamw_finetune_losses, finetune_losses, step_size_sweep
+
+    sweep = step_size_sweep(body_lrs=(1.0,), adamw_lrs=(3e-4,), seeds=(0, 1), steps=2)
+    assert list(sweep) == ["Celo, pretrained tensors' steps x1", "AdamW lr=0.0003"]
+    assert [len(runs) for runs in sweep.values()] == [2, 2]
+    assert sweep["Celo, pretrained tensors' steps x1"][1] == finetune_losses(None, 2, dropout=True, seed=1, mark_fresh=True)
+    assert sweep["AdamW lr=0.0003"][0] == adamw_finetune_losses(3e-4, 2, seed=0)
