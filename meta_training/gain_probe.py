@@ -13,18 +13,26 @@ fine-tune (:mod:`meta_training.finetune_probe`): its first batch as each of its 
 ``Trainer``: after its clipping to 1), and the gain the
 embedded default's settings give it (:func:`celo_hf.step_gain.model_start_gain`, the function the
 optimizer calls). Writes ``median_ratios.md``.
+
+    python -m meta_training.gain_probe --families --out meta_training/results/gain_probe
+
+The same statistic on the meta-training fine-tune families (:func:`family_first_step_norms`: one
+member per seed, no task augmentation, the fresh tensors left out as the population leaves them
+out), to tell which of them meta-training sees in the regime of a pretrained model (gain below 1).
+Writes ``family_ratios.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from celo_hf import load_celo_net
+from celo_hf import CeloNet, load_celo_net
 from celo_hf.step_gain import median_ratio, model_start_gain
 
 from .finetune_probe import first_step_parameters, write_report
@@ -66,17 +74,28 @@ def trainer_first_step_norms(task: TrainerTask, seed: int) -> Norms:
     return recorder.norms
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    net = load_celo_net(None)
-    assert net.gain_threshold is not None
-    probes = {f"{name} (Trainer task, seed {seed})": lambda task=task, seed=seed: trainer_first_step_norms(task, seed)
-              for name, task in TRAINER_TASKS.items() for seed in SEEDS}
-    probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout off)"] = lambda: parameter_norms(first_step_parameters())
-    probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout on)"] = lambda: parameter_norms(first_step_parameters(True))
+def family_first_step_norms(name: str, seed: int) -> Norms:
+    """The first step's norms of meta-training task family ``name`` (:func:`meta_training.tasks.family`)
+    on one member drawn from a generator seeded with ``seed`` (its init, task and first batch; no
+    task augmentation), over the tensors the population's model-start gain reads: those not newly
+    initialised (:func:`meta_training.finetune.newly_initialised`)."""
+    from .finetune import newly_initialised
+    from .tasks import family
+
+    tasks_family = family(name)
+    model = tasks_family.model
+    generator = torch.Generator().manual_seed(seed)
+    weights = {n: t[None].clone().requires_grad_(True) for n, t in model.init(generator).items()}
+    task = tasks_family.sample_task(generator)
+    batch = tuple(t[None] for t in tasks_family.sample_batch(task, generator, tasks_family.batch_size))
+    model.losses_of_weights(weights, batch)[0].backward()
+    read = [w for n, w in weights.items() if n not in newly_initialised(model)]
+    return (torch.stack([w.grad.float().norm() for w in read]), torch.stack([w.detach().float().norm() for w in read]))
+
+
+def ratio_rows(probes: dict[str, Callable[[], Norms]], net: CeloNet) -> list[str]:
+    """The markdown table of each probe's first-step norms: tensors, those left out, the gradient's
+    norm, the median ``||g|| / ||p||`` and the gain ``net``'s settings give it."""
     header = ("| workload | trainable tensors | left out (a zero norm) | gradient norm, all tensors | median ||g|| / ||p|| | "
               f"gain (threshold {net.gain_threshold:g}, power {net.gain_power:g}) |")
     rows = [header, "|---|---:|---:|---:|---:|---:|"]
@@ -86,8 +105,35 @@ def main(argv: list[str] | None = None) -> None:
         gain = model_start_gain(grad_norm, param_norm, net.gain_threshold, net.gain_power)
         rows.append(f"| {name} | {len(grad_norm)} | {left_out} | {float(grad_norm.norm()):.3g} | "
                     f"{float(median_ratio(grad_norm, param_norm)):.2e} | {float(gain):.3g} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--families", action="store_true",
+                        help="write only family_ratios.md: the meta-training fine-tune families' first step")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    net = load_celo_net(None)
+    assert net.gain_threshold is not None
+    if args.families:
+        from .tasks import FINETUNE_FAMILIES
+
+        probes = {f"{name} (seed {seed})": lambda name=name, seed=seed: family_first_step_norms(name, seed)
+                  for name in FINETUNE_FAMILIES if not name.endswith("_lora") for seed in SEEDS}
+        write_report(args.out / "family_ratios.md", "First-step statistics of the model-start gain on the meta-training "
+                     "fine-tune families, one member each, no task augmentation, the fresh tensors left out as the "
+                     "population leaves them out (`python -m meta_training.gain_probe --families`; LoRA families: every "
+                     "tensor fresh, nothing read).", ratio_rows(probes, net))
+        return
+    probes: dict[str, Callable[[], Norms]] = {
+        f"{name} (Trainer task, seed {seed})": lambda task=task, seed=seed: trainer_first_step_norms(task, seed)
+        for name, task in TRAINER_TASKS.items() for seed in SEEDS}
+    probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout off)"] = lambda: parameter_norms(first_step_parameters())
+    probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout on)"] = lambda: parameter_norms(first_step_parameters(True))
     write_report(args.out / "median_ratios.md",
-                 "First-step statistics of the model-start gain (`python -m meta_training.gain_probe`).", rows)
+                 "First-step statistics of the model-start gain (`python -m meta_training.gain_probe`).", ratio_rows(probes, net))
 
 
 if __name__ == "__main__":

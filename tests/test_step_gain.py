@@ -277,3 +277,19 @@ def test_each_round_scores_the_default_it_was_run_against():
         assert bases[name].fresh_gain is None and bases[name].param_scale_floor == 0.1, name
         assert torch.equal(bases[name].mlp_layers()[0][0], load_celo_net(None).mlp_layers()[0][0]), name
     assert load_celo_net(None).fresh_gain == 3.0
+
+
+def test_the_family_probe_reads_the_tensors_the_population_gain_reads():
+    """A fresh head (ft_digits_head's w2, b2) is left out of the first step's norms, as the
+    population leaves it out of the gain's median; the same member from the same seed; the MLP
+    pretrained on digits 0-4 and fine-tuned on 5-9 in full is far above the gain's threshold."""
+    from meta_training.gain_probe import family_first_step_norms
+    from celo_hf.step_gain import median_ratio
+
+    head_grads, head_params = family_first_step_norms("ft_digits_head", seed=0)
+    full_grads, full_params = family_first_step_norms("ft_digits_full", seed=0)
+    assert len(head_grads) == 2 and len(full_grads) == 4
+    assert torch.equal(head_grads, family_first_step_norms("ft_digits_head", seed=0)[0])
+    net = load_celo_net(None)
+    assert float(median_ratio(full_grads, full_params)) > net.gain_threshold
+    assert float(model_start_gain(full_grads, full_params, net.gain_threshold, net.gain_power)) == 1.0
