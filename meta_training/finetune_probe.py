@@ -186,6 +186,8 @@ UNSEEN_SEEDS = (3, 4, 5)
 
 #: Seeds of the dropout-on check that no probe or round had scored when ``fresh_tensor_gain``'s rule was written.
 LATER_SEEDS = (6, 7, 8)
+#: Seeds of the dropout-on check that no probe or round had scored when ``body_gain``'s rule was written.
+FINAL_SEEDS = (9, 10, 11)
 
 
 def unseen_seeds_dropout_finetune_score(net: CeloNet, steps: int = 100, mark_fresh: bool = False) -> float:

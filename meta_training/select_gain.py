@@ -38,7 +38,9 @@ before (3-5) is lower (``meta_training/results/fresh_head_adoption/RULE.md``); `
 then puts thresholds on the embedded default with every fine-tune built that way
 (``meta_training/results/fresh_gain_selection/RULE.md``); ``fresh_tensor_gain`` puts candidate
 ``fresh_gain`` values (the fresh head's steps while the body is slowed) on it, picked by the
-dropout-on fine-tune over seeds 6-8 (``meta_training/results/fresh_tensor_gain_selection/RULE.md``). Writes
+dropout-on fine-tune over seeds 6-8 (``meta_training/results/fresh_tensor_gain_selection/RULE.md``);
+``body_gain`` puts smaller gains (larger thresholds) on that default, the head still fresh, picked by
+the dropout-on fine-tune over seeds 9-11 (``meta_training/results/body_gain_selection/RULE.md``). Writes
 ``scores.json``, ``scores.md`` and
 the chosen weights, if any, to ``<out>/chosen``. ``--from_scores`` re-applies the rule to a written
 ``scores.json``.
@@ -60,6 +62,7 @@ from celo_hf import CeloNet, load_celo_net
 from celo_hf.diagnostics import calibrate_zero_gradient_, zero_gradient_drift
 
 from .finetune_probe import (
+    FINAL_SEEDS,
     LATER_SEEDS,
     dropout_finetune_score,
     finetune_score,
@@ -145,6 +148,8 @@ def gain_round(signal: str, pairs: tuple[tuple[float, float], ...], from_scratch
 GAIN_PICK = "meta_training/results/gain_selection_model_start_power/chosen"
 FLOOR_PICK = "meta_training/results/param_scale_floor_selection/chosen"
 LM_RUN_PICK = "meta_training/runs/lm_schedule/phase1/best"
+#: The embedded default since round ``fresh_tensor_gain`` (``LM_RUN_PICK`` with ``fresh_gain=3``).
+FRESH_GAIN_PICK = "meta_training/results/fresh_tensor_gain_selection/chosen"
 ROUNDS = {
     "tensor": gain_round("tensor", ((0.01, 1.0), (0.03, 1.0), (0.1, 1.0)), ("digits",)),
     "model_start": gain_round("model_start", ((0.003, 1.0), (0.01, 1.0), (0.03, 1.0)), ("digits", "lm")),
@@ -170,9 +175,12 @@ ROUNDS["fresh_gain"] = gain_round("model_start", ((0.0035, 2.0), (0.007, 2.0)), 
 ROUNDS["fresh_tensor_gain"] = Round({f"{k:g}": {"fresh_gain": k} for k in (2.0, 3.0)}, (),
                                     pick_by="finetune_dropout_later", base=LM_RUN_PICK, varies="fresh_gain",
                                     fresh_marked=("none", "2", "3"))
+ROUNDS["body_gain"] = gain_round("model_start", ((0.0071, 2.0), (0.01, 2.0)), ("digits", "lm"),
+                                 pick_by="finetune_dropout_final", base=FRESH_GAIN_PICK,
+                                 fresh_marked=("none", "0.0071^2", "0.01^2"))
 #: The checks that fine-tune a pretrained model (they take ``mark_fresh``).
 FINETUNE_CHECKS = ("finetune", "finetune_lora", "finetune_dropout", "finetune_dropout_seeds", "finetune_dropout_unseen",
-                   "finetune_dropout_later")
+                   "finetune_dropout_later", "finetune_dropout_final")
 
 
 def configured_net(base: CeloNet, **settings: Any) -> CeloNet:
@@ -211,7 +219,8 @@ def report(scores: dict[str, dict[str, float]], base: CeloNet, out: Path, select
              "finetune_lora": "LoRA fine-tune score", "finetune_dropout": "fine-tune score, dropout on",
              "finetune_dropout_seeds": "fine-tune score, dropout on, 3 seeds",
              "finetune_dropout_unseen": "fine-tune score, dropout on, seeds 3-5",
-             "finetune_dropout_later": "fine-tune score, dropout on, seeds 6-8"}
+             "finetune_dropout_later": "fine-tune score, dropout on, seeds 6-8",
+             "finetune_dropout_final": "fine-tune score, dropout on, seeds 9-11"}
     shown = [check for check in selection.checks() if check in limits or check == selection.pick_by]
     rows = [f"| {selection.varies} | " + " | ".join(names[c] for c in shown) + " | zero-gradient drift | eligible |",
             "|---|" + "---:|" * (len(shown) + 1) + "---|"]
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     checks = {"digits": held_in_loss, "lm": lm_loss, "finetune": finetune_score, "finetune_lora": lora_finetune_score,
               "finetune_dropout": dropout_finetune_score, "finetune_dropout_seeds": seeded_dropout_finetune_score,
               "finetune_dropout_unseen": unseen_seeds_dropout_finetune_score,
-              "finetune_dropout_later": functools.partial(seeded_dropout_finetune_score, seeds=LATER_SEEDS)}
+              "finetune_dropout_later": functools.partial(seeded_dropout_finetune_score, seeds=LATER_SEEDS),
+              "finetune_dropout_final": functools.partial(seeded_dropout_finetune_score, seeds=FINAL_SEEDS)}
     scores: dict[str, dict[str, float]] = {}
     for key in tqdm(selection.keyed(), desc="candidates"):
         net = selection.candidate_net(base, key)

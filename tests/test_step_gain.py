@@ -276,7 +276,28 @@ def test_each_round_scores_the_default_it_was_run_against():
     for name in ("classify", "classify_focus", "classify_wide", "fresh_head", "fresh_gain", "fresh_tensor_gain"):
         assert bases[name].fresh_gain is None and bases[name].param_scale_floor == 0.1, name
         assert torch.equal(bases[name].mlp_layers()[0][0], load_celo_net(None).mlp_layers()[0][0]), name
-    assert load_celo_net(None).fresh_gain == 3.0
+    assert bases["body_gain"].fresh_gain == 3.0 and bases["body_gain"].gain_threshold == 0.005
+
+
+def test_body_gain_round_puts_smaller_gains_on_the_default_and_picks_by_the_final_seeds(tmp_path):
+    """Thresholds 0.0071 and 0.01 (power 2: about 1/2 and 1/4 of the body's steps) on the default
+    since fresh_tensor_gain, the head marked in every fine-tune; guarded by digits and the LM from
+    scratch (1.1x), picked by the dropout-on score over seeds 9-11, seeds no other round used."""
+    from meta_training.finetune_probe import FINAL_SEEDS, LATER_SEEDS, UNSEEN_SEEDS
+    from meta_training.select_gain import ROUNDS, choose, report
+
+    selection = ROUNDS["body_gain"]
+    assert selection.checks() == ("digits", "lm", "finetune_dropout_final") and FINAL_SEEDS == (9, 10, 11)
+    assert not set(FINAL_SEEDS) & {*LATER_SEEDS, *UNSEEN_SEEDS, 0, 1, 2}
+    assert set(selection.fresh_marked) == set(selection.keyed())
+    assert selection.keyed()["0.01^2"] == {"gain_threshold": 0.01, "gain_power": 2.0, "gain_signal": "model_start"}
+    base = {"digits": 0.01, "lm": 2.0, "finetune_dropout_final": 0.64, "drift": 1e-10}
+    scores = {"none": base, "0.0071^2": {**base, "finetune_dropout_final": 0.63},
+              "0.01^2": {**base, "lm": 2.3, "finetune_dropout_final": 0.62}}
+    assert choose(scores, selection) == "0.0071^2"  # the lower score breaks the from-scratch guard
+    table = report(scores, load_celo_net(None), tmp_path, selection)
+    chosen = load_celo_net(tmp_path / "chosen")
+    assert "| 0.0071^2 (chosen) |" in table and (chosen.gain_threshold, chosen.fresh_gain) == (0.0071, 3.0)
 
 
 def test_the_family_probe_reads_the_tensors_the_population_gain_reads():
