@@ -1,6 +1,7 @@
 """The embedded default weights: present in the package, the committed LM-aimed meta-training run's
-pick with the fresh-tensor gain its selection round chose; that run started from the previous
-default, which is produced from the committed CPU run by the committed calibration and selection rounds."""
+pick with the fresh-tensor gain and the gain threshold its last two selection rounds chose; that run
+started from the previous default, which is produced from the committed CPU run by the committed
+calibration and selection rounds."""
 
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from celo_hf.hub import DEFAULT_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_BEST = REPO / "meta_training" / "runs" / "cpu" / "phase2_decay" / "best"
-#: The fresh_tensor_gain round's pick: the LM-aimed run's pick with fresh_gain=3.
-CHOSEN = REPO / "meta_training" / "results" / "fresh_tensor_gain_selection" / "chosen"
-#: The LM-aimed run's pick, the default before that round (still loadable by this path).
+#: The body_gain round's pick: the LM-aimed run's pick with fresh_gain=3 and gain threshold 0.0071.
+CHOSEN = REPO / "meta_training" / "results" / "body_gain_selection" / "chosen"
+#: The fresh_tensor_gain round's pick (threshold 0.005), the default before that round (still loadable by this path).
+FRESH_GAIN_PICK = REPO / "meta_training" / "results" / "fresh_tensor_gain_selection" / "chosen"
+#: The LM-aimed run's pick, the default before round fresh_tensor_gain (still loadable by this path).
 LM_RUN_BEST = REPO / "meta_training" / "runs" / "lm_schedule" / "phase1" / "best"
 #: The default before the LM-aimed run, its starting point (still loadable by this path).
 PREVIOUS = REPO / "meta_training" / "results" / "param_scale_floor_selection" / "chosen"
@@ -29,9 +32,12 @@ def test_weights_none_loads_the_adopted_round_pick_byte_for_byte():
     assert (CHOSEN / "model.safetensors").read_bytes() == (LM_RUN_BEST / "model.safetensors").read_bytes()
     net, run_pick = celo_hf.load_celo_net(None), celo_hf.load_celo_net(LM_RUN_BEST)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in load_file(str(CHOSEN / "model.safetensors")).items())
-    assert (net.gain_signal, net.gain_threshold, net.gain_power) == ("model_start", 0.005, 2.0)
+    assert (net.gain_signal, net.gain_threshold, net.gain_power) == ("model_start", 0.0071, 2.0)
     assert net.param_scale_floor == 0.1
-    assert net._hub_mixin_config == run_pick._hub_mixin_config | {"fresh_gain": 3.0}
+    assert net._hub_mixin_config == run_pick._hub_mixin_config | {"fresh_gain": 3.0, "gain_threshold": 0.0071}
+    fresh_gain_pick = celo_hf.load_celo_net(FRESH_GAIN_PICK)
+    assert fresh_gain_pick._hub_mixin_config == net._hub_mixin_config | {"gain_threshold": 0.005}
+    assert all(torch.equal(v, fresh_gain_pick.state_dict()[k]) for k, v in net.state_dict().items())
 
 
 def test_the_lm_run_pick_differs_from_its_start_in_the_update_mlp_alone_and_stays_calibrated():
