@@ -19,7 +19,8 @@ optimizer calls). Writes ``median_ratios.md``.
 The same statistic on the meta-training fine-tune families (:func:`family_first_step_norms`: one
 member per seed, no task augmentation, the fresh tensors left out as the population leaves them
 out), to tell which of them meta-training sees in the regime of a pretrained model (gain below 1).
-Writes ``family_ratios.md``.
+Writes ``family_ratios.md``. ``--suite``: the held-out suite's tasks
+(:func:`suite_first_step_norms`), ``suite_ratios.md``.
 """
 
 from __future__ import annotations
@@ -93,6 +94,16 @@ def family_first_step_norms(name: str, seed: int) -> Norms:
     return (torch.stack([w.grad.float().norm() for w in read]), torch.stack([w.detach().float().norm() for w in read]))
 
 
+def suite_first_step_norms(name: str, seed: int) -> Norms:
+    """The first step's norms of the held-out suite task ``name`` (:data:`meta_training.eval_tasks.TASKS`,
+    seed ``seed``): its first training batch, every trainable tensor, as ``Celo(model.parameters())`` reads them."""
+    from .eval_tasks import TASKS
+
+    problem = TASKS[name].build(seed)
+    problem.train_loss().backward()
+    return parameter_norms([p for p in problem.model.parameters() if p.requires_grad])
+
+
 def ratio_rows(probes: dict[str, Callable[[], Norms]], net: CeloNet) -> list[str]:
     """The markdown table of each probe's first-step norms: tensors, those left out, the gradient's
     norm, the median ``||g|| / ||p||`` and the gain ``net``'s settings give it."""
@@ -113,10 +124,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--families", action="store_true",
                         help="write only family_ratios.md: the meta-training fine-tune families' first step")
+    parser.add_argument("--suite", action="store_true", help="write only suite_ratios.md: the held-out suite's first step")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     net = load_celo_net(None)
     assert net.gain_threshold is not None
+    if args.suite:
+        from .eval_tasks import TASKS
+
+        probes = {f"{name} (seed {seed})": lambda name=name, seed=seed: suite_first_step_norms(name, seed)
+                  for name in TASKS for seed in SEEDS}
+        write_report(args.out / "suite_ratios.md", "First-step statistics of the model-start gain on the held-out "
+                     "suite's tasks, trained from scratch in a plain loop (`python -m meta_training.gain_probe --suite`).",
+                     ratio_rows(probes, net))
+        return
     if args.families:
         from .tasks import FINETUNE_FAMILIES
 

@@ -314,3 +314,17 @@ def test_the_family_probe_reads_the_tensors_the_population_gain_reads():
     net = load_celo_net(None)
     assert float(median_ratio(full_grads, full_params)) > net.gain_threshold
     assert float(model_start_gain(full_grads, full_params, net.gain_threshold, net.gain_power)) == 1.0
+
+
+def test_the_suite_probe_reads_every_trainable_tensor_and_finds_the_wide_mlp_below_the_threshold():
+    """The held-out suite's wide MLP from scratch reads a first-step statistic below the embedded
+    default's threshold (the model-start gain slows it, as README's suite note says); the CNN's is above."""
+    from meta_training.eval_tasks import TASKS
+    from meta_training.gain_probe import suite_first_step_norms
+    from celo_hf.step_gain import median_ratio
+
+    net = load_celo_net(None)
+    wide, cnn = (suite_first_step_norms(name, seed=0) for name in ("wide_deep_mlp", "cnn"))
+    assert len(wide[0]) == sum(1 for p in TASKS["wide_deep_mlp"].build(0).model.parameters() if p.requires_grad)
+    assert float(median_ratio(*wide)) < net.gain_threshold < float(median_ratio(*cnn))
+    assert float(model_start_gain(*wide, net.gain_threshold, net.gain_power)) < 0.5
