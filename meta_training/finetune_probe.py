@@ -130,10 +130,13 @@ def finetune_losses(net: CeloNet | None, steps: int = 100, lora: bool = False, d
 
 def adamw_finetune_losses(lr: float, steps: int = 100, seed: int = 0) -> list[float]:
     """The training losses of ``steps`` AdamW steps on :func:`held_in_model` with dropout on
-    (``seed``), as ``Trainer``'s default trains: peak ``lr`` decayed linearly to 0, weight decay 0."""
+    (``seed``), as ``Trainer``'s default trains: peak ``lr`` decayed linearly to 0 by Trainer's own
+    schedule function, no warm-up, weight decay 0."""
+    from transformers import get_linear_schedule_with_warmup
+
     model, tokenize = held_in_model(lora=False, dropout=True, seed=seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / steps)
+    schedule = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=steps)
     return train_losses(model, tokenize, optimizer, steps, seed, schedule=schedule)
 
 
@@ -285,15 +288,17 @@ SWEEP_SEEDS = (0, 1, 2)
 
 
 def step_size_sweep(body_lrs: Sequence[float] = SWEEP_BODY_LRS, adamw_lrs: Sequence[float] = SWEEP_ADAMW_LRS,
-                    seeds: Sequence[int] = SWEEP_SEEDS, steps: int = 100) -> dict[str, list[list[float]]]:
+                    seeds: Sequence[int] = SWEEP_SEEDS, steps: int = 100, net: CeloNet | None = None
+                    ) -> dict[str, list[list[float]]]:
     """How sharply the held-in fine-tune (every tensor, dropout on) depends on the size of the steps
-    on its pretrained tensors: for Celo as :func:`celo_hf.create` builds it (embedded default) with
-    the unmarked groups' lr at each of ``body_lrs``, and for AdamW at each peak lr of ``adamw_lrs``
-    (:func:`adamw_finetune_losses`), the training losses of each seed: ``label -> [losses per seed]``."""
+    on its pretrained tensors: for Celo (``net``; ``None``: the embedded default) as
+    :func:`celo_hf.create` builds it with the unmarked groups' lr at each of ``body_lrs``, and for
+    AdamW at each peak lr of ``adamw_lrs`` (:func:`adamw_finetune_losses`), the training losses of
+    each seed: ``label -> [losses per seed]``."""
     runs: dict[str, Callable[[int], list[float]]] = {}
     for body_lr in body_lrs:
         runs[f"Celo, pretrained tensors' steps x{body_lr:g}"] = lambda seed, b=body_lr: finetune_losses(
-            None, steps, dropout=True, seed=seed, mark_fresh=True, body_lr=b)
+            net, steps, dropout=True, seed=seed, mark_fresh=True, body_lr=b)
     for lr in adamw_lrs:
         runs[f"AdamW lr={lr:g}"] = lambda seed, lr=lr: adamw_finetune_losses(lr, steps, seed)
     progress = tqdm(total=len(runs) * len(seeds), desc="fine-tunes")
@@ -355,16 +360,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head_trace", action="store_true", help="write only head_trace.md (the fresh head, marked or not)")
     parser.add_argument("--step_sweep", action="store_true",
                         help="write only step_sweep.md and step_sweep.png (Celo's body steps and AdamW's lr, scaled)")
+    parser.add_argument("--weights", default=None, help="--step_sweep's Celo weights (default: the embedded default)")
+    parser.add_argument("--body_lrs", type=float, nargs="*", default=SWEEP_BODY_LRS, help="--step_sweep's Celo multipliers")
+    parser.add_argument("--adamw_lrs", type=float, nargs="*", default=SWEEP_ADAMW_LRS, help="--step_sweep's AdamW lrs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=SWEEP_SEEDS, help="--step_sweep's seeds")
     args = parser.parse_args(argv)
     if args.step_sweep:
-        sweep = step_size_sweep()
+        weights = args.weights or "the embedded default"
+        sweep = step_size_sweep(args.body_lrs, args.adamw_lrs, args.seeds, net=load_celo_net(args.weights))
         plot_sweep(sweep, args.out / "step_sweep.png")
         write_report(args.out / "step_sweep.md", "The held-in MiniLM-L6 fine-tune (comedy vs tragedy, every tensor, "
                      "dropout on, 100 steps; score = mean training loss of the last 10 steps, ln 2 = 0.693 is chance) "
-                     "with the steps on its pretrained tensors scaled: Celo (embedded default, built as `celo_hf.create` "
+                     f"with the steps on its pretrained tensors scaled: Celo ({weights}, built as `celo_hf.create` "
                      "builds it, the fresh head's steps unchanged) and AdamW (Trainer's linear decay, weight decay 0). "
                      "`python -m meta_training.finetune_probe --step_sweep --out meta_training/results/finetune_probe`; "
-                     "curves: `step_sweep.png`.", sweep_report(sweep, SWEEP_SEEDS))
+                     "curves: `step_sweep.png`.", sweep_report(sweep, args.seeds))
         return
     if args.head_trace:
         traces = {marked: head_trace(marked) for marked in (False, True)}

@@ -48,7 +48,7 @@ Norms = tuple[torch.Tensor, torch.Tensor]
 SEEDS = (0, 1, 2)
 
 
-def parameter_norms(params: list[torch.nn.Parameter]) -> Norms:
+def parameter_norms(params: list[torch.Tensor]) -> Norms:
     """``(||g||, ||p||)`` of ``params`` (a missing gradient counts as zero), float32 ``(n,)`` each."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     return (torch.stack([g.detach().float().norm() for g in grads]), torch.stack([p.detach().float().norm() for p in params]))
@@ -90,8 +90,7 @@ def family_first_step_norms(name: str, seed: int) -> Norms:
     task = tasks_family.sample_task(generator)
     batch = tuple(t[None] for t in tasks_family.sample_batch(task, generator, tasks_family.batch_size))
     model.losses_of_weights(weights, batch)[0].backward()
-    read = [w for n, w in weights.items() if n not in newly_initialised(model)]
-    return (torch.stack([w.grad.float().norm() for w in read]), torch.stack([w.detach().float().norm() for w in read]))
+    return parameter_norms([w for n, w in weights.items() if n not in newly_initialised(model)])
 
 
 def suite_first_step_norms(name: str, seed: int) -> Norms:
@@ -129,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     net = load_celo_net(None)
     assert net.gain_threshold is not None
+    probes: dict[str, Callable[[], Norms]]
     if args.suite:
         from .eval_tasks import TASKS
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                      "population leaves them out (`python -m meta_training.gain_probe --families`; LoRA families: every "
                      "tensor fresh, nothing read).", ratio_rows(probes, net))
         return
-    probes: dict[str, Callable[[], Norms]] = {
+    probes = {
         f"{name} (Trainer task, seed {seed})": lambda task=task, seed=seed: trainer_first_step_norms(task, seed)
         for name, task in TRAINER_TASKS.items() for seed in SEEDS}
     probes["MiniLM comedy vs tragedy (held-in fine-tune, dropout off)"] = lambda: parameter_norms(first_step_parameters())

@@ -171,9 +171,9 @@ def test_the_step_sweep_scales_only_the_pretrained_tensors_steps():
     assert 1.5 * body_one < body_two
 
 
-def test_the_adamw_side_of_the_sweep_decays_trainers_way_and_the_report_averages_seeds():
-    """AdamW's schedule: the peak lr decayed linearly to 0 over the run, as Trainer's default; the
-    report's mean is the mean of the seeds' last-10 means."""
+def test_the_adamw_side_of_the_sweep_is_seeded_and_the_report_averages_seeds():
+    """AdamW's side is deterministic for a seed and its lr matters (its schedule is transformers'
+    own linear decay, as Trainer's default); the report's mean is the mean of the seeds' last-10 means."""
     from meta_training.finetune_probe import SWEEP_SEEDS, adamw_finetune_losses, sweep_report, tail_mean
 
     losses = adamw_finetune_losses(3e-4, steps=2, seed=0)

@@ -22,14 +22,21 @@ PARAM_ATOL = 1e-5
 pytestmark = pytest.mark.reference  # tests/scripts/fsdp_trainer.py runs Celo with the paper's checkpoint
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The same run in this process, unsharded (once for this file's tests): its rank0.pt."""
+    out_dir = tmp_path_factory.mktemp("fsdp_trainer_one_process")
+    fsdp_trainer.run(out_dir, world_size=1)
+    return torch.load(out_dir / "rank0.pt")
+
+
 @pytest.mark.slow
-def test_fsdp2_trainer_equals_one_process(two_process_runs, tmp_path):
+def test_fsdp2_trainer_equals_one_process(two_process_runs, one_process):
     """Same global batch (2 x 2 vs 1 x 4, gradient accumulation 2, 4 steps), Celo built by Trainer
     through CeloFactory: on each rank fed loss == logged loss and Celo updated Shard(0) DTensors; the
     ranks end with identical full parameters, equal to the one-process run within PARAM_ATOL."""
-    fsdp_trainer.run(tmp_path, world_size=1)
     ranks = [torch.load(two_process_runs / "fsdp_trainer" / f"rank{r}.pt") for r in (0, 1)]
-    single = torch.load(tmp_path / "rank0.pt")
+    single = one_process
     assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
     for result in (*ranks, single):
         assert result["iteration"] == 4
@@ -45,10 +52,9 @@ def test_fsdp2_trainer_equals_one_process(two_process_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_sharding_keeps_from_pretrained_marks_so_the_factory_finds_the_fresh_head(two_process_runs, tmp_path):
+def test_fsdp2_sharding_keeps_from_pretrained_marks_so_the_factory_finds_the_fresh_head(two_process_runs, one_process):
     """The LM reloaded as a sequence classifier and sharded by transformers at load time: on each
     rank CeloFactory marks exactly the new ``score`` head fresh, a DTensor, as it does unsharded."""
-    fsdp_trainer.run(tmp_path, world_size=1)
     ranks = [torch.load(two_process_runs / "fsdp_trainer" / f"rank{r}.pt") for r in (0, 1)]
-    assert torch.load(tmp_path / "rank0.pt")["fresh"] == {"score.weight": False}
+    assert one_process["fresh"] == {"score.weight": False}
     assert [r["fresh"] for r in ranks] == [{"score.weight": True}] * 2
